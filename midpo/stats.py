@@ -1,0 +1,250 @@
+"""Per-token statistics from logits: label log-probs and per-position KLs.
+
+Everything here is computed in (at least) float32, whatever the dtype of the
+logits, and never materialises more than one ``[B, T, chunk]`` float32 block of
+the vocabulary at a time: the vocabulary axis is reduced chunk by chunk inside
+``lax.scan``, and the backward pass is written by hand (a ``custom_vjp``) so
+that it also works block by block, writing each block of the gradient into one
+buffer. Peak temporary memory grows with ``B * T * chunk``, not ``B * T * V``
+(the gradient itself, an output, is of course ``[B, T, V]``, in the dtype of
+the logits).
+
+Shapes are named in the arguments: ``B`` batch, ``T`` positions, ``V``
+vocabulary. Positions are already aligned with their targets: ``logits[b, t]``
+is the distribution that predicts ``targets[b, t]``. ``mask[b, t]`` is 1 on
+positions that count (response tokens) and 0 on prompt and padding; every
+output is exactly 0 where the mask is 0, whatever the logits or targets hold
+there (padding targets may be any integer, e.g. ``-100`` or the pad id).
+
+Definitions (``p`` policy, ``r`` reference, over the whole vocabulary):
+
+* ``logps[b, t] = log p(targets[b, t])``
+* ``ref_logps[b, t] = log r(targets[b, t])``
+* ``kl_ref_policy[b, t] = KL(r || p) = sum_v r(v) (log r(v) - log p(v))``
+  (TDPO, SparsePO)
+* ``kl_policy_ref[b, t] = KL(p || r) = sum_v p(v) (log p(v) - log r(v))``
+  (TIS-DPO)
+
+The reference is frozen: no gradient flows into the reference logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Array = jax.Array
+
+DEFAULT_VOCAB_CHUNK = 4096
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float32, or float64 when the inputs already are (parity tests use it)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+@struct.dataclass
+class TokenStats:
+  """Per-token statistics of one batch of sequences, each ``[B, T]``."""
+  logps: Array
+  ref_logps: Optional[Array] = None
+  kl_ref_policy: Optional[Array] = None
+  kl_policy_ref: Optional[Array] = None
+
+
+def _check_shapes(logits_BxTxV, targets_BxT, mask_BxT, ref_logits_BxTxV=None) -> None:
+  if logits_BxTxV.ndim != 3:
+    raise ValueError(f"logits must be [B, T, V]; got shape {logits_BxTxV.shape}")
+  if targets_BxT.shape != logits_BxTxV.shape[:2]:
+    raise ValueError(f"targets shape {targets_BxT.shape} does not match logits [B, T] = "
+                     f"{logits_BxTxV.shape[:2]}")
+  if mask_BxT.shape != logits_BxTxV.shape[:2]:
+    raise ValueError(f"mask shape {mask_BxT.shape} does not match logits [B, T] = "
+                     f"{logits_BxTxV.shape[:2]}")
+  if not jnp.issubdtype(targets_BxT.dtype, jnp.integer):
+    raise ValueError(f"targets must be integers; got dtype {targets_BxT.dtype}")
+  if not jnp.issubdtype(logits_BxTxV.dtype, jnp.floating):
+    raise ValueError(f"logits must be floating point; got dtype {logits_BxTxV.dtype}")
+  if ref_logits_BxTxV is not None and ref_logits_BxTxV.shape != logits_BxTxV.shape:
+    raise ValueError(f"ref_logits shape {ref_logits_BxTxV.shape} != policy logits shape "
+                     f"{logits_BxTxV.shape}")
+
+
+class _Chunks(NamedTuple):
+  size: int     # c
+  n_full: int   # number of full chunks of size c
+  rem: int      # size of the final partial chunk (0 if none)
+
+
+def _chunks(vocab: int, chunk: Optional[int]) -> _Chunks:
+  if chunk is None or chunk >= vocab:
+    return _Chunks(vocab, 1, 0)
+  if chunk <= 0:
+    raise ValueError(f"vocab_chunk must be positive; got {chunk}")
+  return _Chunks(chunk, vocab // chunk, vocab % chunk)
+
+
+def _reduce_chunks(block_fn, init, chunks: _Chunks):
+  """``carry = block_fn(carry, start, size)`` over every vocabulary chunk."""
+  c, n_full, rem = chunks
+  if n_full == 1:
+    carry = block_fn(init, 0, c)
+  else:
+    carry, _ = jax.lax.scan(lambda carry, i: (block_fn(carry, i * c, c), None),
+                            init, jnp.arange(n_full))
+  if rem:
+    carry = block_fn(carry, n_full * c, rem)
+  return carry
+
+
+def _block(x_BxTxV, start, size, dtype):
+  return jax.lax.dynamic_slice_in_dim(x_BxTxV, start, size, axis=-1).astype(dtype)
+
+
+def _logsumexp(x_BxTxV, chunks: _Chunks, dtype):
+  # The max is an exact reduction in the input dtype: no float32 copy.
+  m_BxT = jnp.max(x_BxTxV, axis=-1).astype(dtype)
+
+  def block_fn(s, start, size):
+    return s + jnp.sum(jnp.exp(_block(x_BxTxV, start, size, dtype) - m_BxT[..., None]), -1)
+
+  s_BxT = _reduce_chunks(block_fn, jnp.zeros(m_BxT.shape, dtype), chunks)
+  return m_BxT + jnp.log(s_BxT)
+
+
+def _gather(x_BxTxV, targets_BxT, dtype):
+  picked = jnp.take_along_axis(x_BxTxV, targets_BxT[..., None], axis=-1)
+  return picked[..., 0].astype(dtype)
+
+
+def _forward(policy, ref, targets, want_klr, want_klp, chunks):
+  """Unmasked statistics plus the residuals the backward pass needs."""
+  dtype = compute_dtype(policy.dtype)
+  lse_p = _logsumexp(policy, chunks, dtype)
+  out = {"logps": _gather(policy, targets, dtype) - lse_p}
+  lse_r = None
+  if ref is not None:
+    lse_r = _logsumexp(ref, chunks, dtype)
+    out["ref_logps"] = _gather(ref, targets, dtype) - lse_r
+  if want_klr or want_klp:
+
+    def block_fn(carry, start, size):
+      cr, cp = carry
+      p = _block(policy, start, size, dtype)
+      r = _block(ref, start, size, dtype)
+      if want_klr:  # sum_v R_v (r_v - p_v)
+        cr = cr + jnp.sum(jnp.exp(r - lse_r[..., None]) * (r - p), -1)
+      if want_klp:  # sum_v P_v (p_v - r_v)
+        cp = cp + jnp.sum(jnp.exp(p - lse_p[..., None]) * (p - r), -1)
+      return cr, cp
+
+    zeros = jnp.zeros(lse_p.shape, dtype)
+    cr, cp = _reduce_chunks(block_fn, (zeros, zeros), chunks)
+    if want_klr:
+      out["kl_ref_policy"] = cr - lse_r + lse_p
+    if want_klp:
+      out["kl_policy_ref"] = cp - lse_p + lse_r
+  return out, (lse_p, lse_r)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _stats(policy, ref, targets, want_klr, want_klp, chunks):
+  return _forward(policy, ref, targets, want_klr, want_klp, chunks)[0]
+
+
+def _stats_fwd(policy, ref, targets, want_klr, want_klp, chunks):
+  out, (lse_p, lse_r) = _forward(policy, ref, targets, want_klr, want_klp, chunks)
+  return out, (policy, ref, targets, lse_p, lse_r, out.get("kl_policy_ref"))
+
+
+def _stats_bwd(want_klr, want_klp, chunks, residuals, cts):
+  """Gradient w.r.t. the policy logits, one vocabulary block at a time.
+
+  With ``P = softmax(p)``, ``R = softmax(r)`` and the one-hot label ``e_y``:
+  ``d logps / dp = e_y - P``, ``d KL(R||P) / dp = P - R`` and
+  ``d KL(P||R) / dp = P * (log P - log R - KL(P||R))``.
+  """
+  policy, ref, targets, lse_p, lse_r, klp = residuals
+  dtype = lse_p.dtype
+  g_lp = cts["logps"].astype(dtype)
+  g_klr = cts["kl_ref_policy"].astype(dtype) if want_klr else None
+  g_klp = cts["kl_policy_ref"].astype(dtype) if want_klp else None
+
+  def block_fn(grad, start, size):
+    p = _block(policy, start, size, dtype)
+    lp = p - lse_p[..., None]
+    P = jnp.exp(lp)
+    ids = start + jax.lax.broadcasted_iota(jnp.int32, p.shape, 2)
+    onehot = (ids == targets[..., None]).astype(dtype)
+    g = g_lp[..., None] * (onehot - P)
+    if want_klr or want_klp:
+      lr = _block(ref, start, size, dtype) - lse_r[..., None]
+      if want_klr:
+        g = g + g_klr[..., None] * (P - jnp.exp(lr))
+      if want_klp:
+        g = g + g_klp[..., None] * P * (lp - lr - klp[..., None])
+    return jax.lax.dynamic_update_slice_in_dim(grad, g.astype(grad.dtype), start, axis=-1)
+
+  grad = _reduce_chunks(block_fn, jnp.zeros_like(policy), chunks)
+  ref_ct = None if ref is None else jnp.zeros_like(ref)
+  targets_ct = np.zeros(targets.shape, dtype=jax.dtypes.float0)
+  return grad, ref_ct, targets_ct
+
+
+_stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+def token_stats(policy_logits_BxTxV: Array, targets_BxT: Array, mask_BxT: Array,
+                ref_logits_BxTxV: Optional[Array] = None, *,
+                kl_ref_policy: bool = False, kl_policy_ref: bool = False,
+                vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK) -> TokenStats:
+  """Label log-probs of the policy (and reference) and the requested KLs.
+
+  KLs are only computed when asked for: each costs another pass over the
+  vocabulary. ``vocab_chunk=None`` reduces the whole vocabulary at once.
+  """
+  _check_shapes(policy_logits_BxTxV, targets_BxT, mask_BxT, ref_logits_BxTxV)
+  if (kl_ref_policy or kl_policy_ref) and ref_logits_BxTxV is None:
+    raise ValueError("a KL between policy and reference needs ref_logits")
+  vocab = policy_logits_BxTxV.shape[-1]
+  real = mask_BxT > 0
+  # Padding targets may hold anything (-100, pad ids); out-of-vocabulary ids on
+  # real tokens are a data error that `validate_targets` reports on the host.
+  safe = jnp.clip(jnp.where(real, targets_BxT, 0), 0, vocab - 1).astype(jnp.int32)
+  ref = None if ref_logits_BxTxV is None else jax.lax.stop_gradient(ref_logits_BxTxV)
+  out = _stats(policy_logits_BxTxV, ref, safe, bool(kl_ref_policy), bool(kl_policy_ref),
+               _chunks(vocab, vocab_chunk))
+  return TokenStats(**{k: jnp.where(real, v, 0.0) for k, v in out.items()})
+
+
+def token_logprobs(logits_BxTxV: Array, targets_BxT: Array, mask_BxT: Array, *,
+                   vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK) -> Array:
+  """``log p(targets)`` per position, 0 where ``mask`` is 0. Shape ``[B, T]``."""
+  return token_stats(logits_BxTxV, targets_BxT, mask_BxT, vocab_chunk=vocab_chunk).logps
+
+
+def validate_targets(targets_BxT, mask_BxT, vocab_size: int) -> None:
+  """Host-side check that every real target is a vocabulary id.
+
+  Call it on concrete (numpy) batches before they enter a jitted step: inside
+  jit an out-of-range id cannot raise (it would be clipped).
+  """
+  targets = np.asarray(targets_BxT)
+  real = np.asarray(mask_BxT) > 0
+  bad = real & ((targets < 0) | (targets >= vocab_size))
+  if bad.any():
+    b, t = map(int, np.argwhere(bad)[0])
+    raise ValueError(
+        f"{int(bad.sum())} real target token(s) outside the vocabulary [0, {vocab_size}); "
+        f"first at row {b}, position {t}: {int(targets[b, t])}")
+
+
+__all__ = [
+    "DEFAULT_VOCAB_CHUNK", "TokenStats", "compute_dtype", "token_logprobs", "token_stats",
+    "validate_targets",
+]
