@@ -1,0 +1,426 @@
+"""Hugging Face checkpoints on local disk: import and export without torch.
+
+A checkpoint directory holds `config.json` and either `model.safetensors` or
+shards listed in `model.safetensors.index.json`. Supported `model_type`s:
+'llama' (Llama 2/3/3.x, SmolLM), 'mistral', 'qwen2' (Qwen2/2.5).
+
+    model = load_hf_checkpoint("/path/to/ckpt")                 # one device
+    model = load_hf_checkpoint(path, mesh=mesh)                 # sharded by rules
+    save_hf_checkpoint(model, "/path/to/out", max_shard_bytes=2**30)
+
+Weights go through transposes and reshapes only, so import followed by export
+reproduces every tensor bit for bit (in the same dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from midpo.models import sharding as sharding_lib
+from midpo.models.config import MODEL_TYPES, ModelConfig, RopeScaling
+from midpo.models.transformer import Transformer, layer_param_shapes
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+}
+# Tensors some checkpoints carry that hold nothing the model needs.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that cannot be read into the model."""
+
+
+# ---------------------------------------------------------------------------
+# config.json <-> ModelConfig
+# ---------------------------------------------------------------------------
+
+
+def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
+  """ModelConfig from a `config.json` dict; `overrides` set e.g. dtypes."""
+  model_type = hf.get("model_type")
+  if model_type not in MODEL_TYPES:
+    raise CheckpointError(
+        f"Unsupported model_type {model_type!r} in config.json; supported: {MODEL_TYPES} "
+        "(Llama 2/3/3.x, SmolLM, Mistral, Qwen2/2.5).")
+
+  def need(key):
+    if hf.get(key) is None:
+      raise CheckpointError(f"config.json ({model_type}) lacks the required key {key!r}.")
+    return hf[key]
+
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise CheckpointError(f"Unsupported hidden_act {act!r}; only 'silu' (SwiGLU).")
+  hidden, heads = need("hidden_size"), need("num_attention_heads")
+  kv_heads = hf.get("num_key_value_heads") or heads
+  head_dim = hf.get("head_dim") or hidden // heads
+
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  if rope and all(isinstance(v, dict) for v in rope.values()):
+    raise CheckpointError("Per-layer-type RoPE parameters are not supported.")
+  theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+  partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if partial != 1.0:
+    raise CheckpointError(f"partial_rotary_factor={partial} is not supported (only 1.0).")
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type == "default":
+    scaling = None
+  elif rope_type == "linear":
+    scaling = RopeScaling("linear", float(rope["factor"]))
+  elif rope_type == "llama3":
+    scaling = RopeScaling(
+        "llama3", float(rope["factor"]), float(rope["low_freq_factor"]),
+        float(rope["high_freq_factor"]),
+        int(rope.get("original_max_position_embeddings") or need("max_position_embeddings")))
+  else:
+    raise CheckpointError(
+        f"Unsupported RoPE type {rope_type!r}; supported: 'default', 'linear', 'llama3'.")
+
+  qkv_bias = o_bias = mlp_bias = False
+  sliding_window = None
+  if model_type == "llama":
+    qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+    mlp_bias = bool(hf.get("mlp_bias", False))
+  elif model_type == "qwen2":
+    qkv_bias = True
+    if hf.get("use_sliding_window", False):
+      raise CheckpointError(
+          "Qwen2 with use_sliding_window=true (sliding window on some layers only) is not supported.")
+  elif model_type == "mistral":
+    sliding_window = hf.get("sliding_window")
+
+  eos = hf.get("eos_token_id")
+  kwargs = dict(
+      vocab_size=need("vocab_size"), hidden_size=hidden,
+      intermediate_size=need("intermediate_size"), num_layers=need("num_hidden_layers"),
+      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+      rope_scaling=scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=sliding_window,
+      max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+      initializer_range=float(hf.get("initializer_range", 0.02)),
+      model_type=model_type, bos_token_id=hf.get("bos_token_id"),
+      eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+      pad_token_id=hf.get("pad_token_id"),
+  )
+  kwargs.update(overrides)
+  return ModelConfig(**kwargs)
+
+
+def config_to_hf(c: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
+  """A `config.json` dict that transformers (4.x and 5.x) and vLLM load."""
+  if c.model_type == "qwen2" and (not c.qkv_bias or c.o_bias or c.mlp_bias):
+    raise CheckpointError("model_type 'qwen2' means q/k/v biases only; change model_type.")
+  if c.model_type == "mistral" and (c.qkv_bias or c.o_bias or c.mlp_bias):
+    raise CheckpointError("model_type 'mistral' has no biases; use model_type 'llama'.")
+  if c.model_type == "llama" and (c.qkv_bias != c.o_bias or c.sliding_window is not None):
+    raise CheckpointError(
+        "model_type 'llama' has q/k/v/o biases all or none and no sliding window; "
+        "use 'qwen2' (q/k/v biases) or 'mistral' (sliding window).")
+  if c.rope_scaling is None:
+    rope_scaling = None
+  elif c.rope_scaling.rope_type == "linear":
+    rope_scaling = {"rope_type": "linear", "factor": c.rope_scaling.factor}
+  else:
+    s = c.rope_scaling
+    rope_scaling = {
+        "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+        "high_freq_factor": s.high_freq_factor,
+        "original_max_position_embeddings": s.original_max_position_embeddings,
+    }
+  eos = list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id
+  hf = {
+      "architectures": [_ARCHITECTURES[c.model_type]],
+      "model_type": c.model_type,
+      "vocab_size": c.vocab_size,
+      "hidden_size": c.hidden_size,
+      "intermediate_size": c.intermediate_size,
+      "num_hidden_layers": c.num_layers,
+      "num_attention_heads": c.num_heads,
+      "num_key_value_heads": c.num_kv_heads,
+      "head_dim": c.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": c.rms_norm_eps,
+      "rope_theta": c.rope_theta,
+      "rope_scaling": rope_scaling,
+      "max_position_embeddings": c.max_position_embeddings,
+      "initializer_range": c.initializer_range,
+      "tie_word_embeddings": c.tie_word_embeddings,
+      "bos_token_id": c.bos_token_id,
+      "eos_token_id": eos,
+      "pad_token_id": c.pad_token_id,
+      "attention_dropout": 0.0,
+      "use_cache": True,
+      "torch_dtype": dtype or c.param_dtype,
+  }
+  if c.model_type == "llama":
+    hf.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
+  elif c.model_type == "mistral":
+    hf.update(sliding_window=c.sliding_window)
+  else:
+    hf.update(use_sliding_window=False, sliding_window=None)
+  return hf
+
+
+# ---------------------------------------------------------------------------
+# Name and layout mapping
+# ---------------------------------------------------------------------------
+
+
+def _layer_mapping(c: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
+  """Our per-layer name -> (HF suffix, HF->ours, ours->HF)."""
+  d, h, k, dh = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+  t = lambda w: w.T
+  heads_in = lambda n: (lambda w: w.T.reshape(d, n, dh), lambda x: x.reshape(d, n * dh).T)
+  bias_in = lambda n: (lambda w: w.reshape(n, dh), lambda x: x.reshape(n * dh))
+  ident = (lambda w: w, lambda x: x)
+  table = {
+      "attn_norm": ("input_layernorm.weight", *ident),
+      "q": ("self_attn.q_proj.weight", *heads_in(h)),
+      "k": ("self_attn.k_proj.weight", *heads_in(k)),
+      "v": ("self_attn.v_proj.weight", *heads_in(k)),
+      "o": ("self_attn.o_proj.weight",
+            lambda w: w.T.reshape(h, dh, d), lambda x: x.reshape(h * dh, d).T),
+      "q_bias": ("self_attn.q_proj.bias", *bias_in(h)),
+      "k_bias": ("self_attn.k_proj.bias", *bias_in(k)),
+      "v_bias": ("self_attn.v_proj.bias", *bias_in(k)),
+      "o_bias": ("self_attn.o_proj.bias", *ident),
+      "mlp_norm": ("post_attention_layernorm.weight", *ident),
+      "gate": ("mlp.gate_proj.weight", t, t),
+      "up": ("mlp.up_proj.weight", t, t),
+      "down": ("mlp.down_proj.weight", t, t),
+      "gate_bias": ("mlp.gate_proj.bias", *ident),
+      "up_bias": ("mlp.up_proj.bias", *ident),
+      "down_bias": ("mlp.down_proj.bias", *ident),
+  }
+  return {name: table[name] for name in layer_param_shapes(c)}
+
+
+def _hf_shape(ours: tuple[int, ...], to_hf: Callable) -> tuple[int, ...]:
+  return to_hf(np.empty(ours, np.int8)).shape
+
+
+def expected_hf_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Every tensor name a checkpoint of this config holds, with its HF shape."""
+  out = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)}
+  shapes = layer_param_shapes(c)
+  for i in range(c.num_layers):
+    for name, (suffix, _, to_hf) in _layer_mapping(c).items():
+      out[f"model.layers.{i}.{suffix}"] = _hf_shape(shapes[name], to_hf)
+  out["model.norm.weight"] = (c.hidden_size,)
+  if not c.tie_word_embeddings:
+    out["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Import
+# ---------------------------------------------------------------------------
+
+
+class _TensorReader:
+  """Reads named tensors from one or many safetensors files, lazily."""
+
+  def __init__(self, path: str):
+    index_path = os.path.join(path, INDEX_FILE)
+    single_path = os.path.join(path, SINGLE_FILE)
+    if os.path.exists(index_path):
+      with open(index_path) as f:
+        weight_map = json.load(f).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path} has no 'weight_map'.")
+      files = sorted(set(weight_map.values()))
+      for name in files:
+        if not os.path.exists(os.path.join(path, name)):
+          raise CheckpointError(f"{index_path} lists shard {name!r}, which is not in {path}.")
+    elif os.path.exists(single_path):
+      weight_map = None
+      files = [SINGLE_FILE]
+    else:
+      raise CheckpointError(
+          f"No {SINGLE_FILE} or {INDEX_FILE} in {path} (only safetensors checkpoints are read).")
+    self._handles = {f: safe_open(os.path.join(path, f), framework="numpy") for f in files}
+    if weight_map is None:
+      weight_map = {k: SINGLE_FILE for k in self._handles[SINGLE_FILE].keys()}
+    else:
+      for f, handle in self._handles.items():
+        listed = {k for k, v in weight_map.items() if v == f}
+        absent = listed - set(handle.keys())
+        if absent:
+          raise CheckpointError(
+              f"{INDEX_FILE} says shard {f!r} holds {sorted(absent)[:5]}, but it does not.")
+    self.weight_map = weight_map
+
+  def names(self) -> set[str]:
+    return set(self.weight_map)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
+
+  def get(self, name: str) -> np.ndarray:
+    return self._handles[self.weight_map[name]].get_tensor(name)
+
+
+def read_hf_config(path: str, **overrides: Any) -> ModelConfig:
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise CheckpointError(f"No {CONFIG_FILE} in {path}.")
+  with open(config_path) as f:
+    return config_from_hf(json.load(f), **overrides)
+
+
+def load_hf_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
+                       rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
+                       **config_overrides: Any) -> Transformer:
+  """Builds a Transformer from a local HF checkpoint directory.
+
+  `config_overrides` change ModelConfig fields that are not in config.json,
+  e.g. `param_dtype='bfloat16', dtype='bfloat16', remat='full'`. With `mesh`,
+  every parameter is placed directly with its sharding from `rules`.
+  Raises CheckpointError for an unsupported architecture, a missing or
+  unexpected tensor, or a shape that does not match config.json.
+  """
+  c = read_hf_config(path, **config_overrides)
+  reader = _TensorReader(path)
+  expected = expected_hf_tensors(c)
+  present = reader.names()
+  missing = sorted(set(expected) - present)
+  if missing:
+    raise CheckpointError(
+        f"Checkpoint {path} is missing {len(missing)} tensor(s) that config.json implies: "
+        f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
+  unexpected = sorted(
+      n for n in present - set(expected)
+      if not n.endswith(_IGNORED_SUFFIXES) and not (c.tie_word_embeddings and n == "lm_head.weight"))
+  if unexpected:
+    raise CheckpointError(
+        f"Checkpoint {path} has tensor(s) this {c.model_type} config does not use: "
+        f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} (check config.json: biases, "
+        "tie_word_embeddings, num_hidden_layers).")
+  for name, shape in expected.items():
+    got = reader.shape(name)
+    if got != shape:
+      raise CheckpointError(
+          f"Tensor {name!r} in {path} has shape {got}, but config.json implies {shape}.")
+  if c.tie_word_embeddings and "lm_head.weight" in present:
+    if not np.array_equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+      raise CheckpointError(
+          "config.json says tie_word_embeddings=true but lm_head.weight differs from "
+          "model.embed_tokens.weight.")
+
+  dtype = _NP_DTYPES[c.param_dtype]
+  mapping = _layer_mapping(c)
+
+  def ours(name: str) -> np.ndarray:
+    if name == "embed":
+      return reader.get("model.embed_tokens.weight")
+    if name == "final_norm":
+      return reader.get("model.norm.weight")
+    if name == "lm_head":
+      return reader.get("lm_head.weight").T
+    suffix, to_ours, _ = mapping[name]
+    return np.stack([to_ours(reader.get(f"model.layers.{i}.{suffix}"))
+                     for i in range(c.num_layers)])
+
+  abstract = nnx.eval_shape(lambda: Transformer(c, rngs=nnx.Rngs(0)))
+  graphdef, abs_state = nnx.split(abstract)
+  if mesh is not None:
+    shardings = sharding_lib.state_shardings(abs_state, mesh, rules)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abs_state)
+
+  def load(path_keys, abs_leaf, sharding):
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path_keys]
+    name = keys[1] if keys[0] == "layers" else keys[0]
+    value = np.ascontiguousarray(ours(name).astype(dtype))
+    if value.shape != abs_leaf.shape:
+      raise CheckpointError(f"Internal layout error for {name}: {value.shape} vs {abs_leaf.shape}")
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+  state = jax.tree.map_with_path(load, abs_state, shardings)
+  return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------
+
+
+def _to_numpy(x: jax.Array) -> np.ndarray:
+  if not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def hf_tensors(model: Transformer, *, dtype: str | None = None) -> dict[str, np.ndarray]:
+  """The model's weights as HF-named, HF-laid-out numpy arrays (in order)."""
+  c = model.config
+  np_dtype = _NP_DTYPES[dtype or c.param_dtype]
+  cast = lambda a: np.ascontiguousarray(a.astype(np_dtype))
+  out = {"model.embed_tokens.weight": cast(_to_numpy(model.embed[...]))}
+  stacked = {name: _to_numpy(a) for name, a in model.layers.arrays().items()}
+  mapping = _layer_mapping(c)
+  for i in range(c.num_layers):
+    for name, (suffix, _, to_hf) in mapping.items():
+      out[f"model.layers.{i}.{suffix}"] = cast(to_hf(stacked[name][i]))
+  out["model.norm.weight"] = cast(_to_numpy(model.final_norm[...]))
+  if model.lm_head is not None:
+    out["lm_head.weight"] = cast(_to_numpy(model.lm_head[...]).T)
+  return out
+
+
+def save_hf_checkpoint(model: Transformer, path: str, *, dtype: str | None = None,
+                       max_shard_bytes: int = 5 * 2**30) -> list[str]:
+  """Writes config.json and safetensors (sharded with an index when the
+  weights exceed `max_shard_bytes`). `dtype` (e.g. 'bfloat16') casts on
+  export; by default the parameter dtype is kept. Returns the files written.
+  Only process 0 writes in a multi-process run."""
+  if dtype is not None and dtype not in _NP_DTYPES:
+    raise ValueError(f"dtype={dtype!r}; allowed: {tuple(_NP_DTYPES)}.")
+  hf_config = config_to_hf(model.config, dtype=dtype)
+  tensors = hf_tensors(model, dtype=dtype)
+  if jax.process_index() != 0:
+    return []
+  os.makedirs(path, exist_ok=True)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, arr in tensors.items():
+    if shards[-1] and size + arr.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = arr
+    size += arr.nbytes
+  written = [CONFIG_FILE]
+  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+  metadata = {"format": "pt"}  # transformers expects it.
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(path, SINGLE_FILE), metadata=metadata)
+    return written + [SINGLE_FILE]
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, os.path.join(path, fname), metadata=metadata)
+    weight_map.update({name: fname for name in shard})
+    written.append(fname)
+  index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))},
+           "weight_map": weight_map}
+  with open(os.path.join(path, INDEX_FILE), "w") as f:
+    json.dump(index, f, indent=2, sort_keys=True)
+  return written + [INDEX_FILE]

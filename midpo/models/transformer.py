@@ -1,0 +1,353 @@
+"""A Flax NNX decoder-only transformer for the Llama family.
+
+Layout (logical axis names in brackets, used by `midpo.models.sharding`):
+  embed          [V, D]            ('vocab', 'embed')
+  layers.*       stacked on a leading L axis ('layers', ...), run by `lax.scan`
+    attn_norm    [L, D]            ('layers', 'norm')
+    q            [L, D, H, Dh]     ('layers', 'embed', 'heads', 'head_dim')
+    k, v         [L, D, K, Dh]     ('layers', 'embed', 'kv_heads', 'head_dim')
+    o            [L, H, Dh, D]     ('layers', 'heads', 'head_dim', 'embed')
+    q_bias       [L, H, Dh], k_bias/v_bias [L, K, Dh], o_bias [L, D] (optional)
+    mlp_norm     [L, D]
+    gate, up     [L, D, F]         ('layers', 'embed', 'mlp')
+    down         [L, F, D]         ('layers', 'mlp', 'embed')
+  final_norm     [D]               ('norm',)
+  lm_head        [D, V]            ('embed', 'vocab'), absent when embeddings are tied
+
+Conventions follow Hugging Face's Llama: RMSNorm computed in float32, rotary
+embeddings on the two halves of each head (`rotate_half`), query head h uses KV
+head h // (H / K), SwiGLU MLP. Inputs are int32 tokens [B, T] with an
+`attention_mask` [B, T] (1 = real token); right padding (training) and left
+padding (generation) both work because positions default to
+`cumsum(mask) - 1`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from midpo.models.config import ModelConfig
+
+# Logical axis names of every parameter (without the leading 'layers' axis for
+# the stacked per-layer parameters).
+LAYER_PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "attn_norm": ("norm",),
+    "q": ("embed", "heads", "head_dim"),
+    "k": ("embed", "kv_heads", "head_dim"),
+    "v": ("embed", "kv_heads", "head_dim"),
+    "o": ("heads", "head_dim", "embed"),
+    "q_bias": ("heads", "head_dim"),
+    "k_bias": ("kv_heads", "head_dim"),
+    "v_bias": ("kv_heads", "head_dim"),
+    "o_bias": ("norm",),
+    "mlp_norm": ("norm",),
+    "gate": ("embed", "mlp"),
+    "up": ("embed", "mlp"),
+    "down": ("mlp", "embed"),
+    "gate_bias": ("mlp",),
+    "up_bias": ("mlp",),
+    "down_bias": ("norm",),
+}
+
+_MASK_VALUE = -1e30  # Finite, so fully masked (padding) query rows give no NaN.
+
+
+def layer_param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Per-layer parameter shapes (without the 'layers' axis) for this config."""
+  d, f, h, k, dh = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+  shapes = {
+      "attn_norm": (d,), "q": (d, h, dh), "k": (d, k, dh), "v": (d, k, dh),
+      "o": (h, dh, d), "mlp_norm": (d,), "gate": (d, f), "up": (d, f), "down": (f, d),
+  }
+  if c.qkv_bias:
+    shapes.update(q_bias=(h, dh), k_bias=(k, dh), v_bias=(k, dh))
+  if c.o_bias:
+    shapes.update(o_bias=(d,))
+  if c.mlp_bias:
+    shapes.update(gate_bias=(f,), up_bias=(f,), down_bias=(d,))
+  return shapes
+
+
+def _param(value, names: tuple[str, ...]) -> nnx.Param:
+  # `eager_sharding=False`: the names are logical, mapped to mesh axes by
+  # `midpo.models.sharding`, not mesh axes to shard on at creation.
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class DecoderLayers(nnx.Module):
+  """All L decoder layers, parameters stacked on a leading 'layers' axis."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    dtype = c.jnp_param_dtype
+    init = jax.nn.initializers.normal(c.initializer_range)
+    for name, shape in layer_param_shapes(c).items():
+      shape = (c.num_layers, *shape)
+      if name.endswith("norm"):
+        value = jnp.ones(shape, dtype)
+      elif name.endswith("bias"):
+        value = jnp.zeros(shape, dtype)
+      else:
+        value = init(rngs.params(), shape, dtype)
+      setattr(self, name, _param(value, ("layers", *LAYER_PARAM_AXES[name])))
+
+  def arrays(self) -> dict[str, jax.Array]:
+    """The stacked parameter arrays by name ([L, ...] each)."""
+    return {n: getattr(self, n)[...] for n in LAYER_PARAM_AXES if hasattr(self, n)}
+
+
+class KVCache(NamedTuple):
+  """Key/value cache for all layers.
+
+  k, v: [L, B, S, K, Dh] in the compute dtype; mask: [B, S] int32, 1 where the
+  slot holds a real token; index: int32 scalar, the next slot to write. All
+  rows write the same slot, so prompts are left-padded for generation.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  index: jax.Array
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """RoPE positions: 0, 1, ... over the real tokens of each row ([B, T] int32)."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def rope_inv_freq(c: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [Dh/2] (float32), with linear or llama3 scaling."""
+  dim = c.head_dim
+  exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+  inv_freq = (np.float32(1.0) / np.power(np.float32(c.rope_theta), exponent)).astype(np.float32)
+  s = c.rope_scaling
+  if s is None:
+    return inv_freq
+  if s.rope_type == "linear":
+    return (inv_freq / np.float32(s.factor)).astype(np.float32)
+  # llama3: keep high frequencies, divide low ones by `factor`, interpolate between.
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = np.float32(2 * math.pi) / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(s.factor), inv_freq)
+  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rope_tables(c: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(c))
+  return jnp.cos(freqs), jnp.sin(freqs)  # [B, T, Dh/2] float32
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x: [B, T, N, Dh]; rotates (first half, second half) pairs, in float32."""
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return y.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def _attention(c: ModelConfig, q, k, v, mask, key_lengths=None):
+  """q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S] bool -> [B,T,H,Dh]."""
+  b, t, h, dh = q.shape
+  scale = dh ** -0.5
+  if c.attention_impl == "cudnn" and key_lengths is not None:
+    # Causal + key lengths: exact for right-padded batches (see ModelConfig).
+    window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=key_lengths,
+        local_window_size=window, implementation="cudnn")
+  qg = q.reshape(b, t, c.num_kv_heads, c.num_groups, dh)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, dh)
+
+
+def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_index,
+           key_lengths):
+  """One decoder layer. x: [B, T, D] compute dtype. Returns (x, cache)."""
+  dt = c.jnp_dtype
+  w = lambda name: p[name].astype(dt)
+  h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+  q = jnp.einsum("btd,dhk->bthk", h, w("q"))
+  k = jnp.einsum("btd,dhk->bthk", h, w("k"))
+  v = jnp.einsum("btd,dhk->bthk", h, w("v"))
+  if c.qkv_bias:
+    q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
+  q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+  if cache is not None:
+    ck, cv = cache
+    start = (layer_idx, 0, cache_index, 0, 0)
+    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], start)
+    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], start)
+    k = jax.lax.dynamic_index_in_dim(ck, layer_idx, 0, keepdims=False).astype(dt)
+    v = jax.lax.dynamic_index_in_dim(cv, layer_idx, 0, keepdims=False).astype(dt)
+    cache = (ck, cv)
+  attn = _attention(c, q, k, v, mask, key_lengths)
+  out = jnp.einsum("bthk,hkd->btd", attn, w("o"))
+  if c.o_bias:
+    out = out + w("o_bias")
+  x = x + out
+  h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+  gate = jnp.einsum("btd,df->btf", h, w("gate"))
+  up = jnp.einsum("btd,df->btf", h, w("up"))
+  if c.mlp_bias:
+    gate, up = gate + w("gate_bias"), up + w("up_bias")
+  down = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w("down"))
+  if c.mlp_bias:
+    down = down + w("down_bias")
+  return x + down, cache
+
+
+def _remat_policy(name: str):
+  return {
+      "full": None,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[name]
+
+
+class Transformer(nnx.Module):
+  """Decoder-only Llama-family language model.
+
+  `model(tokens, attention_mask=None, positions=None)` returns float32 logits
+  [B, T, V]. The forward also comes in two parts, so a trainer can avoid
+  materialising [B, T, V] at once: `model.hidden_states(...)` returns the final
+  normed hidden states [B, T, D] and `model.logits_from_hidden(h)` applies the
+  LM head (tied embedding or `lm_head`) to any [..., D] slice of them.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    dtype = c.jnp_param_dtype
+    init = jax.nn.initializers.normal(c.initializer_range)
+    self.embed = _param(init(rngs.params(), (c.vocab_size, c.hidden_size), dtype),
+                        ("vocab", "embed"))
+    self.layers = DecoderLayers(c, rngs=rngs)
+    self.final_norm = _param(jnp.ones((c.hidden_size,), dtype), ("norm",))
+    if c.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = _param(init(rngs.params(), (c.hidden_size, c.vocab_size), dtype),
+                            ("embed", "vocab"))
+
+  # -- public API -------------------------------------------------------------
+
+  def __call__(self, tokens, attention_mask=None, positions=None, *,
+               return_hidden_states: bool = False):
+    """Logits [B, T, V] float32; with `return_hidden_states`, also every
+    layer's output (the residual stream after each block) [B, T, L, D]."""
+    h, all_h, _ = self._forward(tokens, attention_mask, positions, None, return_hidden_states)
+    logits = self.logits_from_hidden(h)
+    return (logits, all_h) if return_hidden_states else logits
+
+  def hidden_states(self, tokens, attention_mask=None, positions=None, *,
+                    return_all_layers: bool = False):
+    """Final normed hidden states [B, T, D] (compute dtype); with
+    `return_all_layers`, also every layer's output [B, T, L, D]."""
+    h, all_h, _ = self._forward(tokens, attention_mask, positions, None, return_all_layers)
+    return (h, all_h) if return_all_layers else h
+
+  def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+    """LM head: [..., D] hidden states -> [..., V] float32 logits."""
+    dt = self.config.jnp_dtype
+    if self.lm_head is None:
+      return jnp.einsum("...d,vd->...v", h.astype(dt), self.embed[...].astype(dt),
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h.astype(dt), self.lm_head[...].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """An empty KV cache for `max_length` slots (prompt + new tokens)."""
+    c = self.config
+    dtype = dtype or c.jnp_dtype
+    shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch_size, max_length), jnp.int32), jnp.zeros((), jnp.int32))
+
+  def forward_with_cache(self, tokens, attention_mask, positions, cache: KVCache):
+    """Runs T new tokens against the cache. Returns (final normed hidden
+    [B, T, D], updated cache). The tokens occupy slots [index, index + T)."""
+    h, _, cache = self._forward(tokens, attention_mask, positions, cache, False)
+    return h, cache
+
+  # -- implementation ---------------------------------------------------------
+
+  def _forward(self, tokens, attention_mask, positions, cache, return_all):
+    c = self.config
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}.")
+    b, t = tokens.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
+    if attention_mask.shape != tokens.shape:
+      raise ValueError(
+          f"attention_mask shape {attention_mask.shape} != tokens shape {tokens.shape}.")
+    if positions is None:
+      if cache is not None:
+        raise ValueError("forward_with_cache needs explicit positions.")
+      positions = positions_from_mask(attention_mask)
+
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(c.jnp_dtype)
+    cos, sin = _rope_tables(c, positions)
+
+    if cache is None:
+      key_mask = attention_mask
+      q_slots = k_slots = jnp.arange(t)
+      cache_index = None
+      key_lengths = attention_mask.sum(-1) if c.attention_impl == "cudnn" else None
+    else:
+      key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
+      q_slots = cache.index + jnp.arange(t)
+      k_slots = jnp.arange(cache.mask.shape[1])
+      cache_index = cache.index
+      key_lengths = None  # The cache path always uses the explicit mask.
+    allowed = k_slots[None, :] <= q_slots[:, None]
+    if c.sliding_window is not None:
+      allowed &= (q_slots[:, None] - k_slots[None, :]) < c.sliding_window
+    mask = (key_mask[:, None, :] > 0) & allowed[None]  # [B, T, S]
+
+    params = self.layers.arrays()
+
+    def body(carry, xs):
+      x, kv = carry
+      p, i = xs
+      x, kv = _layer(c, p, x, cos, sin, mask, kv, i, cache_index, key_lengths)
+      return (x, kv), (x if return_all else None)
+
+    if c.remat != "none":
+      body = jax.checkpoint(body, policy=_remat_policy(c.remat), prevent_cse=False)
+    kv = None if cache is None else (cache.k, cache.v)
+    (x, kv), all_h = jax.lax.scan(body, (x, kv), (params, jnp.arange(c.num_layers)))
+    h = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+    if return_all:
+      all_h = jnp.moveaxis(all_h, 0, 2)  # [L, B, T, D] -> [B, T, L, D]
+    if cache is not None:
+      cache = KVCache(kv[0], kv[1], key_mask, cache.index + t)
+    return h, all_h, cache
+
+
+def create_model(config: ModelConfig, *, seed: int = 0) -> Transformer:
+  """A randomly initialised model on the default device (see
+  `midpo.models.sharding.create_sharded_model` for a mesh)."""
+  return Transformer(config, rngs=nnx.Rngs(params=seed))
