@@ -248,3 +248,47 @@ __all__ = [
     "DEFAULT_VOCAB_CHUNK", "TokenStats", "compute_dtype", "token_logprobs", "token_stats",
     "validate_targets",
 ]
+
+
+@struct.dataclass
+class SequenceStats:
+  """Everything a prior may read about one side (chosen or rejected) of a batch of pairs.
+
+  Per-token arrays are ``[B, T]`` and are 0 where ``mask`` is 0. Only ``logps``
+  and ``mask`` are always required; a prior names the other fields it reads
+  (``Prior.requires``) and the loss raises a clear error if one is missing.
+
+  Attributes:
+    logps: policy token log-probs (gradients flow through them).
+    mask: 1 on response tokens, 0 on prompt and padding.
+    ref_logps: frozen reference token log-probs.
+    kl_ref_policy: per-position ``KL(ref || policy)`` (TDPO, SparsePO).
+    kl_policy_ref: per-position ``KL(policy || ref)`` (TIS-DPO).
+    prev_logps: token log-probs of the previous round's policy, frozen (DICE).
+    token_weights: per-token importance weights (TIS-DPO).
+    mask_reward, mask_kl: fixed per-token masks (SparsePO with given masks).
+    ref_hidden: ``[B, T, L, D]`` reference hidden states of every layer, the
+      input of SparsePO's learned mask head.
+  """
+  logps: Array
+  mask: Array
+  ref_logps: Optional[Array] = None
+  kl_ref_policy: Optional[Array] = None
+  kl_policy_ref: Optional[Array] = None
+  prev_logps: Optional[Array] = None
+  token_weights: Optional[Array] = None
+  mask_reward: Optional[Array] = None
+  mask_kl: Optional[Array] = None
+  ref_hidden: Optional[Array] = None
+
+  @classmethod
+  def from_token_stats(cls, ts: TokenStats, mask: Array, **extra) -> "SequenceStats":
+    return cls(logps=ts.logps, mask=mask, ref_logps=ts.ref_logps,
+               kl_ref_policy=ts.kl_ref_policy, kl_policy_ref=ts.kl_policy_ref, **extra)
+
+  @property
+  def batch_size(self) -> int:
+    return self.logps.shape[0]
+
+
+__all__.append("SequenceStats")
