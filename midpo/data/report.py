@@ -23,8 +23,9 @@ raises :class:`BadRowError` at the first bad row, naming file, line and reason.
       "rows_read": int, "rows_kept": int,
       "bad_rows": {reason: int, ...},            # only reasons that occurred
       "first_bad_rows": [{"reason": str, "file": str, "line": int, "detail": str}, ...],
-      "notes": {name: int, ...}                  # counted events that drop nothing
-    }
+      "notes": {name: int, ...},                 # counted events that drop nothing
+      "shard": {...}                             # tokenize stages only: process_index,
+    }                                            # process_count, rows_in_split, first, stop
 
 ``line`` is the 1-based line of a JSONL file, the 1-based item of a JSON list, the 1-based row of
 a Parquet file, or the 1-based example position in a TFDS split (tokenize stage).
