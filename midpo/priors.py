@@ -339,7 +339,7 @@ def apply_mask_head(params: dict, hidden_BxTxLxD: Array, *, dropout: float = 0.0
                     rng: Optional[Array] = None, train: bool = False,
                     eps: float = 1e-5) -> Array:
   """Non-negative, unbounded token mask ``[B, T]`` from every layer's hidden state."""
-  h = hidden_BxTxLxD.astype(jnp.float32)
+  h = hidden_BxTxLxD.astype(jnp.promote_types(hidden_BxTxLxD.dtype, jnp.float32))
   mean = jnp.mean(h, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
   h = (h - mean) * jax.lax.rsqrt(var + eps) * params["ln_scale"] + params["ln_bias"]

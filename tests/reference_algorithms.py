@@ -1,0 +1,194 @@
+"""Independent float64 numpy statements of each original algorithm's loss.
+
+Written from the authors' published formulas (see ``../shared/docs/mi_dpo.md``
+and the code cited there), with no midpo code: every quantity is recomputed
+here from logits. Each function takes a batch dict of numpy arrays and returns
+the per-pair loss ``[B]``.
+
+Batch keys: ``pol_w``, ``pol_l`` (policy logits ``[B, T, V]``), ``ref_w``,
+``ref_l`` (reference logits), ``tgt_w``, ``tgt_l`` (targets), ``m_w``, ``m_l``
+(masks), and, where an algorithm needs them, ``prev_w``/``prev_l`` (previous
+round's logits, DICE), ``wt_w``/``wt_l`` (token weights, TIS-DPO),
+``mur_w``/``mur_l``/``muk_w``/``muk_l`` (SparsePO masks). ``sg_pol_w`` and
+``sg_pol_l`` are copies of the policy logits that stand for ``detach()``: a
+finite-difference gradient perturbs ``pol_*`` and holds ``sg_pol_*`` fixed.
+"""
+
+import numpy as np
+
+
+def log_softmax(x):
+  x = np.asarray(x, np.float64)
+  m = x.max(-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def gather(logp, tgt, mask):
+  safe = np.where(mask > 0, tgt, 0)
+  return np.take_along_axis(logp, safe[..., None], -1)[..., 0] * mask
+
+
+def log_sigmoid(z):
+  return -np.logaddexp(0.0, -z)
+
+
+def seq_logps(logits, tgt, mask):
+  return gather(log_softmax(logits), tgt, mask).sum(-1)
+
+
+def dpo(b, beta, label_smoothing=0.0):
+  """Rafailov et al.; conservative DPO with label smoothing."""
+  pi = seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["pol_l"], b["tgt_l"], b["m_l"])
+  ref = seq_logps(b["ref_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["ref_l"], b["tgt_l"], b["m_l"])
+  logits = pi - ref
+  return (-(1 - label_smoothing) * log_sigmoid(beta * logits)
+          - label_smoothing * log_sigmoid(-beta * logits))
+
+
+def robust_dpo(b, beta, eps):
+  """Chowdhury et al. 2024, as TRL's ``robust`` loss."""
+  logits = ((seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["ref_w"], b["tgt_w"], b["m_w"]))
+            - (seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["ref_l"], b["tgt_l"], b["m_l"])))
+  return (-(1 - eps) * log_sigmoid(beta * logits) + eps * log_sigmoid(-beta * logits)) / (1 - 2 * eps)
+
+
+def hinge(b, beta):
+  logits = ((seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["ref_w"], b["tgt_w"], b["m_w"]))
+            - (seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["ref_l"], b["tgt_l"], b["m_l"])))
+  return np.maximum(0.0, 1 - beta * logits)
+
+
+def ipo(b, beta):
+  """Azar et al., on per-token-averaged log-ratios (TRL's normalisation)."""
+  cw = (seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["ref_w"], b["tgt_w"], b["m_w"])) / b["m_w"].sum(-1)
+  cl = (seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["ref_l"], b["tgt_l"], b["m_l"])) / b["m_l"].sum(-1)
+  return (cw - cl - 1 / (2 * beta)) ** 2
+
+
+def rpo(b, beta, rpo_alpha):
+  """DPO plus the chosen tokens' NLL averaged over all chosen tokens of the batch."""
+  lp = gather(log_softmax(b["pol_w"]), b["tgt_w"], b["m_w"])
+  nll = -lp.sum() / b["m_w"].sum()
+  return dpo(b, beta) + rpo_alpha * nll
+
+
+def dice(b, beta):
+  """Chen et al.: DPO with the previous round's policy as the reference."""
+  logits = ((seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["prev_w"], b["tgt_w"], b["m_w"]))
+            - (seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["prev_l"], b["tgt_l"], b["m_l"])))
+  return -log_sigmoid(beta * logits)
+
+
+def hdpo(b, beta, eta):
+  """Omura et al.: the policy log-likelihood scaled by eta inside DPO's ratio."""
+  hw = eta * seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["ref_w"], b["tgt_w"], b["m_w"])
+  hl = eta * seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["ref_l"], b["tgt_l"], b["m_l"])
+  return -log_sigmoid(beta * (hw - hl))
+
+
+def rdpo(b, beta, alpha):
+  """Park et al.: beta * log-ratio margin + alpha (|y_w| - |y_l|)."""
+  ratio_w = seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["ref_w"], b["tgt_w"], b["m_w"])
+  ratio_l = seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["ref_l"], b["tgt_l"], b["m_l"])
+  return -log_sigmoid(beta * ratio_w - beta * ratio_l + (alpha * b["m_w"].sum(-1) - alpha * b["m_l"].sum(-1)))
+
+
+def simpo(b, beta, gamma_beta_ratio, label_smoothing=0.0, sft_weight=0.0):
+  """princeton-nlp/SimPO ``simpo_loss`` with its ``sft_weight`` term."""
+  avg_w = seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) / b["m_w"].sum(-1)
+  avg_l = seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) / b["m_l"].sum(-1)
+  logits = (avg_w - avg_l) - gamma_beta_ratio
+  losses = (-log_sigmoid(beta * logits) * (1 - label_smoothing)
+            - log_sigmoid(-beta * logits) * label_smoothing)
+  return losses + sft_weight * (-avg_w)
+
+
+def _tdpo_side(pol, ref, tgt, m):
+  lp_all = log_softmax(pol)
+  lr_all = log_softmax(ref)
+  kl = (np.exp(lr_all) * (lr_all - lp_all)).sum(-1)  # ref -> policy, per position
+  margin = (gather(lp_all, tgt, m) - gather(lr_all, tgt, m)).sum(-1)
+  return margin, (kl * m).sum(-1)
+
+
+def tdpo(b, beta, alpha=0.5, tdpo2=True):
+  """Zeng et al., ``trainers.py::tdpo_loss`` (TDPO1 and TDPO2)."""
+  mw, kw = _tdpo_side(b["pol_w"], b["ref_w"], b["tgt_w"], b["m_w"])
+  ml, kl = _tdpo_side(b["pol_l"], b["ref_l"], b["tgt_l"], b["m_l"])
+  if tdpo2:
+    _, kw_detached = _tdpo_side(b["sg_pol_w"], b["ref_w"], b["tgt_w"], b["m_w"])
+    logits = (mw - ml) - alpha * (kl - kw_detached)
+  else:
+    logits = (mw - ml) - (kl - kw)
+  return -log_sigmoid(beta * logits)
+
+
+def _tis_side(pol, ref, tgt, m, w):
+  lp_all = log_softmax(pol)
+  lr_all = log_softmax(ref)
+  kl = (np.exp(lp_all) * (lp_all - lr_all)).sum(-1)  # policy -> ref, per position
+  margin = ((gather(lp_all, tgt, m) - gather(lr_all, tgt, m)) * w * m).sum(-1)
+  return margin, (kl * w * m).sum(-1)
+
+
+def tisdpo(b, beta, alpha=0.5, token_level=False):
+  """Liu et al., ``trainers.py::tisdpo_loss`` on weighted token margins."""
+  mw, kw = _tis_side(b["pol_w"], b["ref_w"], b["tgt_w"], b["m_w"], b["wt_w"])
+  ml, kl = _tis_side(b["pol_l"], b["ref_l"], b["tgt_l"], b["m_l"], b["wt_l"])
+  logits = mw - ml
+  if token_level:
+    logits = logits - alpha * (kw - kl)
+  return -log_sigmoid(beta * logits)
+
+
+def sparsepo(b, beta, l1_u=0.0, l1_d=0.0):
+  """Christopoulou et al., huawei-noah/HEBO ``SparseTrainer.get_batch_loss_metrics``.
+
+  Note the released code's ``token_kl`` is ``sum_v p_ref (log p - log p_ref)``,
+  i.e. minus ``KL(ref||policy)``, and the loss is ``-log s(beta (u - d))``.
+  """
+  def side(pol, ref, tgt, m, mur, muk):
+    lp_all = log_softmax(pol)
+    lr_all = log_softmax(ref)
+    reward = (gather(lp_all, tgt, m) - gather(lr_all, tgt, m)) * mur
+    token_kl = (np.exp(lr_all) * (lp_all - lr_all)).sum(-1) * muk
+    return (reward * m).sum(-1), (token_kl * m).sum(-1)
+
+  rw, kw = side(b["pol_w"], b["ref_w"], b["tgt_w"], b["m_w"], b["mur_w"], b["muk_w"])
+  rl, kl = side(b["pol_l"], b["ref_l"], b["tgt_l"], b["m_l"], b["mur_l"], b["muk_l"])
+  losses = -log_sigmoid(beta * ((rw - rl) - (kw - kl)))
+  l1 = lambda mu, m: np.abs(mu * m).sum(-1)
+  losses = losses + l1_u * (l1(b["mur_w"], b["m_w"]) + l1(b["mur_l"], b["m_l"]))
+  losses = losses + l1_d * (l1(b["muk_w"], b["m_w"]) + l1(b["muk_l"], b["m_l"]))
+  return losses
+
+
+def sparsepo_mask_head(hidden_BxTxLxD, ln_scale, ln_bias, w, b, mix, eps=1e-5):
+  """``SimpleMaskAllLayers`` in eval mode: shared LayerNorm, per-layer
+  Linear(D,1)+ReLU, bias-free Linear(L,1) mixer, ReLU."""
+  h = np.asarray(hidden_BxTxLxD, np.float64)
+  mu = h.mean(-1, keepdims=True)
+  var = ((h - mu) ** 2).mean(-1, keepdims=True)
+  h = (h - mu) / np.sqrt(var + eps) * ln_scale + ln_bias
+  per_layer = np.maximum(0.0, (h * w).sum(-1) + b)  # [B, T, L]
+  return np.maximum(0.0, per_layer @ mix)
+
+
+def finite_difference_grad(fn, b, keys=("pol_w", "pol_l"), h=1e-5):
+  """Central differences of ``mean(fn(b))`` w.r.t. ``b[key]`` for each key."""
+  grads = {}
+  for key in keys:
+    x = b[key]
+    g = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"])
+    for _ in it:
+      idx = it.multi_index
+      orig = x[idx]
+      x[idx] = orig + h
+      up = fn(b).mean()
+      x[idx] = orig - h
+      down = fn(b).mean()
+      x[idx] = orig
+      g[idx] = (up - down) / (2 * h)
+    grads[key] = g
+  return grads
