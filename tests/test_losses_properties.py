@@ -1,0 +1,284 @@
+"""Mathematical properties of the MI-DPO loss and its clear errors on bad input."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from midpo import losses, priors, stats, token_weights
+
+B, T, V = 4, 6, 9
+
+
+def _random_side(key, with_ref=True, mask=None):
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  logits = 2 * jax.random.normal(k1, (B, T, V))
+  ref_logits = 2 * jax.random.normal(k2, (B, T, V))
+  targets = jax.random.randint(k3, (B, T), 0, V)
+  if mask is None:
+    lengths = jax.random.randint(k4, (B,), 1, T + 1)
+    mask = (jnp.arange(T)[None] < lengths[:, None]).astype(jnp.float32)
+  return logits, ref_logits if with_ref else None, targets, mask
+
+
+def _stats(logits, ref_logits, targets, mask, **extra):
+  ts = stats.token_stats(logits, targets, mask, ref_logits,
+                         kl_ref_policy=ref_logits is not None,
+                         kl_policy_ref=ref_logits is not None)
+  return stats.SequenceStats.from_token_stats(ts, mask, **extra)
+
+
+def _full_extra(mask):
+  return dict(prev_logps=0.5 * jnp.where(mask > 0, -1.0, 0.0), token_weights=mask,
+              mask_reward=mask, mask_kl=mask)
+
+
+ROLE_FREE_PRIORS = [
+    ("dpo", {}), ("dice", {}), ("hdpo", dict(eta=0.8)), ("rdpo", dict(length_coef=0.1)),
+    ("simpo", dict(gamma=0.0)), ("tdpo", dict(version=1)), ("tdpo", dict(version=2)),
+    ("tis_dpo", dict(token_level=True)), ("sparsepo", dict(mask_source="given")),
+]
+
+
+@pytest.mark.parametrize("name,hp", ROLE_FREE_PRIORS,
+                         ids=[f"{n}-{'-'.join(map(str, h.values()))}" for n, h in ROLE_FREE_PRIORS])
+def test_swapping_chosen_and_rejected_negates_the_logit(name, hp):
+  a = _random_side(jax.random.PRNGKey(0))
+  b = _random_side(jax.random.PRNGKey(1))
+  sa = _stats(*a, **_full_extra(a[3]))
+  sb = _stats(*b, **_full_extra(b[3]))
+  prior = priors.make_prior(name, **hp)
+  z_ab = losses.mi_dpo_loss(sa, sb, prior).logits
+  z_ba = losses.mi_dpo_loss(sb, sa, prior).logits
+  assert np.abs(np.asarray(z_ab)).max() > 1e-3
+  np.testing.assert_allclose(np.asarray(z_ba), -np.asarray(z_ab), rtol=1e-5, atol=1e-6)
+
+
+def test_simpo_margin_breaks_the_symmetry_by_exactly_two_gamma():
+  a, b = _random_side(jax.random.PRNGKey(0)), _random_side(jax.random.PRNGKey(1))
+  sa, sb = _stats(*a), _stats(*b)
+  prior = priors.make_prior("simpo", gamma=0.7)
+  z_ab = losses.mi_dpo_loss(sa, sb, prior, losses.LossConfig(alpha=2.0)).logits
+  z_ba = losses.mi_dpo_loss(sb, sa, prior, losses.LossConfig(alpha=2.0)).logits
+  np.testing.assert_allclose(np.asarray(z_ab + z_ba), -1.4, rtol=1e-5)
+
+
+def test_label_smoothing_half_gives_log2_and_zero_gradient_at_the_reference():
+  logits, _, targets, mask = _random_side(jax.random.PRNGKey(2))
+  rl, _, rt, rm = _random_side(jax.random.PRNGKey(3))
+
+  def loss(pol_w, pol_l, eps):
+    # Policy == reference, so the logit is 0.
+    cw = _stats(pol_w, jax.lax.stop_gradient(pol_w), targets, mask)
+    cl = _stats(pol_l, jax.lax.stop_gradient(pol_l), rt, rm)
+    return losses.mi_dpo_loss(cw, cl, "dpo", losses.LossConfig(label_smoothing=eps)).loss
+
+  value, grads = jax.value_and_grad(loss, argnums=(0, 1))(logits, rl, 0.5)
+  np.testing.assert_allclose(float(value), np.log(2.0), rtol=1e-6)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in grads)
+  # Without smoothing the same point has a gradient: the check can fail.
+  grads0 = jax.grad(loss, argnums=(0, 1))(logits, rl, 0.0)
+  assert float(jnp.abs(grads0[0]).max()) > 1e-3
+
+
+def _grad_pair(prior, sw_fn, sl_fn, logits_w, logits_l, config=losses.LossConfig()):
+  def loss(pw, pl):
+    return losses.mi_dpo_loss(sw_fn(pw), sl_fn(pl), prior, config).loss
+  return jax.value_and_grad(loss, argnums=(0, 1))(logits_w, logits_l)
+
+
+def test_tis_dpo_with_unit_weights_is_dpo():
+  a, b = _random_side(jax.random.PRNGKey(4)), _random_side(jax.random.PRNGKey(5))
+  mk = lambda side, w: (lambda p: _stats(p, side[1], side[2], side[3],
+                                         token_weights=w * side[3]))
+  v_dpo, g_dpo = _grad_pair("dpo", mk(a, 1.0), mk(b, 1.0), a[0], b[0])
+  v_tis, g_tis = _grad_pair(priors.make_prior("tis_dpo"), mk(a, 1.0), mk(b, 1.0), a[0], b[0])
+  np.testing.assert_allclose(float(v_tis), float(v_dpo), rtol=1e-6)
+  for x, y in zip(g_tis, g_dpo):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-8)
+  # Non-unit weights change it.
+  v_w, _ = _grad_pair(priors.make_prior("tis_dpo"), mk(a, 1.3), mk(b, 0.7), a[0], b[0])
+  assert abs(float(v_w) - float(v_dpo)) > 1e-4
+
+
+def test_sparsepo_with_unit_masks_and_no_kl_is_dpo():
+  a, b = _random_side(jax.random.PRNGKey(6)), _random_side(jax.random.PRNGKey(7))
+  mk = lambda side: (lambda p: _stats(p, side[1], side[2], side[3], mask_reward=side[3],
+                                      mask_kl=side[3]))
+  prior = priors.make_prior("sparsepo", mask_source="given", kl_coef=0.0)
+  v_dpo, g_dpo = _grad_pair("dpo", mk(a), mk(b), a[0], b[0])
+  v_sp, g_sp = _grad_pair(prior, mk(a), mk(b), a[0], b[0])
+  np.testing.assert_allclose(float(v_sp), float(v_dpo), rtol=1e-6)
+  for x, y in zip(g_sp, g_dpo):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-8)
+
+
+def test_hdpo_with_eta_one_is_dpo_and_rdpo_with_zero_length_coef_is_dpo():
+  a, b = _random_side(jax.random.PRNGKey(8)), _random_side(jax.random.PRNGKey(9))
+  sa, sb = _stats(*a), _stats(*b)
+  want = float(losses.mi_dpo_loss(sa, sb, "dpo").loss)
+  for prior in (priors.make_prior("hdpo", eta=1.0), priors.make_prior("rdpo", length_coef=0.0)):
+    np.testing.assert_allclose(float(losses.mi_dpo_loss(sa, sb, prior).loss), want, rtol=1e-6)
+
+
+def test_simpo_needs_no_reference_at_all():
+  a = _random_side(jax.random.PRNGKey(10), with_ref=False)
+  b = _random_side(jax.random.PRNGKey(11), with_ref=False)
+  sa, sb = _stats(*a), _stats(*b)
+  assert sa.ref_logps is None
+  out = losses.mi_dpo_loss(sa, sb, "simpo", losses.LossConfig(alpha=2.0))
+  assert np.isfinite(float(out.loss))
+  assert not priors.make_prior("simpo").uses_reference
+  with pytest.raises(ValueError, match=r"prior 'dpo' needs SequenceStats.ref_logps"):
+    losses.mi_dpo_loss(sa, sb, "dpo")
+
+
+def test_metrics_use_the_names_users_compare():
+  a, b = _random_side(jax.random.PRNGKey(12)), _random_side(jax.random.PRNGKey(13))
+  out = losses.mi_dpo_loss(_stats(*a), _stats(*b), "dpo", losses.LossConfig(alpha=0.1))
+  for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+              "logps/chosen", "logps/rejected", "prior/log_zeta_chosen", "kl/chosen",
+              "kl/rejected", "lengths/chosen", "lengths/rejected"):
+    assert key in out.metrics, key
+  m = out.metrics
+  np.testing.assert_allclose(float(m["rewards/margins"]),
+                             float(m["rewards/chosen"] - m["rewards/rejected"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m["rewards/margins"]), float(jnp.mean(out.logits)), rtol=1e-5)
+  # For DPO, log zeta is the reference log-likelihood.
+  sa = _stats(*a)
+  np.testing.assert_allclose(float(m["prior/log_zeta_chosen"]),
+                             float(jnp.mean(jnp.sum(sa.ref_logps, -1))), rtol=1e-5)
+
+
+def test_sparsepo_reports_mask_sparsity():
+  a, b = _random_side(jax.random.PRNGKey(14)), _random_side(jax.random.PRNGKey(15))
+  half = a[3] * (jnp.arange(T)[None] % 2)
+  sa = _stats(*a, mask_reward=half, mask_kl=a[3])
+  sb = _stats(*b, mask_reward=b[3], mask_kl=b[3])
+  out = losses.mi_dpo_loss(sa, sb, priors.make_prior("sparsepo", mask_source="given"))
+  frac = float(out.metrics["prior/mask_reward_zero_frac_chosen"])
+  want = float(jnp.mean(jnp.sum((a[3] > 0) & (half == 0), -1) / jnp.sum(a[3], -1)))
+  np.testing.assert_allclose(frac, want, rtol=1e-6)
+  assert float(out.metrics["prior/mask_reward_zero_frac_rejected"]) == 0.0
+
+
+# ------------------------------- errors ------------------------------------
+
+
+def test_empty_response_is_a_clear_error_eagerly_and_counted_under_jit():
+  a, b = _random_side(jax.random.PRNGKey(16)), _random_side(jax.random.PRNGKey(17))
+  empty_mask = b[3].at[2].set(0.0)
+  sa, sb = _stats(*a), _stats(b[0], b[1], b[2], empty_mask)
+  with pytest.raises(ValueError, match=r"1 rejected response\(s\) have no real tokens.*pair 2"):
+    losses.mi_dpo_loss(sa, sb, "dpo")
+  with pytest.raises(ValueError, match=r"length-normalised prior"):
+    losses.mi_dpo_loss(sa, sb, "simpo")
+  out = jax.jit(lambda x, y: losses.mi_dpo_loss(x, y, "simpo"))(sa, sb)
+  assert int(out.metrics["invalid/empty_responses"]) == 1
+  assert np.all(np.isfinite(np.asarray(out.per_pair)))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(alpha=0.0), r"LossConfig.alpha: must be a finite number > 0"),
+    (dict(alpha=-1.0), r"LossConfig.alpha"),
+    (dict(alpha=float("nan")), r"LossConfig.alpha"),
+    (dict(label_smoothing=-0.1), r"LossConfig.label_smoothing: must be in \[0, 0.5\]"),
+    (dict(label_smoothing=0.6), r"LossConfig.label_smoothing"),
+    (dict(link="robust", label_smoothing=0.5), r"label_smoothing: must be in \[0, 0.5\)"),
+    (dict(link="hinge", label_smoothing=0.1), r"not defined for the hinge link"),
+    (dict(link="nope"), r"LossConfig.link: must be one of"),
+    (dict(nll_weight=-1.0), r"LossConfig.nll_weight"),
+    (dict(nll_normalization="pair"), r"LossConfig.nll_normalization"),
+])
+def test_bad_loss_config_names_the_key(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    losses.LossConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name,hp,match", [
+    ("nope", {}, r"unknown prior 'nope'; registered priors: dice, dpo, hdpo"),
+    ("simpo", dict(beta=2.0), r"prior 'simpo' has no hyperparameter\(s\) \['beta'\]"),
+    ("hdpo", dict(eta=0.0), r"prior 'hdpo': eta must be > 0"),
+    ("tdpo", dict(version=3), r"prior 'tdpo': version must be 1 or 2"),
+    ("tdpo", dict(version=1, kl_coef=0.3), r"kl_coef only applies to version=2"),
+    ("tis_dpo", dict(kl_coef=-1.0), r"prior 'tis_dpo': kl_coef must be >= 0"),
+    ("sparsepo", dict(mask_source="x"), r"mask_source must be 'head' or 'given'"),
+    ("sparsepo", dict(mask_dropout=1.0), r"mask_dropout must be in \[0, 1\)"),
+])
+def test_bad_prior_names_the_hyperparameter(name, hp, match):
+  with pytest.raises(ValueError, match=match):
+    priors.make_prior(name, **hp)
+
+
+def test_unknown_prior_name_in_the_loss_is_an_error():
+  a, b = _random_side(jax.random.PRNGKey(18)), _random_side(jax.random.PRNGKey(19))
+  with pytest.raises(ValueError, match="unknown prior 'dpoo'"):
+    losses.mi_dpo_loss(_stats(*a), _stats(*b), "dpoo")
+
+
+def test_mismatched_shapes_are_named():
+  a, b = _random_side(jax.random.PRNGKey(20)), _random_side(jax.random.PRNGKey(21))
+  sa, sb = _stats(*a), _stats(*b)
+  with pytest.raises(ValueError, match=r"chosen.mask shape \(4, 5\) != chosen.logps shape"):
+    losses.mi_dpo_loss(dataclasses.replace(sa, mask=sa.mask[:, :5]), sb, "dpo")
+  with pytest.raises(ValueError, match=r"rejected.ref_logps has shape \(4, 3\); expected"):
+    losses.mi_dpo_loss(sa, dataclasses.replace(sb, ref_logps=sb.ref_logps[:, :3]), "dpo")
+  with pytest.raises(ValueError, match=r"batch sizes differ: 4 vs 3"):
+    losses.mi_dpo_loss(sa, jax.tree.map(lambda x: x[:3], sb), "dpo")
+  with pytest.raises(ValueError, match=r"targets shape \(4, 5\) does not match logits"):
+    stats.token_stats(a[0], a[2][:, :5], a[3])
+  with pytest.raises(ValueError, match=r"needs SequenceStats.prev_logps for the chosen"):
+    losses.mi_dpo_loss(sa, sb, "dice")
+  with pytest.raises(ValueError, match=r"has parameters: pass prior_params"):
+    hid = jnp.zeros((B, T, 2, 4))
+    losses.mi_dpo_loss(dataclasses.replace(sa, ref_hidden=hid),
+                       dataclasses.replace(sb, ref_hidden=hid), "sparsepo")
+
+
+def test_out_of_vocabulary_targets_are_reported_on_the_host():
+  targets = np.zeros((2, 3), np.int32)
+  mask = np.ones((2, 3))
+  stats.validate_targets(targets, mask, V)
+  targets[1, 2] = V
+  with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 9\); first at row 1, position 2"):
+    stats.validate_targets(targets, mask, V)
+  mask[1, 2] = 0  # on padding, anything goes
+  stats.validate_targets(targets, mask, V)
+
+
+def test_non_finite_statistics_on_real_tokens_are_reported():
+  a, b = _random_side(jax.random.PRNGKey(22)), _random_side(jax.random.PRNGKey(23))
+  sa, sb = _stats(*a), _stats(*b)
+  bad = sa.ref_logps.at[0, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match=r"chosen.ref_logps is not finite on a real token: pair 0"):
+    losses.mi_dpo_loss(dataclasses.replace(sa, ref_logps=bad), sb, "dpo")
+
+
+# ------------------------- TIS-DPO weight transforms -------------------------
+
+
+def test_tis_weight_transforms():
+  raw = jnp.array([[-3.0, -1.0, 0.0, 0.5, 2.5, 9.0]])
+  mask = jnp.array([[1, 1, 1, 1, 1, 0]], jnp.float32)
+  w = lambda t, **k: np.asarray(token_weights.tis_weights(raw, mask, t, **k))[0]
+  np.testing.assert_allclose(w("rank_based"), [0.7, 0.85, 1.0, 1.15, 1.3, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(w("threshold_and_scale"), [0.7, 0.8, 1.0, 1.1, 1.3, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(w("aggressive"), [0.5, 0.75, 1.0, 1.125, 1.5, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(w("binary"), [0.7, 0.7, 0.7, 1.3, 1.3, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(w("exponential", k=2.0, mu=0.5, lower=-1.0, upper=2.0),
+                             (2 * np.exp(0.5 * np.array([-1.0, -1.0, 0.0, 0.5, 2.0]))).tolist() + [0.0],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown TIS-DPO weight transform"):
+    token_weights.tis_weights(raw, mask, "softmax")
+
+
+def test_tis_contrastive_scores_flip_sign_on_rejected():
+  lp_plus = jnp.array([[-1.0, -2.0]])
+  lp_minus = jnp.array([[-1.5, -1.0]])
+  mask = jnp.ones((1, 2))
+  np.testing.assert_allclose(
+      np.asarray(token_weights.contrastive_scores(lp_plus, lp_minus, mask, "chosen")), [[0.5, -1.0]])
+  np.testing.assert_allclose(
+      np.asarray(token_weights.contrastive_scores(lp_plus, lp_minus, mask, "rejected")), [[-0.5, 1.0]])
