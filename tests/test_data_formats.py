@@ -97,9 +97,9 @@ def test_hh_rlhf_shared_prefix(tmp_path):
 
 
 def test_hh_split_function():
-    p, c, r = formats.split_hh_transcripts("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
-                                           "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: e")
-    assert (p, c, r) == ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", " d", " e")
+    head = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
+    p, c, r = formats.split_hh_transcripts(head + " d", head + " e")
+    assert (p, c, r) == (head, " d", " e")
 
 
 def _msgs(*pairs):

@@ -51,6 +51,8 @@ def test_same_seed_same_examples_different_seed_differs(tmp_path):
 
 def test_reward_decomposes_and_examples_carry_it(tmp_path):
     b = tfds_builders.synthetic_builder(str(tmp_path), seed=1, **SMALL)
+    # The prompts a sampler would use are the split's prompts, by generation index.
+    assert [e["prompt"] for e in _examples(b, "train")] == synthetic.prompts(1, "train", 60)
     for e in _examples(b, "train"):
         for side in ("chosen", "rejected"):
             tr = e[f"{side}_token_rewards"]

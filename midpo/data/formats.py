@@ -24,7 +24,9 @@ tokenizer's chat template at tokenisation time (``pipeline.py``), so one built d
 tokenizer.
 
 File types by extension: ``.jsonl`` (one object a line; blank lines are counted as the note
-``blank_lines`` and are not rows), ``.json`` (a list of objects), ``.parquet`` (pyarrow).
+``blank_lines`` and are not rows; a line that is not UTF-8 JSON is the bad row
+``undecodable_line``), ``.json`` (a list of objects; a file that does not parse as a whole is an
+error, since its rows cannot be counted), ``.parquet`` (pyarrow, imported only for Parquet).
 """
 
 from __future__ import annotations
@@ -249,7 +251,8 @@ def parse_ultrafeedback(row: Any) -> Pair:
     score_c, score_r = _score(row, "score_chosen"), _score(row, "score_rejected")
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
         if not msgs or msgs[-1]["role"] != "assistant":
-            raise BadRow(report_lib.MALFORMED_MESSAGES, f"{name} does not end with an assistant turn")
+            raise BadRow(report_lib.MALFORMED_MESSAGES,
+                         f"{name} does not end with an assistant turn")
     if chosen[:-1] != rejected[:-1]:
         raise BadRow(report_lib.MALFORMED_MESSAGES, "chosen and rejected prompts differ")
     prompt = chosen[:-1]
@@ -272,7 +275,7 @@ PARSERS = {
 def iter_pairs(
     fmt: str, paths: list[str], report: report_lib.BadRowReport
 ) -> Iterator[tuple[str, int, Pair]]:
-    """Yields ``(file, line, pair)`` for the good rows of ``paths``; counts the rest in ``report``."""
+    """Yields ``(file, line, pair)`` for the good rows of ``paths``; counts the rest."""
     if fmt not in PARSERS:
         raise ValueError(f"config.data.files.format must be one of {FORMATS}, got {fmt!r}")
     parse = PARSERS[fmt]

@@ -21,7 +21,9 @@ Batch layout (numpy; ``B = batch_size`` pairs per process, ``T`` the batch's len
 ``mode='sft'`` gives ``tokens``, ``attention_mask``, ``response_mask`` (and ``pair_index``,
 ``reward``/``score``, ``token_weights``) of shape ``[B, T]``, with the chosen response only.
 
-Tokenisation. ``tokenizer.encode(text)`` must return the text's ids without BOS/EOS; the pipeline
+Tokenisation. The prompt and each response are encoded separately (as TRL does), so a row's
+tokens are exactly the prompt's tokens followed by the response's.
+``tokenizer.encode(text)`` must return the text's ids without BOS/EOS; the pipeline
 adds ``bos_id`` before the prompt (``add_bos``) and ``eos_id`` after each response
 (``add_eos``). If the encoded prompt already starts with ``bos_id`` (a chat template that writes
 the BOS text) and ``add_bos`` is on, that is an error: set ``add_bos=False``. Message-list pairs
@@ -356,7 +358,8 @@ class PreferenceBatchIterator:
 
     def __init__(self, pairs: TokenizedPairs, *, batch_size: int, max_length: int, pad_id: int,
                  seed: int = 0, shuffle: bool = True, bucket_window: int = 32,
-                 pad_to_multiple: int = 1, num_buckets: int = 8, num_epochs: int = 0, mode: str = "pairs",
+                 pad_to_multiple: int = 1, num_buckets: int = 8, num_epochs: int = 0,
+                 mode: str = "pairs",
                  process_index: int = 0, process_count: int = 1):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -431,7 +434,11 @@ class PreferenceBatchIterator:
     # -- state ------------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:
-        """JSON-able position: the next batch is batch ``batch_index`` of epoch ``epoch``."""
+        """JSON-able position: the next batch is batch ``batch_index`` of epoch ``epoch``.
+
+        Each process has its own state (the fingerprint includes the process index); save one
+        per process with the model checkpoint and give each back to its own process.
+        """
         return {"version": STATE_VERSION, "epoch": self._epoch, "batch_index": self._batch,
                 "fingerprint": self._fingerprint}
 
@@ -568,13 +575,15 @@ def make_iterator(c, tokenizer: Tokenizer, split: str, workdir: str | None,
     it = PreferenceBatchIterator(
         pairs, batch_size=c.batch_size, max_length=c.max_length, pad_id=tokenizer.pad_id,
         seed=c.seed, shuffle=c.shuffle, bucket_window=c.bucket_window,
-        pad_to_multiple=c.pad_to_multiple, num_buckets=c.num_buckets, num_epochs=c.num_epochs, mode=mode,
+        pad_to_multiple=c.pad_to_multiple, num_buckets=c.num_buckets, num_epochs=c.num_epochs,
+        mode=mode,
         process_index=process_index, process_count=process_count)
     if workdir is not None:
         tok_rep = rep.to_dict()
+        first = int(indices[0]) if len(indices) else 0
         tok_rep["shard"] = {"process_index": process_index, "process_count": process_count,
-                            "rows_in_split": len(source), "first": int(indices[0]) if len(
-                                indices) else 0, "stop": int(indices[-1]) + 1 if len(indices) else 0}
+                            "rows_in_split": len(source), "first": first,
+                            "stop": first + len(indices)}
         it.report_path = report_lib.write_data_report(
             workdir, {f"{split}/build": build_rep, f"{split}/tokenize": tok_rep},
             batches=it.stats(), process_index=process_index, process_count=process_count)

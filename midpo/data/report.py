@@ -46,9 +46,12 @@ NON_NUMERIC_SCORE = "non_numeric_score"  # a score field is present but not a fi
 PROMPT_ONLY = "prompt_only"  # the row has a prompt and no response field at all
 EMPTY_RESPONSE = "empty_response"  # chosen or rejected is empty (or whitespace only)
 IDENTICAL_RESPONSES = "identical_responses"  # chosen equals rejected
-MALFORMED_TRANSCRIPT = "malformed_transcript"  # HH: no shared prefix ending at the last Assistant turn
-MALFORMED_MESSAGES = "malformed_messages"  # message lists: not a list of {role, content}, no shared prompt
-TEMPLATE_MISMATCH = "template_mismatch"  # chat template of the prompt is not a prefix of prompt+response
+# HH: the transcripts do not share everything up to their last Assistant turn (or have none).
+MALFORMED_TRANSCRIPT = "malformed_transcript"
+# Message lists: not a list of {role, content}, or no shared prompt before the replies.
+MALFORMED_MESSAGES = "malformed_messages"
+# The chat template's rendering of the prompt is not a prefix of its prompt+response rendering.
+TEMPLATE_MISMATCH = "template_mismatch"
 OVER_LENGTH = "over_length"  # a response does not fit max_length even with an empty prompt
 
 REASONS = (

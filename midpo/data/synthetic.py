@@ -326,6 +326,12 @@ def sample_response(prompt: str, rng: np.random.Generator, p_positive: float = 0
     return _Generator(prompt, rng, p_positive).response()
 
 
+def prompts(seed: int, split: str, n: int, start: int = 0) -> list[str]:
+    """The prompts of examples ``start .. start+n-1`` (by ``index``) of ``split``, e.g. to sample
+    responses to the 'train' prompts from a model and regenerate pairs from them."""
+    return [sample_prompt(example_rng(seed, split, i)) for i in range(start, start + n)]
+
+
 def sft_example(seed: int, index: int, best_of: int) -> tuple[str, str]:
     """(prompt, demonstration): the best of ``best_of`` base responses under ``r*``."""
     rng = example_rng(seed, "sft", index)
