@@ -64,7 +64,7 @@ def test_every_bad_row_counted_in_data_report(tmp_path):
     c = _config(tmp_path, "trl_standard", str(path))
     it = pipeline.make_iterator(c, ByteTokenizer(), "train", str(tmp_path / "work"))
     rep = json.loads((tmp_path / "work" / "data_report.json").read_text())
-    build, tok = rep["stages"]["train/build"], rep["stages"]["train/tokenize"]
+    build, tok = rep["stages"]["train/build"], rep["stages"]["train/tokenize/pairs"]
     assert build["rows_read"] == 13 and build["rows_kept"] == 4
     assert build["bad_rows"] == {"undecodable_line": 3, "missing_field": 2,
                                  "non_string_field": 1, "empty_response": 1,
@@ -83,7 +83,7 @@ def test_every_bad_row_counted_in_data_report(tmp_path):
                                      "identical_responses": 1, "prompt_only": 1,
                                      "over_length": 1}
     # Nothing lost: 13 rows = 3 in batches + 10 counted.
-    assert rep["batches"]["pairs"] == 3 and len(it.pairs) == 3
+    assert rep["batches"]["train/pairs"]["pairs"] == 3 and len(it.pairs) == 3
     # The truncated prompt kept its end (left truncation), the response is whole.
     k = next(j for j, p in enumerate(it.pairs.prompt) if len(p) > 20)
     tk = ByteTokenizer()
@@ -97,7 +97,7 @@ def test_truncate_responses_switch(tmp_path):
     c = _config(tmp_path, "trl_standard", str(path), truncate_responses=True, max_prompt_length=8)
     it = pipeline.make_iterator(c, ByteTokenizer(), "train", str(tmp_path / "work"))
     tok = json.loads((tmp_path / "work" / "data_report.json").read_text())[
-        "stages"]["train/tokenize"]
+        "stages"]["train/tokenize/pairs"]
     assert tok["rows_kept"] == 4 and tok["bad_rows"] == {}
     assert tok["notes"] == {"response_truncated": 1, "prompt_truncated": 1}
     k = [len(x) for x in it.pairs.chosen].index(max(len(x) for x in it.pairs.chosen))

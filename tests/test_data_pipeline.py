@@ -84,7 +84,7 @@ def test_oracle_weights_favour_good_chosen_and_bad_rejected_tokens():
 
 def test_real_token_fraction_reported_and_at_least_0_8(cfg, tmp_path):
     it = pipeline.make_iterator(cfg, TOK, "train", str(tmp_path))
-    rep = json.loads((tmp_path / "data_report.json").read_text())["batches"]
+    rep = json.loads((tmp_path / "data_report.json").read_text())["batches"]["train/pairs"]
     # Measured on the batches themselves, one whole epoch.
     batches = [next(it) for _ in range(it.batches_per_epoch)]
     real = sum(int(x["attention_mask"].sum()) for x in batches)
@@ -185,13 +185,19 @@ def test_processes_read_only_their_share_and_cover_the_split(cfg, tmp_path):
         batch_ids = {int(i) for _ in range(it.batches_per_epoch) for i in next(it)["pair_index"]}
         assert batch_ids <= seen[-1]
         rep = json.loads((tmp_path / report_lib.data_report_filename(p, 3)).read_text())
-        assert rep["process_index"] == p and rep["stages"]["train/tokenize"]["rows_read"] == 400
+        assert rep["process_index"] == p and rep["stages"]["train/tokenize/pairs"]["rows_read"] == 400
     assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
     assert seen[0] | seen[1] | seen[2] == set(range(len(src)))
 
 
-def test_sft_mode(cfg):
-    it = pipeline.make_iterator(cfg, TOK, "sft", None, mode="sft")
+def test_sft_mode(cfg, tmp_path):
+    pipeline.make_iterator(cfg, TOK, "train", str(tmp_path))
+    it = pipeline.make_iterator(cfg, TOK, "sft", str(tmp_path), mode="sft")
+    rep = json.loads((tmp_path / "data_report.json").read_text())
+    # One report for the run: the second split is added, not written over the first.
+    assert set(rep["stages"]) == {"train/build", "train/tokenize/pairs", "sft/build",
+                                  "sft/tokenize/sft"}
+    assert set(rep["batches"]) == {"train/pairs", "sft/sft"}
     src = _source(cfg, "sft")
     batch = next(it)
     b = cfg.batch_size

@@ -585,6 +585,7 @@ def make_iterator(c, tokenizer: Tokenizer, split: str, workdir: str | None,
                             "rows_in_split": len(source), "first": first,
                             "stop": first + len(indices)}
         it.report_path = report_lib.write_data_report(
-            workdir, {f"{split}/build": build_rep, f"{split}/tokenize": tok_rep},
-            batches=it.stats(), process_index=process_index, process_count=process_count)
+            workdir, {f"{split}/build": build_rep, f"{split}/tokenize/{mode}": tok_rep},
+            batches={f"{split}/{mode}": it.stats()}, process_index=process_index,
+            process_count=process_count)
     return it

@@ -14,11 +14,14 @@ raises :class:`BadRowError` at the first bad row, naming file, line and reason.
       "schema_version": 1,
       "process_index": int, "process_count": int,
       "stages": {
-        "<split>/build": STAGE, "<split>/tokenize": STAGE, ...
+        "<split>/build": STAGE,                  # parsing files / generating (whole split)
+        "<split>/tokenize/<mode>": STAGE, ...    # this process's share; mode 'pairs' or 'sft'
       },
       "bad_rows_total": {reason: int, ...},      # summed over stages
-      "batches": {...}                           # iterator statistics (see pipeline.py)
+      "batches": {"<split>/<mode>": BATCHES, ...}
     }
+    BATCHES = {"pairs", "batch_size", "batches_per_epoch", "dropped_pairs_per_epoch",
+               "real_token_fraction", "batch_lengths", "epoch", "mode"}   # PreferenceBatchIterator.stats
     STAGE = {
       "rows_read": int, "rows_kept": int,
       "bad_rows": {reason: int, ...},            # only reasons that occurred
@@ -167,7 +170,22 @@ def write_data_report(
     process_index: int = 0,
     process_count: int = 1,
 ) -> str:
-    """Writes the report (schema in the module docstring); returns its path."""
+    """Writes or updates the report (schema in the module docstring); returns its path.
+
+    Stages and batch statistics already in the file under other names are kept (a run that
+    loads 'train' and then 'test' has both in one report); the same names are replaced.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, data_report_filename(process_index, process_count))
+    old_stages, old_batches = {}, {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{path}: schema_version {old.get('schema_version')} != "
+                             f"{SCHEMA_VERSION}; move the old report away")
+        old_stages, old_batches = old["stages"], old["batches"]
+    stages = {**old_stages, **{k: dict(v) for k, v in stages.items()}}
     total: collections.Counter[str] = collections.Counter()
     for stage in stages.values():
         BadRowReport.from_dict(stage)  # re-checks the invariant
@@ -176,12 +194,10 @@ def write_data_report(
         "schema_version": SCHEMA_VERSION,
         "process_index": int(process_index),
         "process_count": int(process_count),
-        "stages": {k: dict(v) for k, v in stages.items()},
+        "stages": dict(sorted(stages.items())),
         "bad_rows_total": dict(sorted(total.items())),
-        "batches": dict(batches or {}),
+        "batches": dict(sorted({**old_batches, **dict(batches or {})}.items())),
     }
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, data_report_filename(process_index, process_count))
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, sort_keys=True)
