@@ -169,3 +169,26 @@ def test_pairs_from_model_samples(tmp_path):
     rep = tfds_builders.build_report(b_all, "train")
     assert rep["rows_kept"] == 3 + 2 + 3
     assert rep["bad_rows"][report_lib.EMPTY_RESPONSE] == 3
+
+
+def test_default_sized_config_is_accepted(tmp_path):
+    # A hash-named config with default fields must not clash with the registered one.
+    cfg = tfds_builders.synthetic_config()
+    b = tfds_builders.SyntheticPreferences(config=cfg, data_dir=str(tmp_path),
+                                           file_format=tfds_builders.FILE_FORMAT)
+    assert b.builder_config.name == cfg.name != "default"
+    assert not b.is_prepared()
+
+
+def test_responses_follow_the_prompt_domain():
+    # Something for a model to learn from the prompt: most nouns are of the topic's domain.
+    same = total = 0
+    for i in range(300):
+        rng = synthetic.example_rng(0, "train", i)
+        prompt = synthetic.sample_prompt(rng)
+        dom = synthetic.prompt_domain(prompt)
+        nouns = [w for w in synthetic.sample_response(prompt, rng).split()
+                 if w in synthetic.NOUN_DOMAIN]
+        same += sum(synthetic.NOUN_DOMAIN[w] == dom for w in nouns)
+        total += len(nouns)
+    assert 0.85 < same / total < 0.95

@@ -149,7 +149,8 @@ class SyntheticPreferences(tfds.core.GeneratorBasedBuilder):
     name = "midpo_synthetic"
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First version."}
-    BUILDER_CONFIGS = [synthetic_config()]
+    # Configs made by synthetic_config() are hash-named and never collide with this one.
+    BUILDER_CONFIGS = [SyntheticConfig(name="default")]
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
