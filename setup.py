@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
+    # Parquet preference files (midpo.data imports it only for those).
+    "pyarrow==26.0.1",
 ]
 
 TEST_REQUIRES = [
@@ -31,6 +33,7 @@ TEST_REQUIRES = [
     "torch==2.13.0",
     "transformers==5.24.0",
     "trl==1.16.0",
+    "Jinja2==3.1.6",
 ]
 
 setuptools.setup(
