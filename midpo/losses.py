@@ -9,13 +9,14 @@ prior (``midpo.priors``) gives ``s``; the link and the regularisers are options
 orthogonal to the prior, as TRL users expect them:
 
 * ``sigmoid``: ``-(1-eps) log s(z) - eps log s(-z)`` (DPO; with
-  ``label_smoothing = eps > 0`` the conservative DPO of Mitchell 2023, as in
+  ``label_smoothing = eps > 0`` conservative DPO (cDPO), as in
   TRL's CPO trainer and older DPO trainers). ``eps`` in ``[0, 0.5]``.
 * ``robust``: ``(-(1-eps) log s(z) + eps log s(-z)) / (1 - 2 eps)`` (robust
-  DPO, Chowdhury et al. 2024; TRL ``loss_type="robust"``). ``eps`` in ``[0, 0.5)``.
+  DPO, "Provably Robust DPO", 2024; TRL ``loss_type="robust"``). ``eps`` in ``[0, 0.5)``.
 * ``hinge``: ``relu(1 - z)`` (SLiC; TRL ``hinge``).
 * ``ipo``: ``(s_w/|y_w| - s_l/|y_l| - 1/(2 alpha))^2`` on length-normalised
-  scores, as TRL's ``ipo`` (Azar et al. 2023, normalised as its authors advised TRL).
+  scores, as TRL's ``ipo`` (IPO, "A General Theoretical Paradigm to Understand
+  Learning from Human Preferences", 2023).
 * ``nll_weight``: adds ``nll_weight * NLL`` of the chosen response (RPO,
   SimPO's ``sft_weight``); ``nll_normalization="token"`` averages over all
   chosen tokens of the batch (TRL), ``"sequence"`` averages per response then

@@ -141,7 +141,7 @@ class Prior:
 @register_prior
 @dataclasses.dataclass(frozen=True)
 class DPO(Prior):
-  """DPO (Rafailov et al. 2023): ``log zeta = LR``; ``s = LP - LR``."""
+  """DPO ("Direct Preference Optimization", 2023): ``log zeta = LR``; ``s = LP - LR``."""
   name: ClassVar[str] = "dpo"
   requires: ClassVar[tuple[str, ...]] = ("ref_logps",)
 
@@ -152,7 +152,7 @@ class DPO(Prior):
 @register_prior
 @dataclasses.dataclass(frozen=True)
 class DICE(Prior):
-  """DICE (Chen et al. 2024): the previous round's policy is the prior.
+  """DICE ("Bootstrapping Language Models with DPO Implicit Rewards", 2024): the previous round's policy is the prior.
 
   ``log zeta = LP_prev``; ``s = LP - LP_prev``. The rounds themselves (sampling
   from the previous policy, implicit-reward labelling) live in the trainer.
@@ -167,7 +167,7 @@ class DICE(Prior):
 @register_prior
 @dataclasses.dataclass(frozen=True)
 class HDPO(Prior):
-  """Entropy-controllable DPO (Omura et al. 2024).
+  """H-DPO ("Entropy Controllable Direct Preference Optimization", 2024).
 
   ``log zeta = LR + (1 - eta) LP`` with the gradient flowing through ``LP``;
   ``s = eta LP - LR``. ``eta < 1`` sharpens the policy; ``eta = 1`` is DPO.
@@ -186,7 +186,7 @@ class HDPO(Prior):
 @register_prior
 @dataclasses.dataclass(frozen=True)
 class RDPO(Prior):
-  """R-DPO (Park et al. 2024): DPO with a length regulariser.
+  """R-DPO ("Disentangling Length from Quality in DPO", 2024): DPO with a length regulariser.
 
   ``log zeta = LR - lam |y|`` with ``lam = length_coef / alpha``, so the logit
   is DPO's plus ``length_coef * (|y_w| - |y_l|)``; ``length_coef`` is the
@@ -208,7 +208,7 @@ class RDPO(Prior):
 @register_prior
 @dataclasses.dataclass(frozen=True)
 class SimPO(Prior):
-  """SimPO (Meng et al. 2024): length-normalised, reference-free, with a margin.
+  """SimPO ("Simple Preference Optimization with a Reference-Free Reward", 2024): length-normalised, reference-free, with a margin.
 
   Role-dependent: ``log zeta = (1 - 1/|y|) LP + b``, ``b = +gamma/(2 alpha)``
   for the chosen and ``-gamma/(2 alpha)`` for the rejected response, so
@@ -233,7 +233,7 @@ class SimPO(Prior):
 @register_prior
 @dataclasses.dataclass(frozen=True)
 class TDPO(Prior):
-  """TDPO (Zeng et al. 2024), token-level DPO with the sequential KL.
+  """TDPO ("Token-level Direct Preference Optimization", 2024) with the sequential KL.
 
   ``log zeta = LR - c d`` with ``d = sum m KL(ref||policy)``:
 
@@ -272,7 +272,7 @@ class TDPO(Prior):
 @register_prior
 @dataclasses.dataclass(frozen=True)
 class TISDPO(Prior):
-  """TIS-DPO (Liu et al. 2024): token-importance-weighted DPO.
+  """TIS-DPO ("Token-level Importance Sampling for DPO", 2024).
 
   ``log zeta = LP - sum m w (lp - lr) + c sum m w KLp`` with ``c = kl_coef``
   when ``token_level`` (official default off) and 0 otherwise; so
@@ -359,7 +359,7 @@ def apply_mask_head(params: dict, hidden_BxTxLxD: Array, *, dropout: float = 0.0
 @register_prior
 @dataclasses.dataclass(frozen=True)
 class SparsePO(Prior):
-  """SparsePO (Christopoulou et al. 2024): learned token masks on reward and KL.
+  """SparsePO ("Controlling Preference Alignment of LLMs via Sparse Token Masks", 2024): learned token masks on reward and KL.
 
   ``log zeta = LP - sum m mu_r (lp - lr) - kl_coef sum m mu_k KL(ref||policy)``,
   so ``s = U + kl_coef K`` with ``U = sum m mu_r (lp - lr)`` and

@@ -37,7 +37,7 @@ def seq_logps(logits, tgt, mask):
 
 
 def dpo(b, beta, label_smoothing=0.0):
-  """Rafailov et al.; conservative DPO with label smoothing."""
+  """DPO; conservative DPO with label smoothing."""
   pi = seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["pol_l"], b["tgt_l"], b["m_l"])
   ref = seq_logps(b["ref_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["ref_l"], b["tgt_l"], b["m_l"])
   logits = pi - ref
@@ -46,7 +46,7 @@ def dpo(b, beta, label_smoothing=0.0):
 
 
 def robust_dpo(b, beta, eps):
-  """Chowdhury et al. 2024, as TRL's ``robust`` loss."""
+  """Robust DPO, as TRL's ``robust`` loss."""
   logits = ((seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["ref_w"], b["tgt_w"], b["m_w"]))
             - (seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["ref_l"], b["tgt_l"], b["m_l"])))
   return (-(1 - eps) * log_sigmoid(beta * logits) + eps * log_sigmoid(-beta * logits)) / (1 - 2 * eps)
@@ -59,7 +59,7 @@ def hinge(b, beta):
 
 
 def ipo(b, beta):
-  """Azar et al., on per-token-averaged log-ratios (TRL's normalisation)."""
+  """IPO, on per-token-averaged log-ratios (TRL's normalisation)."""
   cw = (seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["ref_w"], b["tgt_w"], b["m_w"])) / b["m_w"].sum(-1)
   cl = (seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["ref_l"], b["tgt_l"], b["m_l"])) / b["m_l"].sum(-1)
   return (cw - cl - 1 / (2 * beta)) ** 2
@@ -73,21 +73,21 @@ def rpo(b, beta, rpo_alpha):
 
 
 def dice(b, beta):
-  """Chen et al.: DPO with the previous round's policy as the reference."""
+  """DICE: DPO with the previous round's policy as the reference."""
   logits = ((seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["prev_w"], b["tgt_w"], b["m_w"]))
             - (seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["prev_l"], b["tgt_l"], b["m_l"])))
   return -log_sigmoid(beta * logits)
 
 
 def hdpo(b, beta, eta):
-  """Omura et al.: the policy log-likelihood scaled by eta inside DPO's ratio."""
+  """H-DPO: the policy log-likelihood scaled by eta inside DPO's ratio."""
   hw = eta * seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["ref_w"], b["tgt_w"], b["m_w"])
   hl = eta * seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["ref_l"], b["tgt_l"], b["m_l"])
   return -log_sigmoid(beta * (hw - hl))
 
 
 def rdpo(b, beta, alpha):
-  """Park et al.: beta * log-ratio margin + alpha (|y_w| - |y_l|)."""
+  """R-DPO: beta * log-ratio margin + alpha (|y_w| - |y_l|)."""
   ratio_w = seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["ref_w"], b["tgt_w"], b["m_w"])
   ratio_l = seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["ref_l"], b["tgt_l"], b["m_l"])
   return -log_sigmoid(beta * ratio_w - beta * ratio_l + (alpha * b["m_w"].sum(-1) - alpha * b["m_l"].sum(-1)))
@@ -112,7 +112,7 @@ def _tdpo_side(pol, ref, tgt, m):
 
 
 def tdpo(b, beta, alpha=0.5, tdpo2=True):
-  """Zeng et al., ``trainers.py::tdpo_loss`` (TDPO1 and TDPO2)."""
+  """TDPO, the authors' ``trainers.py::tdpo_loss`` (TDPO1 and TDPO2)."""
   mw, kw = _tdpo_side(b["pol_w"], b["ref_w"], b["tgt_w"], b["m_w"])
   ml, kl = _tdpo_side(b["pol_l"], b["ref_l"], b["tgt_l"], b["m_l"])
   if tdpo2:
@@ -132,7 +132,7 @@ def _tis_side(pol, ref, tgt, m, w):
 
 
 def tisdpo(b, beta, alpha=0.5, token_level=False):
-  """Liu et al., ``trainers.py::tisdpo_loss`` on weighted token margins."""
+  """TIS-DPO, the authors' ``trainers.py::tisdpo_loss`` on weighted token margins."""
   mw, kw = _tis_side(b["pol_w"], b["ref_w"], b["tgt_w"], b["m_w"], b["wt_w"])
   ml, kl = _tis_side(b["pol_l"], b["ref_l"], b["tgt_l"], b["m_l"], b["wt_l"])
   logits = mw - ml
@@ -142,7 +142,7 @@ def tisdpo(b, beta, alpha=0.5, token_level=False):
 
 
 def sparsepo(b, beta, l1_u=0.0, l1_d=0.0):
-  """Christopoulou et al., huawei-noah/HEBO ``SparseTrainer.get_batch_loss_metrics``.
+  """SparsePO, huawei-noah/HEBO ``SparseTrainer.get_batch_loss_metrics``.
 
   Note the released code's ``token_kl`` is ``sum_v p_ref (log p - log p_ref)``,
   i.e. minus ``KL(ref||policy)``, and the loss is ``-log s(beta (u - d))``.
