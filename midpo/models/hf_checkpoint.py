@@ -353,7 +353,10 @@ def load_hf_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
   state = jax.tree.map_with_path(load, abs_state, shardings)
-  return nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, state)
+  if mesh is not None:
+    model.activation_sharding = (mesh, tuple(rules))
+  return model
 
 
 # ---------------------------------------------------------------------------

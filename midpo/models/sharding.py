@@ -37,6 +37,14 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    # Activations (constrained inside the forward pass once the model is on a
+    # mesh): batch over data+fsdp as above, weights gathered (FSDP), heads,
+    # MLP and vocab split over 'tensor'.
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
 
 
@@ -112,6 +120,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> 
   state = nnx.state(model)
   state = jax.device_put(state, state_shardings(state, mesh, rules))
   nnx.update(model, state)
+  model.activation_sharding = (mesh, tuple(rules))
   return model
 
 
@@ -125,7 +134,9 @@ def create_sharded_model(config, mesh: Mesh, *, rules: Rules = DEFAULT_RULES, se
   graphdef, abs_state = nnx.split(nnx.eval_shape(make))
   shardings = state_shardings(abs_state, mesh, rules)
   init = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)
-  return nnx.merge(graphdef, init())
+  model = nnx.merge(graphdef, init())
+  model.activation_sharding = (mesh, tuple(rules))
+  return model
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:

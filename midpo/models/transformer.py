@@ -181,8 +181,13 @@ def _attention(c: ModelConfig, q, k, v, mask, key_lengths=None):
   return out.reshape(b, t, h, dh)
 
 
+def _no_constraint(x, names):
+  del names
+  return x
+
+
 def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_index,
-           key_lengths):
+           key_lengths, constrain=_no_constraint):
   """One decoder layer. x: [B, T, D] compute dtype. Returns (x, cache)."""
   dt = c.jnp_dtype
   w = lambda name: p[name].astype(dt)
@@ -193,6 +198,9 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
   if c.qkv_bias:
     q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
   q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+  q = constrain(q, ("batch", "length", "act_heads", None))
+  k = constrain(k, ("batch", "length", "act_kv_heads", None))
+  v = constrain(v, ("batch", "length", "act_kv_heads", None))
   if cache is not None:
     ck, cv = cache
     start = (layer_idx, 0, cache_index, 0, 0)
@@ -211,10 +219,11 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
   up = jnp.einsum("btd,df->btf", h, w("up"))
   if c.mlp_bias:
     gate, up = gate + w("gate_bias"), up + w("up_bias")
-  down = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w("down"))
+  act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+  down = jnp.einsum("btf,fd->btd", act, w("down"))
   if c.mlp_bias:
     down = down + w("down_bias")
-  return x + down, cache
+  return constrain(x + down, ("batch", "length", "act_embed")), cache
 
 
 def _remat_policy(name: str):
@@ -243,6 +252,9 @@ class Transformer(nnx.Module):
                         ("vocab", "embed"))
     self.layers = DecoderLayers(c, rngs=rngs)
     self.final_norm = _param(jnp.ones((c.hidden_size,), dtype), ("norm",))
+    # (mesh, rules) once the model is placed on a mesh (midpo.models.sharding):
+    # activations are then constrained to the rules' activation axes.
+    self.activation_sharding = None
     if c.tie_word_embeddings:
       self.lm_head = None
     else:
@@ -270,10 +282,22 @@ class Transformer(nnx.Module):
     """LM head: [..., D] hidden states -> [..., V] float32 logits."""
     dt = self.config.jnp_dtype
     if self.lm_head is None:
-      return jnp.einsum("...d,vd->...v", h.astype(dt), self.embed[...].astype(dt),
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", h.astype(dt), self.lm_head[...].astype(dt),
-                      preferred_element_type=jnp.float32)
+      logits = jnp.einsum("...d,vd->...v", h.astype(dt), self.embed[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("...d,dv->...v", h.astype(dt), self.lm_head[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+    names = ("batch",) + (None,) * (logits.ndim - 2) + ("act_vocab",)
+    return self._constrain(logits, names) if logits.ndim >= 2 else logits
+
+  def _constrain(self, x, names):
+    """Sharding constraint by logical names, when the model is on a mesh."""
+    if self.activation_sharding is None:
+      return x
+    from midpo.models.sharding import logical_to_mesh
+    mesh, rules = self.activation_sharding
+    spec = logical_to_mesh(names, rules, mesh, what="activation")
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """An empty KV cache for `max_length` slots (prompt + new tokens)."""
@@ -309,6 +333,7 @@ class Transformer(nnx.Module):
       positions = positions_from_mask(attention_mask)
 
     x = jnp.take(self.embed[...], tokens, axis=0).astype(c.jnp_dtype)
+    x = self._constrain(x, ("batch", "length", "act_embed"))
     cos, sin = _rope_tables(c, positions)
 
     if cache is None:
@@ -332,7 +357,9 @@ class Transformer(nnx.Module):
     def body(carry, xs):
       x, kv = carry
       p, i = xs
-      x, kv = _layer(c, p, x, cos, sin, mask, kv, i, cache_index, key_lengths)
+      x, kv = _layer(c, p, x, cos, sin, mask, kv, i, cache_index, key_lengths, self._constrain)
+      if kv is not None:
+        kv = tuple(self._constrain(a, ("layers", "batch", None, "act_kv_heads", None)) for a in kv)
       return (x, kv), (x if return_all else None)
 
     if c.remat != "none":
