@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",
     # Parquet preference files (midpo.data imports it only for those).
     "pyarrow==26.0.1",
+    # Chat templates of tokenizer_config.json files, rendered as transformers does.
+    "Jinja2==3.1.6",
 ]
 
 TEST_REQUIRES = [
@@ -33,7 +35,6 @@ TEST_REQUIRES = [
     "torch==2.13.0",
     "transformers==5.24.0",
     "trl==1.16.0",
-    "Jinja2==3.1.6",
 ]
 
 setuptools.setup(
