@@ -76,7 +76,14 @@ class ModelConfig:
   # `dtype`; norms, softmax and the logits are float32.
   param_dtype: str = "float32"
   dtype: str = "float32"
+  # Per-layer rematerialisation of the scanned layer body: 'none', 'full'
+  # (keep only layer inputs), 'dots' / 'dots_no_batch' (keep matmul outputs).
   remat: str = "none"
+  # 'xla': explicit masked attention (any padding, float32 softmax).
+  # 'cudnn': jax.nn.dot_product_attention(implementation='cudnn') with a causal
+  # mask and per-row key lengths, which is exact for right-padded (or
+  # unpadded) batches only, the trainer's layout; GPU, bf16/fp16 compute. The
+  # KV-cache path (generation) always uses 'xla'.
   attention_impl: str = "xla"
   # Hugging Face metadata, used by export.
   model_type: str = "llama"
