@@ -44,8 +44,20 @@ def _edit_config(path, **changes):
 
 def test_clean_checkpoint_loads(ckpt):
   model = hf_checkpoint.load_hf_checkpoint(ckpt)
-  assert model.config.replace(remat="none") == CONFIG.replace(
-      remat="none", max_position_embeddings=CONFIG.max_position_embeddings)
+  assert model.config == CONFIG
+  assert hf_checkpoint.load_hf_checkpoint(ckpt, remat="full").config.remat == "full"
+
+
+def test_export_over_an_earlier_export(tmp_path):
+  path = str(tmp_path / "out")
+  first = hf_checkpoint.save_hf_checkpoint(create_model(CONFIG, seed=1), path, max_shard_bytes=20_000)
+  assert "model.safetensors.index.json" in first
+  second = create_model(CONFIG, seed=2)
+  hf_checkpoint.save_hf_checkpoint(second, path)  # one file: the old shards must go
+  assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+  loaded = hf_checkpoint.hf_tensors(hf_checkpoint.load_hf_checkpoint(path))
+  for key, value in hf_checkpoint.hf_tensors(second).items():
+    assert loaded[key].tobytes() == value.tobytes(), key
 
 
 def test_missing_tensor(ckpt):

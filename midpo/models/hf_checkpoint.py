@@ -401,6 +401,12 @@ def save_hf_checkpoint(model: Transformer, path: str, *, dtype: str | None = Non
   if jax.process_index() != 0:
     return []
   os.makedirs(path, exist_ok=True)
+  # Weights of an earlier export in the same directory would be read instead
+  # of (or mixed with) these: remove them.
+  for name in os.listdir(path):
+    if name in (SINGLE_FILE, INDEX_FILE) or (
+        name.startswith("model-") and name.endswith(".safetensors")):
+      os.remove(os.path.join(path, name))
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name, arr in tensors.items():

@@ -1,0 +1,74 @@
+"""config.json <-> ModelConfig, for the published shapes the named configs copy."""
+
+import pytest
+
+from midpo.models import config_names, get_config
+from midpo.models.hf_checkpoint import CheckpointError, config_from_hf, config_to_hf
+
+# The fields of the published config.json files (legacy rope_theta/rope_scaling form).
+LLAMA_3_2_1B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+    "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+    "max_position_embeddings": 131072, "mlp_bias": False, "num_attention_heads": 32,
+    "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "use_cache": True, "vocab_size": 128256,
+}
+SMOLLM2_135M = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+    "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 576,
+    "initializer_range": 0.041666666666666664, "intermediate_size": 1536,
+    "max_position_embeddings": 8192, "num_attention_heads": 9, "num_hidden_layers": 30,
+    "num_key_value_heads": 3, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "rope_theta": 100000, "tie_word_embeddings": True, "vocab_size": 49152,
+}
+QWEN2_5_STYLE = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+    "hidden_size": 896, "intermediate_size": 4864, "max_position_embeddings": 32768,
+    "max_window_layers": 21, "num_attention_heads": 14, "num_hidden_layers": 24,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": True, "use_sliding_window": False,
+    "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151643,
+}
+MISTRAL_STYLE = {
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu",
+    "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768,
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+    "tie_word_embeddings": False, "vocab_size": 32000, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+def test_named_configs_match_published_config_json():
+  assert config_from_hf(LLAMA_3_2_1B).replace(initializer_range=0.02) == get_config("llama3.2-1b")
+  assert config_from_hf(SMOLLM2_135M).replace(initializer_range=0.02) == get_config("smollm2-135m")
+
+
+def test_family_specific_fields():
+  qwen = config_from_hf(QWEN2_5_STYLE)
+  assert qwen.qkv_bias and not qwen.o_bias and qwen.sliding_window is None
+  assert qwen.head_dim == 64 and qwen.num_groups == 7 and qwen.tie_word_embeddings
+  mistral = config_from_hf(MISTRAL_STYLE)
+  assert mistral.sliding_window == 4096 and not mistral.qkv_bias and mistral.head_dim == 128
+  with pytest.raises(CheckpointError, match="use_sliding_window=true"):
+    config_from_hf(dict(QWEN2_5_STYLE, use_sliding_window=True))
+  with pytest.raises(CheckpointError, match="hidden_act 'gelu'"):
+    config_from_hf(dict(MISTRAL_STYLE, hidden_act="gelu"))
+  with pytest.raises(CheckpointError, match="lacks the required key 'hidden_size'"):
+    config_from_hf({k: v for k, v in MISTRAL_STYLE.items() if k != "hidden_size"})
+
+
+@pytest.mark.parametrize("hf", [LLAMA_3_2_1B, SMOLLM2_135M, QWEN2_5_STYLE, MISTRAL_STYLE])
+def test_config_json_round_trip(hf):
+  config = config_from_hf(hf)
+  assert config_from_hf(config_to_hf(config)) == config
+
+
+@pytest.mark.parametrize("name", config_names())
+def test_named_configs_export(name):
+  config = get_config(name)
+  assert config_from_hf(config_to_hf(config)) == config
