@@ -108,7 +108,7 @@ def main(argv=None):
   p.add_argument("--big_batch", type=int, default=8)
   p.add_argument("--big_seq", type=int, default=1024)
   p.add_argument("--big_steps", type=int, default=10)
-  p.add_argument("--attention", default="xla", choices=("xla", "cudnn"))
+  p.add_argument("--attention", default="xla", choices=("xla", "jax", "cudnn"))
   p.add_argument("--remat", default="none")
   p.add_argument("--skip_big", action="store_true")
   p.add_argument("--json", default=None, help="also write the results to this file")

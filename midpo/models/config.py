@@ -16,7 +16,7 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # `remat` policies: what the backward pass keeps from the forward pass of a layer.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 ROPE_TYPES = ("default", "linear", "llama3")
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -80,10 +80,11 @@ class ModelConfig:
   # (keep only layer inputs), 'dots' / 'dots_no_batch' (keep matmul outputs).
   remat: str = "none"
   # 'xla': explicit masked attention (any padding, float32 softmax).
-  # 'cudnn': jax.nn.dot_product_attention(implementation='cudnn') with a causal
-  # mask and per-row key lengths, which is exact for right-padded (or
-  # unpadded) batches only, the trainer's layout; GPU, bf16/fp16 compute. The
-  # KV-cache path (generation) always uses 'xla'.
+  # 'jax' / 'cudnn': jax.nn.dot_product_attention (implementation chosen by
+  # XLA / cuDNN) with a causal mask and per-row key lengths, which is exact
+  # for right-padded (or unpadded) batches only: the trainer's layout. cuDNN
+  # needs a GPU and bf16/fp16 compute. The KV-cache path (generation) always
+  # uses 'xla'.
   attention_impl: str = "xla"
   # Hugging Face metadata, used by export.
   model_type: str = "llama"

@@ -167,12 +167,13 @@ def _attention(c: ModelConfig, q, k, v, mask, key_lengths=None):
   """q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S] bool -> [B,T,H,Dh]."""
   b, t, h, dh = q.shape
   scale = dh ** -0.5
-  if c.attention_impl == "cudnn" and key_lengths is not None:
+  if c.attention_impl != "xla" and key_lengths is not None:
     # Causal + key lengths: exact for right-padded batches (see ModelConfig).
     window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=key_lengths,
-        local_window_size=window, implementation="cudnn")
+        local_window_size=window,
+        implementation="cudnn" if c.attention_impl == "cudnn" else None)
   qg = q.reshape(b, t, c.num_kv_heads, c.num_groups, dh)
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
   scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
@@ -340,7 +341,7 @@ class Transformer(nnx.Module):
       key_mask = attention_mask
       q_slots = k_slots = jnp.arange(t)
       cache_index = None
-      key_lengths = attention_mask.sum(-1) if c.attention_impl == "cudnn" else None
+      key_lengths = attention_mask.sum(-1) if c.attention_impl != "xla" else None
     else:
       key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
       q_slots = cache.index + jnp.arange(t)
