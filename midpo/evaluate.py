@@ -1,0 +1,228 @@
+"""Evaluation: samples from the policy and the reference on held-out prompts.
+
+Reported in ``eval.json`` (means with standard errors over prompts):
+
+* ``reward``: the known reward ``r*(x, y)`` of sampled responses (synthetic task);
+* ``kl``: the sequence ``KL(policy || reference)`` estimated from the policy's
+  own samples, ``mean(log pi(y|x) - log pi_ref(y|x))``;
+* ``length``: response length in tokens (the final EOS included);
+* ``win_rate``: how often the policy's sample beats the reference's sample on
+  the same prompt under ``r*`` (ties count one half);
+* ``implicit_reward_accuracy``: on held-out labelled pairs, the fraction whose
+  MI-DPO logit ``alpha (s(y_w) - s(y_l))`` under the trained prior is positive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from midpo import config_lib, stats
+from midpo.data import pipeline, synthetic
+from midpo.models.generate import generate as generate_fn
+
+
+@dataclasses.dataclass
+class Samples:
+  prompts: list[str]
+  responses: list[list[int]]     # token ids, EOS excluded
+  lengths: np.ndarray            # generated tokens, EOS included
+  logps: np.ndarray              # log pi(y|x) of the sampling model
+  finished: np.ndarray           # the response ended with EOS
+
+
+def _gather(x) -> np.ndarray:
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _encode_prompts(env, prompts: Sequence[str], width: int):
+  tok = env.tokenizer
+  rows = []
+  for p in prompts:
+    ids = list(tok.encode(p))
+    if env.config.data.add_bos and tok.bos_id is not None:
+      ids = [tok.bos_id] + ids
+    rows.append(ids[-width:])
+  tokens = np.full((len(rows), width), tok.pad_id, np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for i, ids in enumerate(rows):
+    tokens[i, :len(ids)] = ids
+    mask[i, :len(ids)] = 1
+  return tokens, mask
+
+
+def _batches(env, prompts: Sequence[str]):
+  """Global batches of ``eval.batch_size`` prompts per process, the last padded."""
+  per_process = env.config.eval.batch_size
+  global_size = per_process * env.process_count
+  for start in range(0, len(prompts), global_size):
+    chunk = list(prompts[start:start + global_size])
+    real = len(chunk)
+    chunk += [chunk[0]] * (global_size - real)
+    mine = chunk[env.process_index * per_process:(env.process_index + 1) * per_process]
+    yield chunk, real, mine
+
+
+def sample(env, params, prompts: Sequence[str], rng) -> Samples:
+  """One response per prompt from the model with ``params``."""
+  c = env.config.eval
+  model = nnx.merge(env.graphdef, params)
+  width = max(len(env.tokenizer.encode(p)) for p in prompts) + 1
+  responses, lengths, logps, finished = [], [], [], []
+  for i, (chunk, real, mine) in enumerate(_batches(env, prompts)):
+    tokens, mask = _encode_prompts(env, mine, width)
+    g = env.global_batch({"tokens": tokens, "mask": mask})
+    out = generate_fn(model, g["tokens"], g["mask"], rng=jax.random.fold_in(rng, i),
+                                max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                                eos_id=env.tokenizer.eos_id, pad_id=env.tokenizer.pad_id)
+    toks, m, lp, done = (_gather(x) for x in (out.tokens, out.mask, out.logprobs, out.done))
+    for r in range(real):
+      n = int(m[r].sum())
+      ids = toks[r, :n].tolist()
+      if done[r] and ids and ids[-1] == env.tokenizer.eos_id:
+        ids = ids[:-1]
+      responses.append(ids)
+      lengths.append(n)
+      logps.append(float((lp[r] * m[r]).sum()))
+      finished.append(bool(done[r]))
+  return Samples(list(prompts), responses, np.array(lengths), np.array(logps),
+                 np.array(finished))
+
+
+def sequence_logps(env, params, samples: Samples) -> np.ndarray:
+  """``log pi(y|x)`` of given responses under ``params`` (teacher forcing)."""
+  tok = env.tokenizer
+  model_fn = jax.jit(lambda p, t, a, m: jnp.sum(stats.token_logprobs(
+      nnx.merge(env.graphdef, p)(t[:, :-1], a[:, :-1]), t[:, 1:], m[:, 1:]), axis=-1))
+  rows = []
+  for prompt, resp, done in zip(samples.prompts, samples.responses, samples.finished):
+    p_ids = list(tok.encode(prompt))
+    if env.config.data.add_bos and tok.bos_id is not None:
+      p_ids = [tok.bos_id] + p_ids
+    r_ids = list(resp) + ([tok.eos_id] if done else [])
+    rows.append((p_ids, r_ids))
+  width = max(len(p) + len(r) for p, r in rows)
+  out = []
+  per_process = env.config.eval.batch_size
+  global_size = per_process * env.process_count
+  for start in range(0, len(rows), global_size):
+    chunk = rows[start:start + global_size]
+    real = len(chunk)
+    chunk = chunk + [chunk[0]] * (global_size - real)
+    mine = chunk[env.process_index * per_process:(env.process_index + 1) * per_process]
+    t = np.full((len(mine), width), tok.pad_id, np.int32)
+    a = np.zeros_like(t)
+    m = np.zeros(t.shape, np.float32)
+    for i, (p, r) in enumerate(mine):
+      t[i, :len(p) + len(r)] = p + r
+      a[i, :len(p) + len(r)] = 1
+      m[i, len(p):len(p) + len(r)] = 1
+    g = env.global_batch({"t": t, "a": a, "m": m})
+    out.append(_gather(model_fn(params, g["t"], g["a"], g["m"]))[:real])
+  return np.concatenate(out)
+
+
+def _mean_se(x) -> tuple[float, float]:
+  x = np.asarray(x, np.float64)
+  if x.size < 2:
+    return float(x.mean()) if x.size else float("nan"), float("nan")
+  return float(x.mean()), float(x.std(ddof=1) / np.sqrt(x.size))
+
+
+def _summary(name, values) -> dict:
+  m, se = _mean_se(values)
+  return {name: m, f"{name}_se": se}
+
+
+def implicit_reward_accuracy(env, policy, reference, prior_params) -> dict:
+  """Fraction of held-out labelled pairs with a positive MI-DPO logit."""
+  from midpo import train as train_lib  # the pair loss lives with the trainer
+
+  config = env.config
+  prior = config_lib.make_prior(config)
+  if prior.has_params and prior_params is None:
+    return {"skipped": f"prior {prior.name!r} has parameters that this run did not train"}
+  data_config = config.data.copy_and_resolve_references()
+  if not data_config.data_dir:
+    data_config.data_dir = os.path.join(env.workdir, "tfds")
+  data_config.shuffle = False
+  if config.data.source == "files" and not list(config.data.files.test_files):
+    return {"skipped": "no test files (config.data.files.test_files)"}
+  it = pipeline.make_iterator(data_config, env.tokenizer, "test", env.workdir,
+                              env.process_index, env.process_count, mode="pairs")
+  loss_fn = train_lib.make_pair_loss(env, prior, config_lib.make_loss_config(config))
+  eval_step = jax.jit(lambda p, q, r, b: loss_fn(p, q, r, b, None, False)[1][1])
+  fields = train_lib.pair_fields(prior, config)
+  plan = it.epoch_plan(0)
+  per_step = config.data.batch_size * env.process_count
+  n_batches = min(len(plan), max(1, -(-config.eval.num_pairs // per_step)))
+  logits = []
+  for idx in plan[:n_batches]:
+    batch = env.global_batch(train_lib._pair_arrays(it.make_batch(idx), fields))
+    logits.append(_gather(eval_step(policy, prior_params, reference, batch)))
+  z = np.concatenate(logits)
+  m, se = _mean_se((z > 0).astype(np.float64))
+  return {"value": m, "se": se, "num_pairs": int(z.size)}
+
+
+def run_eval(env, policy, reference, prior_params) -> dict:
+  config = env.config
+  key = jax.random.fold_in(jax.random.key(config.seed), 3)
+  prompts = synthetic.prompts(config.data.synthetic.seed, "test", config.eval.num_prompts)
+  logging.info("eval: sampling %d prompts from the policy and the reference", len(prompts))
+  pol = sample(env, policy, prompts, jax.random.fold_in(key, 0))
+  ref = sample(env, reference, prompts, jax.random.fold_in(key, 1))
+  kl = pol.logps - sequence_logps(env, reference, pol)
+  results: dict[str, Any] = {
+      "num_prompts": len(prompts),
+      "prior": config.prior.name,
+      "policy": {**_summary("kl", kl), **_summary("length", pol.lengths),
+                 "finished_fraction": float(pol.finished.mean())},
+      "reference": {"kl": 0.0, "kl_se": 0.0, **_summary("length", ref.lengths),
+                    "finished_fraction": float(ref.finished.mean())},
+  }
+  decode = lambda ids: env.tokenizer.decode(ids)
+  if config.data.source == "synthetic":
+    r_pol = np.array([synthetic.reward(p, decode(y)) for p, y in zip(prompts, pol.responses)])
+    r_ref = np.array([synthetic.reward(p, decode(y)) for p, y in zip(prompts, ref.responses)])
+    wins = (r_pol > r_ref) + 0.5 * (r_pol == r_ref)
+    results["policy"].update(_summary("reward", r_pol))
+    results["policy"].update(_summary("win_rate", wins))
+    results["reference"].update(_summary("reward", r_ref))
+  results["implicit_reward_accuracy"] = implicit_reward_accuracy(env, policy, reference,
+                                                                 prior_params)
+  if env.process_index == 0:
+    with open(os.path.join(env.workdir, "eval.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    with open(os.path.join(env.workdir, "eval_samples.jsonl"), "w") as f:
+      for i in range(min(32, len(prompts))):
+        row = {"prompt": prompts[i], "policy": decode(pol.responses[i]),
+               "reference": decode(ref.responses[i])}
+        if config.data.source == "synthetic":
+          row.update(policy_reward=float(r_pol[i]), reference_reward=float(r_ref[i]))
+        f.write(json.dumps(row) + "\n")
+    env.writer.write("eval", 0, _flat_scalars(results))
+  logging.info("eval: %s", json.dumps({k: v for k, v in results.items()}, indent=1))
+  return results
+
+
+def _flat_scalars(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat_scalars(v, f"{prefix}{k}/"))
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+      out[f"{prefix}{k}"] = v
+  return out
+

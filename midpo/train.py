@@ -1,0 +1,670 @@
+"""The training pipeline: SFT, preference training under any prior, evaluation.
+
+``train_and_evaluate(config, workdir)`` runs the stages ``config.stages`` names:
+
+* ``sft``: trains the reference (and initial policy) on the SFT split by
+  maximum likelihood of the responses. Skipped when ``config.sft.checkpoint``
+  or ``config.model.hf_path`` gives the reference.
+* ``preference``: MI-DPO training of the policy under ``config.prior``. The
+  pairs come from the dataset or (``pairs_from='reference'``) are sampled from
+  the reference and labelled by Bradley-Terry on the known reward. Policy
+  and prior parameters are separate pytrees with separate optax states and
+  separately jitted steps, each donating only what it updates.
+* ``eval``: samples on held-out prompts (``midpo.evaluate``), writes
+  ``eval.json``.
+
+Every stage checkpoints with orbax under the workdir, resumes automatically
+from its latest checkpoint, and saves before exiting on SIGTERM. Parameters
+and optimiser states are created directly sharded on the mesh from
+``config.mesh`` by the models' logical-axis rules; each batch is sharded over
+``data`` x ``fsdp``. Metrics go to ``metrics.jsonl`` and TensorBoard, fetched
+one step late so that the host never waits for the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from midpo import checkpoint as ckpt_lib
+from midpo import config_lib, losses, priors, stats
+from midpo import evaluate as eval_lib
+from midpo import metrics_writer
+from midpo.data import pipeline, synthetic, tfds_builders
+from midpo.models import config as model_config_lib
+from midpo.models import hf_checkpoint, sharding, tokenizer as tokenizer_lib
+
+PyTree = Any
+
+
+class Preempted(SystemExit):
+  """Raised after the checkpoint taken on SIGTERM is on disk."""
+
+  def __init__(self, step: int):
+    super().__init__(143)
+    self.step = step
+
+
+class _SigtermFlag:
+  """Set by SIGTERM; the loops check it between steps."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def install(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after the current step.")
+    self.received = True
+
+  def uninstall(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+# ---------------------------------------------------------------------------
+# The run's environment: mesh, tokenizer, model definition.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Env:
+  config: Any
+  workdir: str
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+  model_config: model_config_lib.ModelConfig
+  graphdef: Any
+  writer: metrics_writer.MetricsWriter
+  sigterm: _SigtermFlag
+
+  @property
+  def process_index(self) -> int:
+    return jax.process_index()
+
+  @property
+  def process_count(self) -> int:
+    return jax.process_count()
+
+  @property
+  def batch_sharding(self):
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows -> one global array per key, sharded over the batch."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local.items()}
+
+  def model(self, params) -> nnx.Module:
+    return nnx.merge(self.graphdef, params)
+
+
+def make_tokenizer(config):
+  if config.tokenizer == "synthetic":
+    return synthetic.SyntheticTokenizer()
+  return tokenizer_lib.load_tokenizer(config.tokenizer)
+
+
+def _model_config(config, tok) -> model_config_lib.ModelConfig:
+  overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                   remat=config.model.remat)
+  if config.model.hf_path:
+    mc = hf_checkpoint.read_hf_config(config.model.hf_path, **overrides)
+  else:
+    try:
+      base = model_config_lib.get_config(config.model.name)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.model.name: {e}") from None
+    mc = base.replace(vocab_size=_round_up(tok.vocab_size, 8), bos_token_id=tok.bos_id,
+                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **overrides)
+  tokenizer_lib.check_fits(tok, mc.vocab_size)
+  return mc
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def make_env(config, workdir: str) -> Env:
+  config_lib.validate(config)
+  shape = config_lib.mesh_shape(config, jax.device_count())
+  mesh = sharding.make_mesh(**shape)
+  tok = make_tokenizer(config)
+  mc = _model_config(config, tok)
+  abstract = nnx.eval_shape(lambda: _new_model(mc, mesh, 0))
+  graphdef = nnx.graphdef(abstract)
+  writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  return Env(config, workdir, mesh, tok, mc, graphdef, writer, _SigtermFlag())
+
+
+def _new_model(mc, mesh, seed):
+  from midpo.models.transformer import Transformer
+  model = Transformer(mc, rngs=nnx.Rngs(params=seed))
+  model.activation_sharding = (mesh, tuple(sharding.DEFAULT_RULES))
+  return model
+
+
+def init_params(env: Env, seed: int) -> PyTree:
+  """Randomly initialised parameters, created directly sharded."""
+  model = sharding.create_sharded_model(env.model_config, env.mesh, seed=seed)
+  return nnx.to_pure_dict(nnx.state(model))
+
+
+def load_hf_params(env: Env) -> PyTree:
+  c = env.config.model
+  model = hf_checkpoint.load_hf_checkpoint(c.hf_path, mesh=env.mesh, dtype=c.dtype,
+                                           param_dtype=c.param_dtype, remat=c.remat)
+  return nnx.to_pure_dict(nnx.state(model))
+
+
+def shardings_of(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+# ---------------------------------------------------------------------------
+# The generic training loop.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoopSpec:
+  stage: str
+  directory: str
+  total_steps: int
+  iterator: Any
+  tokens_per_step: Callable[[dict], int]
+  step: Callable[[dict, dict, int], tuple[dict, dict]]  # (state, batch, step) -> (state, metrics)
+
+
+def run_loop(env: Env, spec: LoopSpec, state: dict) -> dict:
+  """Runs ``spec.step`` to ``spec.total_steps``: resume, checkpoints, logs, SIGTERM.
+
+  ``state`` is a dict of pytrees (every one is checkpointed). Metrics of step
+  ``n`` are fetched after step ``n + 1`` is dispatched.
+  """
+  config = env.config
+  ckpt = ckpt_lib.Checkpointer(spec.directory, max_to_keep=config.max_checkpoints)
+  start = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(latest, ckpt_lib.abstract_like(state))
+    spec.iterator.set_state(meta["data"])
+    start = int(meta["step"])
+    logging.info("%s: resumed from step %d (%s)", spec.stage, start, spec.directory)
+  if start >= spec.total_steps:
+    ckpt.close()
+    return state
+
+  def save(step, force=False):
+    ckpt.save(step, state, {"step": step, "stage": spec.stage,
+                            "data": spec.iterator.get_state()}, force=force)
+
+  pending = None
+  window: dict[str, list[float]] = {}
+  tokens = 0
+  t0 = time.perf_counter()
+  last_good = latest
+
+  def drain(item):
+    nonlocal tokens, t0
+    step, metrics, ntok = item
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    loss = values.get("loss", 0.0)
+    if not math.isfinite(loss):
+      ckpt.wait()
+      raise FloatingPointError(
+          f"{spec.stage}: non-finite loss ({loss}) at step {step}; the last good checkpoint "
+          f"is step {last_good} in {spec.directory}")
+    for k, v in values.items():
+      window.setdefault(k, []).append(v)
+    tokens += ntok
+    done = step + 1
+    if done % config.log_every == 0 or done == spec.total_steps:
+      means = {k: float(np.mean(v)) for k, v in window.items()}
+      elapsed = time.perf_counter() - t0
+      n = len(window.get("loss", [1]))
+      rate = n / max(elapsed, 1e-9)
+      means["perf/steps_per_sec"] = rate
+      means["perf/tokens_per_sec"] = tokens / max(elapsed, 1e-9)
+      env.writer.write(spec.stage, done, means)
+      eta = (spec.total_steps - done) / max(rate, 1e-9)
+      logging.info("%s step %d/%d  loss %.4f  %.2f steps/s  %.0f tokens/s  ETA %s",
+                   spec.stage, done, spec.total_steps, means.get("loss", float("nan")), rate,
+                   means["perf/tokens_per_sec"], _fmt_eta(eta))
+      window.clear()
+      tokens = 0
+      t0 = time.perf_counter()
+
+  env.sigterm.install()
+  try:
+    for step in range(start, spec.total_steps):
+      if _should_stop(env, step):
+        if pending is not None:
+          drain(pending)
+          pending = None
+        save(step, force=True)
+        ckpt.wait()
+        logging.warning("%s: checkpoint at step %d saved after SIGTERM; exiting.", spec.stage,
+                        step)
+        raise Preempted(step)
+      local = next(spec.iterator)
+      state, metrics = spec.step(state, local, step)
+      if pending is not None:
+        drain(pending)
+      pending = (step, metrics, spec.tokens_per_step(local))
+      if (step + 1) % config.checkpoint_every == 0 and step + 1 < spec.total_steps:
+        drain(pending)
+        pending = None
+        save(step + 1)
+        last_good = step + 1
+    if pending is not None:
+      drain(pending)
+    save(spec.total_steps, force=True)
+    ckpt.close()
+  finally:
+    env.sigterm.uninstall()
+    env.writer.flush()
+  return state
+
+
+def _should_stop(env: Env, step: int) -> bool:
+  if env.process_count > 1:
+    return multihost_utils.reached_preemption_sync_point(step) or env.sigterm.received
+  return env.sigterm.received
+
+
+def _fmt_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _tokens(batch: dict) -> int:
+  return int(np.asarray(batch["attention_mask"]).sum())
+
+
+def _schedule(lr: float, warmup: int, steps: int):
+  warmup = min(warmup, max(steps - 1, 0))
+  if steps <= 1:
+    return optax.constant_schedule(lr)
+  return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), steps, end_value=0.1 * lr)
+
+
+def _adamw(lr, warmup, steps, weight_decay, clip):
+  chain = [optax.clip_by_global_norm(clip)] if clip else []
+  chain.append(optax.adamw(_schedule(lr, warmup, steps), weight_decay=weight_decay))
+  return optax.chain(*chain)
+
+
+def _init_opt(tx, params):
+  return jax.jit(tx.init)(params)
+
+
+# ---------------------------------------------------------------------------
+# SFT.
+# ---------------------------------------------------------------------------
+
+
+def sft_loss(graphdef, params, batch):
+  """Token-mean NLL of the response tokens."""
+  tokens, att = batch["tokens"], batch["attention_mask"]
+  mask = batch["response_mask"][:, 1:].astype(jnp.float32)
+  logits = nnx.merge(graphdef, params)(tokens[:, :-1], att[:, :-1])
+  lp = stats.token_logprobs(logits, tokens[:, 1:], mask)
+  n = jnp.maximum(jnp.sum(mask), 1.0)
+  loss = -jnp.sum(lp) / n
+  return loss, {"loss": loss, "tokens": jnp.sum(mask)}
+
+
+def run_sft(env: Env) -> PyTree:
+  config = env.config
+  if config.sft.checkpoint:
+    return restore_params(env, config.sft.checkpoint)
+  if config.model.hf_path:
+    return load_hf_params(env)
+  it = pipeline.make_iterator(_data_config(env), env.tokenizer, "sft", env.workdir,
+                              env.process_index, env.process_count, mode="sft")
+  params = init_params(env, config.seed)
+  tx = _adamw(config.sft.learning_rate, config.sft.warmup_steps, config.sft.steps,
+              config.sft.weight_decay, 1.0)
+  opt = _init_opt(tx, params)
+  graphdef = env.graphdef
+
+  def update(params, opt, batch):
+    (_, metrics), grads = jax.value_and_grad(functools.partial(sft_loss, graphdef),
+                                             has_aux=True)(params, batch)
+    updates, opt = tx.update(grads, opt, params)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return optax.apply_updates(params, updates), opt, metrics
+
+  jitted = jax.jit(update, donate_argnums=(0, 1),
+                   out_shardings=(shardings_of(params), shardings_of(opt), None))
+
+  def step(state, local, step_index):
+    del step_index
+    p, o, m = jitted(state["params"], state["opt"], env.global_batch(_sft_arrays(local)))
+    return {"params": p, "opt": o}, m
+
+  spec = LoopSpec("sft", os.path.join(env.workdir, "sft"), config.sft.steps, it, _tokens, step)
+  state = run_loop(env, spec, {"params": params, "opt": opt})
+  return state["params"]
+
+
+def _sft_arrays(local):
+  return {k: np.asarray(local[k]) for k in ("tokens", "attention_mask", "response_mask")}
+
+
+def restore_params(env: Env, directory: str) -> PyTree:
+  """The ``params`` of the latest checkpoint in a midpo stage directory."""
+  ckpt = ckpt_lib.Checkpointer(directory)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  target = {"params": ckpt_lib.abstract_like(init_params(env, 0))}
+  trees, _ = ckpt.restore(step, target)
+  ckpt.close()
+  return trees["params"]
+
+
+def _data_config(env: Env, **synthetic_overrides):
+  c = env.config.data.copy_and_resolve_references()
+  if not c.data_dir:
+    c.data_dir = os.path.join(env.workdir, "tfds")
+  for k, v in synthetic_overrides.items():
+    setattr(c.synthetic, k, v)
+  return c
+
+
+# ---------------------------------------------------------------------------
+# Preference training.
+# ---------------------------------------------------------------------------
+
+
+def _pair_arrays(local: dict, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """``[chosen rows; rejected rows]`` -> pair-major ``[B, 2, ...]`` arrays.
+
+  Pair-major keeps each pair's two rows together when processes' rows are
+  concatenated into one global batch.
+  """
+  out = {}
+  for k in fields:
+    x = np.asarray(local[k])
+    b = x.shape[0] // 2
+    out[k] = np.stack([x[:b], x[b:]], axis=1)
+  return out
+
+
+def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig) -> Callable:
+  """``loss(policy, prior_params, ref, batch, rng, train) -> (loss, (metrics, logits))``."""
+  graphdef = env.graphdef
+  fields = set(prior.required_fields())
+  online = env.config.train.reference == "online"
+  klr = "kl_ref_policy" in fields
+  klp = "kl_policy_ref" in fields
+  want_hidden = "ref_hidden" in fields
+  chunk = env.config.train.vocab_chunk
+
+  def loss_fn(policy_params, prior_params, ref_params, batch, rng, train):
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    tokens, att = flat(batch["tokens"]), flat(batch["attention_mask"])
+    inputs, targets, in_mask = tokens[:, :-1], tokens[:, 1:], att[:, :-1]
+    mask = flat(batch["response_mask"])[:, 1:].astype(jnp.float32)
+    logits = nnx.merge(graphdef, policy_params)(inputs, in_mask)
+    ref_logits = hidden = None
+    if online:
+      ref_model = nnx.merge(graphdef, ref_params)
+      if want_hidden:
+        ref_logits, hidden = ref_model(inputs, in_mask, return_hidden_states=True)
+        hidden = jax.lax.stop_gradient(hidden)
+      else:
+        ref_logits = ref_model(inputs, in_mask)
+    ts = stats.token_stats(logits, targets, mask, ref_logits, kl_ref_policy=klr,
+                           kl_policy_ref=klp, vocab_chunk=chunk)
+    extra = {}
+    if not online:
+      extra["ref_logps"] = jnp.where(mask > 0, flat(batch["ref_logps"])[:, 1:], 0.0)
+    if "token_weights" in fields:
+      extra["token_weights"] = flat(batch["token_weights"])[:, 1:]
+    if want_hidden:
+      extra["ref_hidden"] = hidden
+    seq = stats.SequenceStats.from_token_stats(ts, mask, **extra)
+    if not online:
+      seq = dataclasses.replace(seq, ref_logps=extra["ref_logps"])
+    pairs = jax.tree.map(lambda x: x.reshape((-1, 2) + x.shape[1:]), seq)
+    chosen = jax.tree.map(lambda x: x[:, 0], pairs)
+    rejected = jax.tree.map(lambda x: x[:, 1], pairs)
+    out = losses.mi_dpo_loss(chosen, rejected, prior, loss_config, prior_params=prior_params,
+                             rng=rng, train=train)
+    return out.loss, (out.metrics, out.logits)
+
+  return loss_fn
+
+
+@dataclasses.dataclass
+class PreferenceSteps:
+  """The jitted steps: each donates only the state it updates."""
+  policy: Callable
+  prior: Optional[Callable]
+  joint: Optional[Callable]
+  evaluate: Callable
+
+
+def make_preference_steps(env: Env, prior, loss_config, policy_tx, prior_tx, shard) -> PreferenceSteps:
+  loss_fn = make_pair_loss(env, prior, loss_config)
+
+  def policy_step(policy, policy_opt, prior_params, ref, batch, rng):
+    (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        policy, prior_params, ref, batch, rng, True)
+    updates, policy_opt = policy_tx.update(grads, policy_opt, policy)
+    metrics = dict(metrics, **{"grad_norm/policy": optax.global_norm(grads)})
+    return optax.apply_updates(policy, updates), policy_opt, metrics
+
+  def prior_step(prior_params, prior_opt, policy, ref, batch, rng):
+    (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+        policy, prior_params, ref, batch, rng, True)
+    updates, prior_opt = prior_tx.update(grads, prior_opt, prior_params)
+    metrics = dict(metrics, **{"grad_norm/prior": optax.global_norm(grads)})
+    return optax.apply_updates(prior_params, updates), prior_opt, metrics
+
+  def joint_step(policy, policy_opt, prior_params, prior_opt, ref, batch, rng):
+    (_, (metrics, _)), (g_pol, g_pri) = jax.value_and_grad(loss_fn, argnums=(0, 1),
+                                                           has_aux=True)(
+        policy, prior_params, ref, batch, rng, True)
+    up, policy_opt = policy_tx.update(g_pol, policy_opt, policy)
+    up_p, prior_opt = prior_tx.update(g_pri, prior_opt, prior_params)
+    metrics = dict(metrics, **{"grad_norm/policy": optax.global_norm(g_pol),
+                               "grad_norm/prior": optax.global_norm(g_pri)})
+    return (optax.apply_updates(policy, up), policy_opt, optax.apply_updates(prior_params, up_p),
+            prior_opt, metrics)
+
+  def eval_step(policy, prior_params, ref, batch):
+    _, (metrics, logits) = loss_fn(policy, prior_params, ref, batch, None, False)
+    return metrics, logits
+
+  s = shard
+  steps = PreferenceSteps(
+      policy=jax.jit(policy_step, donate_argnums=(0, 1),
+                     out_shardings=(s["policy"], s["policy_opt"], None)),
+      prior=None, joint=None, evaluate=jax.jit(eval_step))
+  if prior.has_params:
+    steps.prior = jax.jit(prior_step, donate_argnums=(0, 1),
+                          out_shardings=(s["prior"], s["prior_opt"], None))
+    steps.joint = jax.jit(joint_step, donate_argnums=(0, 1, 2, 3),
+                          out_shardings=(s["policy"], s["policy_opt"], s["prior"],
+                                         s["prior_opt"], None))
+  return steps
+
+
+def pair_fields(prior: priors.Prior, config) -> tuple[str, ...]:
+  fields = ["tokens", "attention_mask", "response_mask"]
+  if "token_weights" in prior.required_fields():
+    fields.append("token_weights")
+  return tuple(fields)
+
+
+def init_prior_params(env: Env, prior: priors.Prior, ref_params, example_local) -> PyTree:
+  """The prior's own parameters (replicated), from the shapes of one batch."""
+  if not prior.has_params:
+    return None
+  mc = env.model_config
+  b = example_local["tokens"].shape[0] // 2
+  t = example_local["tokens"].shape[1] - 1
+  example = stats.SequenceStats(
+      logps=jnp.zeros((b, t)), mask=jnp.zeros((b, t)),
+      ref_hidden=jax.ShapeDtypeStruct((b, t, mc.num_layers, mc.hidden_size), jnp.float32))
+  key = jax.random.fold_in(jax.random.key(env.config.seed), 1)
+  params = prior.init_params(key, example)
+  return jax.device_put(params, sharding.replicated(env.mesh))
+
+
+def sample_reference_pairs(env: Env, ref_params) -> str:
+  """Two responses per training prompt from the reference -> a samples file.
+
+  The synthetic builder labels each pair by Bradley-Terry on the true reward
+  (the DPO paper's protocol). Written once per workdir, by process 0.
+  """
+  config = env.config
+  path = os.path.join(env.workdir, "pairs", "reference_samples.jsonl")
+  if os.path.exists(path):
+    return path
+  prompts = synthetic.prompts(config.data.synthetic.seed, "train", config.num_pair_prompts)
+  key = jax.random.fold_in(jax.random.key(config.seed), 2)
+  a = eval_lib.sample(env, ref_params, prompts, jax.random.fold_in(key, 0))
+  b = eval_lib.sample(env, ref_params, prompts, jax.random.fold_in(key, 1))
+  if env.process_index == 0:
+    tmp = path + ".tmp"
+    tfds_builders.write_samples_file(
+        tmp, prompts, [[x, y] for x, y in zip(a.responses, b.responses)],
+        extra={"model": "reference"})
+    os.replace(tmp, path)
+  multihost_utils.sync_global_devices("reference_samples")
+  return path
+
+
+def run_preference(env: Env, ref_params) -> tuple[PyTree, PyTree]:
+  config = env.config
+  prior = config_lib.make_prior(config)
+  loss_config = config_lib.make_loss_config(config)
+  synthetic_overrides = {}
+  if config.pairs_from == "reference":
+    synthetic_overrides["samples_path"] = sample_reference_pairs(env, ref_params)
+  data_config = _data_config(env, **synthetic_overrides)
+  it = pipeline.make_iterator(data_config, env.tokenizer, "train", env.workdir,
+                              env.process_index, env.process_count, mode="pairs")
+  fields = pair_fields(prior, config)
+
+  policy = jax.tree.map(jnp.copy, ref_params)
+  t = config.train
+  policy_tx = _adamw(t.learning_rate, t.warmup_steps, t.steps, t.weight_decay, t.grad_clip)
+  prior_tx = _adamw(t.prior_learning_rate, t.warmup_steps, t.steps, t.prior_weight_decay,
+                    t.grad_clip)
+  policy_opt = _init_opt(policy_tx, policy)
+  example = it.make_batch(it.epoch_plan(0)[0])
+  prior_params = init_prior_params(env, prior, ref_params, example)
+  prior_opt = _init_opt(prior_tx, prior_params) if prior_params is not None else None
+  shard = {"policy": shardings_of(policy), "policy_opt": shardings_of(policy_opt),
+           "prior": shardings_of(prior_params) if prior_params is not None else None,
+           "prior_opt": shardings_of(prior_opt) if prior_opt is not None else None}
+  steps = make_preference_steps(env, prior, loss_config, policy_tx, prior_tx, shard)
+  base_key = jax.random.key(config.seed)
+  k_pol, k_pri = t.policy_steps_per_round, t.prior_steps_per_round
+
+  def step(state, local, step_index):
+    batch = env.global_batch(_pair_arrays(local, fields))
+    rng = jax.random.fold_in(base_key, step_index)
+    ref = ref_params  # frozen: never updated, never checkpointed (it is the SFT checkpoint)
+    if state.get("prior") is None:
+      p, o, m = steps.policy(state["policy"], state["policy_opt"], None, ref, batch, rng)
+      return dict(state, policy=p, policy_opt=o), m
+    if t.prior_update == "joint":
+      p, o, q, qo, m = steps.joint(state["policy"], state["policy_opt"], state["prior"],
+                                   state["prior_opt"], ref, batch, rng)
+      return dict(state, policy=p, policy_opt=o, prior=q, prior_opt=qo), m
+    if step_index % (k_pol + k_pri) < k_pol:
+      p, o, m = steps.policy(state["policy"], state["policy_opt"], state["prior"], ref, batch,
+                             rng)
+      return dict(state, policy=p, policy_opt=o), m
+    q, qo, m = steps.prior(state["prior"], state["prior_opt"], state["policy"], ref, batch, rng)
+    return dict(state, prior=q, prior_opt=qo), m
+
+  state = {"policy": policy, "policy_opt": policy_opt, "prior": prior_params,
+           "prior_opt": prior_opt}
+  spec = LoopSpec("preference", preference_dir(env), t.steps, it, _tokens, step)
+  state = run_loop(env, spec, state)
+  return state["policy"], state["prior"]
+
+
+def preference_dir(env: Env) -> str:
+  return os.path.join(env.workdir, "checkpoints")
+
+
+def restore_preference(env: Env, ref_params) -> tuple[PyTree, PyTree]:
+  """The policy (and prior) of the latest preference checkpoint of this workdir."""
+  ckpt = ckpt_lib.Checkpointer(preference_dir(env))
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no preference checkpoint in {preference_dir(env)}; run the "
+                            "'preference' stage first")
+  trees, _ = ckpt.restore(step, {"policy": ckpt_lib.abstract_like(ref_params)})
+  ckpt.close()
+  return trees["policy"], None
+
+
+# ---------------------------------------------------------------------------
+# The pipeline.
+# ---------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs ``config.stages``; returns the evaluation results (also in ``eval.json``)."""
+  os.makedirs(workdir, exist_ok=True)
+  env = make_env(config, workdir)
+  if env.process_index == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+    env.writer.write_hparams(_flatten(config.to_dict()))
+  logging.info("mesh %s over %d devices (%d processes); model %s, %.2fM parameters",
+               dict(env.mesh.shape), jax.device_count(), jax.process_count(),
+               config.model.hf_path or config.model.name, env.model_config.num_params() / 1e6)
+  stages = tuple(config.stages)
+  results = {}
+  try:
+    reference = run_sft(env)
+    policy, prior_params = reference, None
+    if "preference" in stages:
+      policy, prior_params = run_preference(env, reference)
+    elif "eval" in stages and os.path.isdir(preference_dir(env)):
+      policy, prior_params = restore_preference(env, reference)
+    if "eval" in stages:
+      results = eval_lib.run_eval(env, policy, reference, prior_params)
+  finally:
+    env.writer.close()
+  return results
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
