@@ -87,6 +87,26 @@ def _main():
   np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5, rtol=0)
   np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref_hidden), atol=1e-5, rtol=0)
 
+  # Gradients of a loss on the mesh equal the single-device ones, and come
+  # back sharded like the parameters (FSDP + tensor parallel).
+  def loss_grads(m, t, a):
+    graphdef, params = nnx.split(m)
+    def loss(params):
+      logp = jax.nn.log_softmax(nnx.merge(graphdef, params)(t, a)[:, :-1], -1)
+      nll = -jnp.take_along_axis(logp, t[:, 1:, None], -1)[..., 0]
+      return (nll * a[:, 1:]).sum() / a[:, 1:].sum()
+    if m.activation_sharding is None:
+      return jax.jit(jax.value_and_grad(loss))(params)
+    # Gradients sharded like the parameters (reduce-scatter, not all-reduce).
+    out = (sh.replicated(mesh), sh.state_shardings(params, mesh))
+    return jax.jit(jax.value_and_grad(loss), out_shardings=out)(params)
+  ref_loss, ref_grads = loss_grads(model, tokens, mask)
+  s_loss, s_grads = loss_grads(sharded, s_tokens, s_mask)
+  np.testing.assert_allclose(float(s_loss), float(ref_loss), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(s_grads)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-4)
+  assert s_grads["layers"]["q"][...].sharding.spec == expected["q"]
+
   # Sampling on the mesh gives the single-device result.
   gen = generate(sharded, s_tokens, s_mask, rng=jax.random.key(0), max_new_tokens=5,
                  temperature=0.0)

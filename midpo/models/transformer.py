@@ -333,7 +333,10 @@ class Transformer(nnx.Module):
         raise ValueError("forward_with_cache needs explicit positions.")
       positions = positions_from_mask(attention_mask)
 
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(c.jnp_dtype)
+    # On a mesh, gather the table over FSDP first (vocab stays split over
+    # 'tensor'): GSPMD then partitions the lookup without replicating it.
+    table = self._constrain(self.embed[...], ("vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(c.jnp_dtype)
     x = self._constrain(x, ("batch", "length", "act_embed"))
     cos, sin = _rope_tables(c, positions)
 
