@@ -108,6 +108,10 @@ def test_generate_rejects_bad_arguments(model):
     generate(model, tokens, mask, rng=jax.random.key(0), max_new_tokens=0)
   with pytest.raises(ValueError, match="top_p"):
     generate(model, tokens, mask, rng=jax.random.key(0), max_new_tokens=2, top_p=0.0)
+  with pytest.raises(ValueError, match="pad_id=None; must be an int"):
+    generate(model, tokens, mask, rng=jax.random.key(0), max_new_tokens=2, pad_id=None)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    generate(model, tokens, mask, rng=jax.random.key(0), max_new_tokens=2, eos_id=SMALL.vocab_size)
   empty = mask.copy()
   empty[2] = 0
   with pytest.raises(ValueError, match=r"Rows \[2\] have empty prompts"):

@@ -146,7 +146,18 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, *, rng: jax.Array,
     lengths = np.asarray(jax.device_get(prompt_mask)).sum(axis=1)
     if (lengths == 0).any():
       raise ValueError(f"Rows {np.flatnonzero(lengths == 0).tolist()} have empty prompts.")
-  eos_ids = () if eos_id is None else (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
+  if pad_id is None or not isinstance(pad_id, (int, np.integer)):
+    raise ValueError(f"pad_id={pad_id!r}; must be an int (for a tokenizer without a pad "
+                     "token, pass its eos_id).")
+  if eos_id is None:
+    eos_ids = ()
+  elif isinstance(eos_id, (int, np.integer)):
+    eos_ids = (int(eos_id),)
+  else:
+    eos_ids = tuple(int(e) for e in eos_id)
+  vocab = model.config.vocab_size
+  if not 0 <= pad_id < vocab or any(not 0 <= e < vocab for e in eos_ids):
+    raise ValueError(f"pad_id={pad_id} / eos_id={eos_ids} outside the vocabulary [0, {vocab}).")
   cache_dtype = cache_dtype or model.config.dtype
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), rng,
