@@ -66,6 +66,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.data_dir = ""           # empty: <workdir>/tfds
   c.data.batch_size = 32         # pairs (or SFT rows) per step, per process
   c.data.max_length = 96
+  c.data.num_buckets = 4         # one compilation per bucket length
   c.data.synthetic.num_sft = 20000 if full else 6000
   c.data.synthetic.num_train = 20000 if full else 6000
   c.data.synthetic.num_test = 2000 if full else 512
@@ -105,6 +106,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.prior_weight_decay = 0.0
 
   c.prior = prior_config("dpo")
+  # Rounds of preference training (DICE: each round's policy is the next
+  # round's prior and samples its pairs; other priors keep the reference).
+  c.rounds = 1
   c.loss = ml_collections.ConfigDict({
       "alpha": 0.1, "link": "sigmoid", "label_smoothing": 0.0, "nll_weight": 0.0,
       "nll_normalization": "token"})

@@ -103,6 +103,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   if config.train.prior_update not in PRIOR_UPDATES:
     _fail("train.prior_update",
           f"must be one of {PRIOR_UPDATES}; got {config.train.prior_update!r}")
+  if not isinstance(config.rounds, int) or config.rounds < 1:
+    _fail("rounds", f"must be a positive int; got {config.rounds!r}")
+  if config.rounds > 1 and config.data.source != "synthetic":
+    _fail("rounds", "rounds after the first sample new pairs labelled by the synthetic task's "
+          "known reward; with data.source='files' use rounds=1")
   for key in ("sft.steps", "train.steps", "train.policy_steps_per_round",
               "train.prior_steps_per_round", "checkpoint_every", "log_every",
               "max_checkpoints", "eval.num_prompts", "eval.batch_size", "eval.max_new_tokens"):

@@ -145,7 +145,7 @@ def _summary(name, values) -> dict:
   return {name: m, f"{name}_se": se}
 
 
-def implicit_reward_accuracy(env, policy, reference, prior_params) -> dict:
+def implicit_reward_accuracy(env, policy, frozen, prior_params) -> dict:
   """Fraction of held-out labelled pairs with a positive MI-DPO logit."""
   from midpo import train as train_lib  # the pair loss lives with the trainer
 
@@ -153,6 +153,8 @@ def implicit_reward_accuracy(env, policy, reference, prior_params) -> dict:
   prior = config_lib.make_prior(config)
   if prior.has_params and prior_params is None:
     return {"skipped": f"prior {prior.name!r} has parameters that this run did not train"}
+  if "prev_logps" in prior.required_fields() and "previous" not in frozen:
+    return {"skipped": "the previous round's policy (DICE's prior) is not in this run"}
   data_config = config.data.copy_and_resolve_references()
   if not data_config.data_dir:
     data_config.data_dir = os.path.join(env.workdir, "tfds")
@@ -170,14 +172,17 @@ def implicit_reward_accuracy(env, policy, reference, prior_params) -> dict:
   logits = []
   for idx in plan[:n_batches]:
     batch = env.global_batch(train_lib._pair_arrays(it.make_batch(idx), fields))
-    logits.append(_gather(eval_step(policy, prior_params, reference, batch)))
+    logits.append(_gather(eval_step(policy, prior_params, frozen, batch)))
   z = np.concatenate(logits)
   m, se = _mean_se((z > 0).astype(np.float64))
   return {"value": m, "se": se, "num_pairs": int(z.size)}
 
 
-def run_eval(env, policy, reference, prior_params) -> dict:
+def run_eval(env, policy, frozen, prior_params) -> dict:
+  """Writes ``eval.json`` and ``eval_samples.jsonl``; ``frozen["reference"]`` is the
+  reference the policy is compared with."""
   config = env.config
+  reference = frozen["reference"]
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
   prompts = synthetic.prompts(config.data.synthetic.seed, "test", config.eval.num_prompts)
   logging.info("eval: sampling %d prompts from the policy and the reference", len(prompts))
@@ -200,7 +205,7 @@ def run_eval(env, policy, reference, prior_params) -> dict:
     results["policy"].update(_summary("reward", r_pol))
     results["policy"].update(_summary("win_rate", wins))
     results["reference"].update(_summary("reward", r_ref))
-  results["implicit_reward_accuracy"] = implicit_reward_accuracy(env, policy, reference,
+  results["implicit_reward_accuracy"] = implicit_reward_accuracy(env, policy, frozen,
                                                                  prior_params)
   if env.process_index == 0:
     with open(os.path.join(env.workdir, "eval.json"), "w") as f:

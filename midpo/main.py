@@ -34,9 +34,21 @@ def _maybe_initialize_distributed():
     jax.distributed.initialize()  # Cloud TPU pod slice: JAX detects everything.
 
 
+class _QuietLibraries:
+  """Drops orbax's and TFDS's INFO chatter (per array, per file); keeps warnings."""
+
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/etils/")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
   _maybe_initialize_distributed()
   import jax
 

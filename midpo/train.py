@@ -412,16 +412,23 @@ def _pair_arrays(local: dict, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 
 def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig) -> Callable:
-  """``loss(policy, prior_params, ref, batch, rng, train) -> (loss, (metrics, logits))``."""
+  """``loss(policy, prior_params, frozen, batch, rng, train) -> (loss, (metrics, logits))``.
+
+  ``frozen`` holds the frozen models' parameters: ``reference`` and, for DICE,
+  ``previous`` (the previous round's policy).
+  """
   graphdef = env.graphdef
   fields = set(prior.required_fields())
-  online = env.config.train.reference == "online"
+  # The reference forward runs in the step unless its log-probs are cached;
+  # a prior that never reads the reference (SimPO) skips it altogether.
+  online = env.config.train.reference == "online" and prior.uses_reference
+  cached = env.config.train.reference == "cached" and prior.uses_reference
   klr = "kl_ref_policy" in fields
   klp = "kl_policy_ref" in fields
   want_hidden = "ref_hidden" in fields
   chunk = env.config.train.vocab_chunk
 
-  def loss_fn(policy_params, prior_params, ref_params, batch, rng, train):
+  def loss_fn(policy_params, prior_params, frozen, batch, rng, train):
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
     tokens, att = flat(batch["tokens"]), flat(batch["attention_mask"])
     inputs, targets, in_mask = tokens[:, :-1], tokens[:, 1:], att[:, :-1]
@@ -429,7 +436,7 @@ def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig
     logits = nnx.merge(graphdef, policy_params)(inputs, in_mask)
     ref_logits = hidden = None
     if online:
-      ref_model = nnx.merge(graphdef, ref_params)
+      ref_model = nnx.merge(graphdef, frozen["reference"])
       if want_hidden:
         ref_logits, hidden = ref_model(inputs, in_mask, return_hidden_states=True)
         hidden = jax.lax.stop_gradient(hidden)
@@ -438,15 +445,19 @@ def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig
     ts = stats.token_stats(logits, targets, mask, ref_logits, kl_ref_policy=klr,
                            kl_policy_ref=klp, vocab_chunk=chunk)
     extra = {}
-    if not online:
+    if cached:
       extra["ref_logps"] = jnp.where(mask > 0, flat(batch["ref_logps"])[:, 1:], 0.0)
+    if "prev_logps" in fields:
+      prev_logits = jax.lax.stop_gradient(nnx.merge(graphdef, frozen["previous"])(inputs, in_mask))
+      extra["prev_logps"] = stats.token_logprobs(prev_logits, targets, mask, vocab_chunk=chunk)
     if "token_weights" in fields:
       extra["token_weights"] = flat(batch["token_weights"])[:, 1:]
     if want_hidden:
       extra["ref_hidden"] = hidden
+    ref_logps = extra.pop("ref_logps", None)
     seq = stats.SequenceStats.from_token_stats(ts, mask, **extra)
-    if not online:
-      seq = dataclasses.replace(seq, ref_logps=extra["ref_logps"])
+    if cached:
+      seq = dataclasses.replace(seq, ref_logps=ref_logps)
     pairs = jax.tree.map(lambda x: x.reshape((-1, 2) + x.shape[1:]), seq)
     chosen = jax.tree.map(lambda x: x[:, 0], pairs)
     rejected = jax.tree.map(lambda x: x[:, 1], pairs)
@@ -469,24 +480,24 @@ class PreferenceSteps:
 def make_preference_steps(env: Env, prior, loss_config, policy_tx, prior_tx, shard) -> PreferenceSteps:
   loss_fn = make_pair_loss(env, prior, loss_config)
 
-  def policy_step(policy, policy_opt, prior_params, ref, batch, rng):
+  def policy_step(policy, policy_opt, prior_params, frozen, batch, rng):
     (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        policy, prior_params, ref, batch, rng, True)
+        policy, prior_params, frozen, batch, rng, True)
     updates, policy_opt = policy_tx.update(grads, policy_opt, policy)
     metrics = dict(metrics, **{"grad_norm/policy": optax.global_norm(grads)})
     return optax.apply_updates(policy, updates), policy_opt, metrics
 
-  def prior_step(prior_params, prior_opt, policy, ref, batch, rng):
+  def prior_step(prior_params, prior_opt, policy, frozen, batch, rng):
     (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
-        policy, prior_params, ref, batch, rng, True)
+        policy, prior_params, frozen, batch, rng, True)
     updates, prior_opt = prior_tx.update(grads, prior_opt, prior_params)
     metrics = dict(metrics, **{"grad_norm/prior": optax.global_norm(grads)})
     return optax.apply_updates(prior_params, updates), prior_opt, metrics
 
-  def joint_step(policy, policy_opt, prior_params, prior_opt, ref, batch, rng):
+  def joint_step(policy, policy_opt, prior_params, prior_opt, frozen, batch, rng):
     (_, (metrics, _)), (g_pol, g_pri) = jax.value_and_grad(loss_fn, argnums=(0, 1),
                                                            has_aux=True)(
-        policy, prior_params, ref, batch, rng, True)
+        policy, prior_params, frozen, batch, rng, True)
     up, policy_opt = policy_tx.update(g_pol, policy_opt, policy)
     up_p, prior_opt = prior_tx.update(g_pri, prior_opt, prior_params)
     metrics = dict(metrics, **{"grad_norm/policy": optax.global_norm(g_pol),
@@ -494,8 +505,8 @@ def make_preference_steps(env: Env, prior, loss_config, policy_tx, prior_tx, sha
     return (optax.apply_updates(policy, up), policy_opt, optax.apply_updates(prior_params, up_p),
             prior_opt, metrics)
 
-  def eval_step(policy, prior_params, ref, batch):
-    _, (metrics, logits) = loss_fn(policy, prior_params, ref, batch, None, False)
+  def eval_step(policy, prior_params, frozen, batch):
+    _, (metrics, logits) = loss_fn(policy, prior_params, frozen, batch, None, False)
     return metrics, logits
 
   s = shard
@@ -534,44 +545,76 @@ def init_prior_params(env: Env, prior: priors.Prior, ref_params, example_local) 
   return jax.device_put(params, sharding.replicated(env.mesh))
 
 
-def sample_reference_pairs(env: Env, ref_params) -> str:
-  """Two responses per training prompt from the reference -> a samples file.
+def sample_pairs(env: Env, params, name: str, round_index: int) -> str:
+  """Two responses per training prompt from a model -> a samples file.
 
   The synthetic builder labels each pair by Bradley-Terry on the true reward
-  (the DPO paper's protocol). Written once per workdir, by process 0.
+  (the DPO paper's protocol; DICE's rounds with a known reward). Written once
+  per workdir and round, by process 0.
   """
   config = env.config
-  path = os.path.join(env.workdir, "pairs", "reference_samples.jsonl")
+  path = os.path.join(env.workdir, "pairs", f"{name}_samples.jsonl")
   if os.path.exists(path):
     return path
   prompts = synthetic.prompts(config.data.synthetic.seed, "train", config.num_pair_prompts)
-  key = jax.random.fold_in(jax.random.key(config.seed), 2)
-  a = eval_lib.sample(env, ref_params, prompts, jax.random.fold_in(key, 0))
-  b = eval_lib.sample(env, ref_params, prompts, jax.random.fold_in(key, 1))
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), round_index)
+  logging.info("sampling 2 x %d responses from the %s for preference pairs", len(prompts), name)
+  a = eval_lib.sample(env, params, prompts, jax.random.fold_in(key, 0))
+  b = eval_lib.sample(env, params, prompts, jax.random.fold_in(key, 1))
   if env.process_index == 0:
     tmp = path + ".tmp"
     tfds_builders.write_samples_file(
         tmp, prompts, [[x, y] for x, y in zip(a.responses, b.responses)],
-        extra={"model": "reference"})
+        extra={"model": name})
     os.replace(tmp, path)
-  multihost_utils.sync_global_devices("reference_samples")
+  multihost_utils.sync_global_devices(f"samples_{name}")
   return path
 
 
-def run_preference(env: Env, ref_params) -> tuple[PyTree, PyTree]:
+def run_preference(env: Env, ref_params) -> tuple[PyTree, PyTree, dict]:
+  """All rounds of preference training.
+
+  Returns the final policy, its prior's parameters and the frozen models of
+  the last round (what its prior reads).
+  """
   config = env.config
   prior = config_lib.make_prior(config)
+  policy, prior_params = ref_params, None
+  previous = None
+  for r in range(config.rounds):
+    frozen = frozen_models(prior, ref_params, previous)
+    policy, prior_params = run_preference_round(env, prior, frozen, policy, previous, r)
+    # DICE: the policy of this round is the next round's prior (and sampler).
+    previous = policy
+  return policy, prior_params, frozen
+
+
+def frozen_models(prior, ref_params, previous) -> dict:
+  frozen = {"reference": ref_params}
+  if "prev_logps" in prior.required_fields():
+    frozen["previous"] = ref_params if previous is None else previous
+  return frozen
+
+
+def run_preference_round(env: Env, prior, frozen, init_policy, previous,
+                         round_index: int) -> tuple[PyTree, PyTree]:
+  config = env.config
+  ref_params = frozen["reference"]
+  t = config.train
   loss_config = config_lib.make_loss_config(config)
+  # The sampler of this round's pairs: the reference, or (DICE) the previous
+  # round's policy.
+  sampler, sampler_name = ((ref_params, "reference") if previous is None else
+                           (previous, f"policy_round{round_index - 1}"))
   synthetic_overrides = {}
-  if config.pairs_from == "reference":
-    synthetic_overrides["samples_path"] = sample_reference_pairs(env, ref_params)
+  if config.pairs_from == "reference" or round_index > 0:
+    synthetic_overrides["samples_path"] = sample_pairs(env, sampler, sampler_name, round_index)
   data_config = _data_config(env, **synthetic_overrides)
   it = pipeline.make_iterator(data_config, env.tokenizer, "train", env.workdir,
                               env.process_index, env.process_count, mode="pairs")
   fields = pair_fields(prior, config)
 
-  policy = jax.tree.map(jnp.copy, ref_params)
-  t = config.train
+  policy = jax.tree.map(jnp.copy, init_policy)
   policy_tx = _adamw(t.learning_rate, t.warmup_steps, t.steps, t.weight_decay, t.grad_clip)
   prior_tx = _adamw(t.prior_learning_rate, t.warmup_steps, t.steps, t.prior_weight_decay,
                     t.grad_clip)
@@ -583,36 +626,43 @@ def run_preference(env: Env, ref_params) -> tuple[PyTree, PyTree]:
            "prior": shardings_of(prior_params) if prior_params is not None else None,
            "prior_opt": shardings_of(prior_opt) if prior_opt is not None else None}
   steps = make_preference_steps(env, prior, loss_config, policy_tx, prior_tx, shard)
-  base_key = jax.random.key(config.seed)
+  base_key = jax.random.fold_in(jax.random.key(config.seed), 100 + round_index)
   k_pol, k_pri = t.policy_steps_per_round, t.prior_steps_per_round
 
   def step(state, local, step_index):
     batch = env.global_batch(_pair_arrays(local, fields))
     rng = jax.random.fold_in(base_key, step_index)
-    ref = ref_params  # frozen: never updated, never checkpointed (it is the SFT checkpoint)
     if state.get("prior") is None:
-      p, o, m = steps.policy(state["policy"], state["policy_opt"], None, ref, batch, rng)
+      p, o, m = steps.policy(state["policy"], state["policy_opt"], None, frozen, batch, rng)
       return dict(state, policy=p, policy_opt=o), m
     if t.prior_update == "joint":
       p, o, q, qo, m = steps.joint(state["policy"], state["policy_opt"], state["prior"],
-                                   state["prior_opt"], ref, batch, rng)
+                                   state["prior_opt"], frozen, batch, rng)
       return dict(state, policy=p, policy_opt=o, prior=q, prior_opt=qo), m
     if step_index % (k_pol + k_pri) < k_pol:
-      p, o, m = steps.policy(state["policy"], state["policy_opt"], state["prior"], ref, batch,
-                             rng)
+      p, o, m = steps.policy(state["policy"], state["policy_opt"], state["prior"], frozen,
+                             batch, rng)
       return dict(state, policy=p, policy_opt=o), m
-    q, qo, m = steps.prior(state["prior"], state["prior_opt"], state["policy"], ref, batch, rng)
+    q, qo, m = steps.prior(state["prior"], state["prior_opt"], state["policy"], frozen, batch,
+                           rng)
     return dict(state, prior=q, prior_opt=qo), m
 
+  # The frozen models are never updated and never checkpointed: the reference
+  # is the SFT checkpoint, the previous policy the last round's checkpoint.
   state = {"policy": policy, "policy_opt": policy_opt, "prior": prior_params,
            "prior_opt": prior_opt}
-  spec = LoopSpec("preference", preference_dir(env), t.steps, it, _tokens, step)
+  stage = "preference" if config.rounds == 1 else f"preference/round{round_index}"
+  spec = LoopSpec(stage, preference_dir(env, round_index), t.steps, it, _tokens, step)
   state = run_loop(env, spec, state)
   return state["policy"], state["prior"]
 
 
-def preference_dir(env: Env) -> str:
-  return os.path.join(env.workdir, "checkpoints")
+def preference_dir(env: Env, round_index: Optional[int] = None) -> str:
+  """``<workdir>/checkpoints`` (one round) or ``<workdir>/checkpoints/round<r>``."""
+  if round_index is None:
+    round_index = env.config.rounds - 1
+  base = os.path.join(env.workdir, "checkpoints")
+  return base if env.config.rounds == 1 else os.path.join(base, f"round{round_index}")
 
 
 def restore_preference(env: Env, ref_params) -> tuple[PyTree, PyTree]:
@@ -647,13 +697,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = {}
   try:
     reference = run_sft(env)
-    policy, prior_params = reference, None
+    policy, prior_params, frozen = reference, None, {"reference": reference}
     if "preference" in stages:
-      policy, prior_params = run_preference(env, reference)
+      policy, prior_params, frozen = run_preference(env, reference)
     elif "eval" in stages and os.path.isdir(preference_dir(env)):
       policy, prior_params = restore_preference(env, reference)
     if "eval" in stages:
-      results = eval_lib.run_eval(env, policy, reference, prior_params)
+      results = eval_lib.run_eval(env, policy, frozen, prior_params)
   finally:
     env.writer.close()
   return results
