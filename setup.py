@@ -20,12 +20,15 @@ INSTALL_REQUIRES = [
     "importlib_resources==7.1.0",
     "absl-py==2.5.1",
     "numpy==2.4.6",
+    "ml_dtypes==0.6.0",
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
     # Parquet preference files (midpo.data imports it only for those).
     "pyarrow==26.0.1",
     # Chat templates of tokenizer_config.json files, rendered as transformers does.
     "Jinja2==3.1.6",
+    # TensorBoard event files without TensorFlow.
+    "tensorboardX==2.6.5",
 ]
 
 TEST_REQUIRES = [

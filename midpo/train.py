@@ -301,10 +301,13 @@ def _tokens(batch: dict) -> int:
 
 
 def _schedule(lr: float, warmup: int, steps: int):
-  warmup = min(warmup, max(steps - 1, 0))
+  """Linear warmup from 0 (when ``warmup > 0``), then cosine decay to lr / 10."""
   if steps <= 1:
     return optax.constant_schedule(lr)
-  return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), steps, end_value=0.1 * lr)
+  if warmup <= 0:
+    return optax.cosine_decay_schedule(lr, steps, alpha=0.1)
+  warmup = min(warmup, steps - 1)
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=0.1 * lr)
 
 
 def _adamw(lr, warmup, steps, weight_decay, clip):
@@ -351,7 +354,7 @@ def run_sft(env: Env) -> PyTree:
     (_, metrics), grads = jax.value_and_grad(functools.partial(sft_loss, graphdef),
                                              has_aux=True)(params, batch)
     updates, opt = tx.update(grads, opt, params)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return optax.apply_updates(params, updates), opt, metrics
 
   jitted = jax.jit(update, donate_argnums=(0, 1),
@@ -484,14 +487,14 @@ def make_preference_steps(env: Env, prior, loss_config, policy_tx, prior_tx, sha
     (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         policy, prior_params, frozen, batch, rng, True)
     updates, policy_opt = policy_tx.update(grads, policy_opt, policy)
-    metrics = dict(metrics, **{"grad_norm/policy": optax.global_norm(grads)})
+    metrics = dict(metrics, **{"grad_norm/policy": optax.tree.norm(grads)})
     return optax.apply_updates(policy, updates), policy_opt, metrics
 
   def prior_step(prior_params, prior_opt, policy, frozen, batch, rng):
     (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
         policy, prior_params, frozen, batch, rng, True)
     updates, prior_opt = prior_tx.update(grads, prior_opt, prior_params)
-    metrics = dict(metrics, **{"grad_norm/prior": optax.global_norm(grads)})
+    metrics = dict(metrics, **{"grad_norm/prior": optax.tree.norm(grads)})
     return optax.apply_updates(prior_params, updates), prior_opt, metrics
 
   def joint_step(policy, policy_opt, prior_params, prior_opt, frozen, batch, rng):
@@ -500,8 +503,8 @@ def make_preference_steps(env: Env, prior, loss_config, policy_tx, prior_tx, sha
         policy, prior_params, frozen, batch, rng, True)
     up, policy_opt = policy_tx.update(g_pol, policy_opt, policy)
     up_p, prior_opt = prior_tx.update(g_pri, prior_opt, prior_params)
-    metrics = dict(metrics, **{"grad_norm/policy": optax.global_norm(g_pol),
-                               "grad_norm/prior": optax.global_norm(g_pri)})
+    metrics = dict(metrics, **{"grad_norm/policy": optax.tree.norm(g_pol),
+                               "grad_norm/prior": optax.tree.norm(g_pri)})
     return (optax.apply_updates(policy, up), policy_opt, optax.apply_updates(prior_params, up_p),
             prior_opt, metrics)
 

@@ -1,0 +1,201 @@
+"""The training pipeline end to end, on the known-reward task with a tiny model."""
+
+import glob
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from midpo import config_lib, train
+from tests import train_utils as tu
+
+ALGORITHMS = ("dpo", "dice", "hdpo", "rdpo", "simpo", "tdpo", "tis_dpo", "sparsepo")
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+  """One SFT run whose checkpoint and TFDS data every other run reuses."""
+  root = tmp_path_factory.mktemp("shared")
+  data_dir = str(root / "tfds")
+  config = tu.tiny_config("dpo", **{"data.data_dir": data_dir})
+  workdir = str(root / "sft_run")
+  results = train.train_and_evaluate(config, workdir)
+  return {"data_dir": data_dir, "sft": os.path.join(workdir, "sft"), "workdir": workdir,
+          "results": results}
+
+
+def test_end_to_end_run_writes_results_logs_and_checkpoints(shared):
+  w = shared["workdir"]
+  results = json.load(open(os.path.join(w, "eval.json")))
+  assert results == shared["results"]
+  for who in ("policy", "reference"):
+    for key in ("reward", "reward_se", "kl", "length", "length_se"):
+      assert np.isfinite(results[who][key]), (who, key)
+  assert 0.0 <= results["policy"]["win_rate"] <= 1.0
+  assert results["policy"]["kl"] != 0.0  # the policy moved away from the reference
+  assert results["implicit_reward_accuracy"]["num_pairs"] == 16
+  sft = tu.read_metrics(w, "sft")
+  pref = tu.read_metrics(w, "preference")
+  assert [r["step"] for r in sft] == list(range(1, 13))
+  assert [r["step"] for r in pref] == list(range(1, 11))
+  for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+              "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm/policy",
+              "perf/steps_per_sec", "perf/tokens_per_sec"):
+    assert key in pref[-1], key
+  # SFT reduces the NLL of the responses.
+  assert sft[-1]["loss"] < sft[0]["loss"]
+  assert glob.glob(os.path.join(w, "tensorboard", "events.out.tfevents.*"))
+  assert json.load(open(os.path.join(w, "hparams.json")))["prior.name"] == "dpo"
+  assert os.path.exists(os.path.join(w, "data_report.json"))
+  assert os.path.exists(os.path.join(w, "eval_samples.jsonl"))
+  assert 10 in train.ckpt_lib.Checkpointer(os.path.join(w, "checkpoints")).all_steps()
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_algorithm_config_runs(shared, tmp_path, name):
+  config = tu.tiny_config(name, **{
+      "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
+      "stages": ("preference", "eval"), "train.steps": 4, "num_pair_prompts": 16})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results["prior"] == config.prior.name
+  assert np.isfinite(results["policy"]["reward"])
+  rounds = config.rounds
+  pref = [r for r in tu.read_metrics(str(tmp_path)) if r["stage"].startswith("preference")]
+  assert len(pref) == 4 * rounds
+  assert all(np.isfinite(r["loss"]) for r in pref)
+  if name == "sparsepo":
+    assert "grad_norm/prior" in pref[-1] and pref[-1]["grad_norm/prior"] >= 0
+  if name == "dice":
+    assert os.path.exists(tmp_path / "pairs" / "policy_round0_samples.jsonl")
+
+
+def test_policy_and_prior_steps_touch_only_their_own_parameters(shared, tmp_path):
+  config = tu.tiny_config("sparsepo", **{
+      "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
+      "stages": ("preference",), "train.prior_update": "alternate"})
+  env = train.make_env(config, str(tmp_path))
+  reference = train.run_sft(env)
+  reference_before = jax.device_get(reference)
+  prior = config_lib.make_prior(config)
+  it = train.pipeline.make_iterator(train._data_config(env), env.tokenizer, "train", None,
+                                    mode="pairs")
+  local = it.make_batch(it.epoch_plan(0)[0])
+  fields = train.pair_fields(prior, config)
+  batch = env.global_batch(train._pair_arrays(local, fields))
+  policy = jax.tree.map(np.copy, reference_before)
+  policy = jax.device_put(policy)
+  prior_params = train.init_prior_params(env, prior, reference, local)
+  # A live head, so that the prior's gradient is not zero.
+  prior_params["shared"]["mix"] = abs(prior_params["shared"]["mix"])
+  tx = train._adamw(1e-2, 0, 10, 0.0, 1.0)
+  policy_opt, prior_opt = tx.init(policy), tx.init(prior_params)
+  shard = {"policy": train.shardings_of(policy), "policy_opt": train.shardings_of(policy_opt),
+           "prior": train.shardings_of(prior_params), "prior_opt": train.shardings_of(prior_opt)}
+  steps = train.make_preference_steps(env, prior, config_lib.make_loss_config(config), tx, tx,
+                                      shard)
+  frozen = {"reference": reference}
+  rng = jax.random.key(0)
+
+  policy_before, prior_before = jax.device_get(policy), jax.device_get(prior_params)
+  new_policy, _, _ = steps.policy(jax.tree.map(np.copy, policy), policy_opt, prior_params,
+                                  frozen, batch, rng)
+  assert tu.tree_equal(jax.device_get(prior_params), prior_before)
+  assert not tu.tree_equal(jax.device_get(new_policy), policy_before)
+
+  # At the reference every log-ratio and KL is 0 and the masks get no
+  # gradient; the prior step therefore runs against the updated policy.
+  moved = jax.device_get(new_policy)
+  new_prior, _, _ = steps.prior(jax.tree.map(np.copy, prior_before), prior_opt, new_policy,
+                                frozen, batch, rng)
+  assert tu.tree_equal(jax.device_get(new_policy), moved)
+  assert not tu.tree_equal(jax.device_get(new_prior), prior_before)
+  assert tu.tree_equal(jax.device_get(reference), reference_before)
+
+
+def test_reference_is_never_modified_by_training(shared, tmp_path):
+  config = tu.tiny_config("tdpo", **{
+      "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
+      "stages": ("preference",)})
+  env = train.make_env(config, str(tmp_path))
+  reference = train.run_sft(env)
+  before = jax.device_get(reference)
+  policy, _, frozen = train.run_preference(env, reference)
+  assert tu.tree_equal(jax.device_get(frozen["reference"]), before)
+  assert not tu.tree_equal(jax.device_get(policy), before)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"prior.name": "dpoo"}, r"config.prior.name: unknown prior 'dpoo'"),
+    ({"prior.gamma": 1.0}, r"config.prior.gamma: is set but prior 'dpo' has no such"),
+    ({"mesh.data": 3}, r"config.mesh: data x fsdp x tensor = 3 does not match the 1 devices"),
+    ({"mesh.fsdp": 0}, r"config.mesh.fsdp: must be a positive size or -1"),
+    ({"sft.checkpoint": "/nonexistent/sft"}, r"config.sft.checkpoint: '/nonexistent/sft' is not"),
+    ({"model.hf_path": "/nonexistent/hf"}, r"config.model.hf_path"),
+    ({"loss.alpha": -1.0}, r"LossConfig.alpha"),
+    ({"train.reference": "cached", "prior.name": "tdpo"}, r"config.train.reference: prior 'tdpo'"),
+    ({"stages": ("eval", "sft")}, r"config.stages: stages run in the order"),
+    ({"prior.name": "tis_dpo"}, r"config.data.token_weights: prior 'tis_dpo' needs"),
+    ({"data.bad_rows": "ignore"}, r"config.data.bad_rows"),
+])
+def test_wrong_configs_name_the_key(overrides, match):
+  config = tu.apply_overrides(tu.tiny_config("dpo"), overrides)
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(config)
+
+
+def test_batch_that_does_not_divide_over_the_mesh_is_named():
+  config = tu.tiny_config("dpo", **{"data.batch_size": 6, "mesh.data": 4})
+  with pytest.raises(config_lib.ConfigError, match=r"config.data.batch_size: 6 pairs per step"):
+    config_lib.validate(config, num_devices=4)
+
+
+def test_command_line_errors_come_before_any_work(tmp_path):
+  rc, out = tu.run_main("configs/dpo.py", str(tmp_path / "w"), {"prior.name": "nope"})
+  assert rc != 0
+  assert "config.prior.name: unknown prior 'nope'" in out
+  assert not os.path.exists(tmp_path / "w" / "tfds")  # nothing was built
+  rc, out = tu.run_main("configs/dpo.py", str(tmp_path / "w"), {"prior.gama": 1.0})
+  assert rc != 0 and "gamma" in out  # a typo in a key fails (locked config)
+
+
+def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path):
+  """Killed with SIGTERM mid-run and restarted == uninterrupted, bit for bit."""
+  overrides = {"data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
+               "stages": ("preference",), "train.steps": 16, "checkpoint_every": 5}
+  straight = tmp_path / "straight"
+  rc, out = tu.run_main("configs/dpo.py", str(straight), overrides)
+  assert rc == 0, out[-3000:]
+
+  killed = tmp_path / "killed"
+  proc = tu.run_main("configs/dpo.py", str(killed), overrides, wait=False)
+  metrics = killed / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(tu.read_metrics(str(killed), "preference")) >= 7:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 143, out[-3000:]
+  assert "saved after SIGTERM" in out
+  interrupted_at = len(tu.read_metrics(str(killed), "preference"))
+  assert 7 <= interrupted_at < 16
+  rc, out = tu.run_main("configs/dpo.py", str(killed), overrides)
+  assert rc == 0, out[-3000:]
+  assert "resumed from step" in out
+
+  step_a, a = tu.latest_params(straight / "checkpoints")
+  step_b, b = tu.latest_params(killed / "checkpoints")
+  assert step_a == step_b == 16
+  for item in ("policy", "policy_opt"):
+    assert tu.tree_equal(a[item], b[item]), item
+  ma = {r["step"]: r for r in tu.read_metrics(str(straight), "preference")}
+  mb = {r["step"]: r for r in tu.read_metrics(str(killed), "preference")}
+  assert sorted(ma) == sorted(mb) == list(range(1, 17))
+  for step in ma:
+    for key in ("loss", "rewards/margins", "grad_norm/policy"):
+      assert ma[step][key] == mb[step][key], (step, key)

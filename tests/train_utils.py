@@ -1,0 +1,91 @@
+"""Shared helpers for the trainer's tests: tiny configs and subprocess runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough that a whole run (data build, SFT, preference, eval) takes
+# seconds of compute on a CPU; compilation dominates.
+TINY_OVERRIDES = {
+    "data.synthetic.num_sft": 256,
+    "data.synthetic.num_train": 256,
+    "data.synthetic.num_test": 64,
+    "data.batch_size": 8,
+    "data.max_length": 64,
+    "data.num_buckets": 1,
+    "sft.steps": 12,
+    "train.steps": 10,
+    "pairs_from": "dataset",
+    "eval.num_prompts": 16,
+    "eval.batch_size": 16,
+    "eval.max_new_tokens": 12,
+    "eval.num_pairs": 16,
+    "log_every": 1,
+    "checkpoint_every": 4,
+}
+
+
+def apply_overrides(config, overrides):
+  for key, value in overrides.items():
+    *path, leaf = key.split(".")
+    node = config
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def tiny_config(name="dpo", **extra):
+  import importlib
+  module = importlib.import_module(f"configs.{name}")
+  config = module.get_config()
+  return apply_overrides(config, {**TINY_OVERRIDES, **extra})
+
+
+def cli_args(overrides):
+  def fmt(v):
+    if isinstance(v, (tuple, list)):
+      return "(" + ",".join(f"'{x}'" for x in v) + ("," if len(v) == 1 else "") + ")"
+    return str(v)
+  return [f"--config.{k}={fmt(v)}" for k, v in overrides.items()]
+
+
+def run_main(config_file, workdir, overrides, *, env=None, timeout=600, wait=True):
+  cmd = [sys.executable, "-m", "midpo.main", f"--config={config_file}", f"--workdir={workdir}",
+         *cli_args({**TINY_OVERRIDES, **overrides})]
+  full_env = dict(os.environ, **(env or {}))
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, out
+
+
+def read_metrics(workdir, stage=None):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [r for r in rows if stage is None or r["stage"] == stage]
+
+
+def latest_params(directory):
+  """The latest checkpoint's items as numpy trees (no model needed)."""
+  import orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(os.path.abspath(directory))
+  step = mngr.latest_step()
+  restored = mngr.restore(step)
+  mngr.close()
+  return step, restored
+
+
+def tree_equal(a, b) -> bool:
+  import jax
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(
+      np.asarray(x).shape == np.asarray(y).shape and np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(la, lb))
