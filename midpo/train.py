@@ -414,7 +414,8 @@ def _pair_arrays(local: dict, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
   return out
 
 
-def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig) -> Callable:
+def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig, *,
+                   reference: Optional[str] = None) -> Callable:
   """``loss(policy, prior_params, frozen, batch, rng, train) -> (loss, (metrics, logits))``.
 
   ``frozen`` holds the frozen models' parameters: ``reference`` and, for DICE,
@@ -424,8 +425,9 @@ def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig
   fields = set(prior.required_fields())
   # The reference forward runs in the step unless its log-probs are cached;
   # a prior that never reads the reference (SimPO) skips it altogether.
-  online = env.config.train.reference == "online" and prior.uses_reference
-  cached = env.config.train.reference == "cached" and prior.uses_reference
+  reference = reference or env.config.train.reference
+  online = reference == "online" and prior.uses_reference
+  cached = reference == "cached" and prior.uses_reference
   klr = "kl_ref_policy" in fields
   klp = "kl_policy_ref" in fields
   want_hidden = "ref_hidden" in fields
@@ -526,11 +528,80 @@ def make_preference_steps(env: Env, prior, loss_config, policy_tx, prior_tx, sha
   return steps
 
 
-def pair_fields(prior: priors.Prior, config) -> tuple[str, ...]:
+def pair_fields(prior: priors.Prior, config, *, reference: Optional[str] = None) -> tuple[str, ...]:
   fields = ["tokens", "attention_mask", "response_mask"]
   if "token_weights" in prior.required_fields():
     fields.append("token_weights")
+  if (reference or config.train.reference) == "cached" and prior.uses_reference:
+    fields.append("ref_logps")
   return tuple(fields)
+
+
+class ReferenceCache:
+  """Reference token log-probs of every pair, computed once before training.
+
+  Keyed by the pair's index in its split; each row's array is aligned with its
+  tokens (``logps[t] = log p_ref(tokens[t] | tokens[:t])``, 0 at ``t = 0``) and
+  holds the row's real tokens only, so any later padding length fits.
+  """
+
+  def __init__(self, env: Env, it, ref_params):
+    graphdef = env.graphdef
+    chunk = env.config.train.vocab_chunk
+
+    @jax.jit
+    def row_logps(params, tokens, att):
+      logits = nnx.merge(graphdef, params)(tokens[:, :-1], att[:, :-1])
+      lp = stats.token_logprobs(logits, tokens[:, 1:], att[:, 1:].astype(jnp.float32),
+                                vocab_chunk=chunk)
+      return jnp.pad(lp, ((0, 0), (1, 0)))
+
+    n, b = len(it.pairs), it.batch_size
+    # Every process runs the same number of (collective) steps.
+    chunks = -(-n // b)
+    if env.process_count > 1:
+      chunks = int(np.max(multihost_utils.process_allgather(np.array(chunks))))
+    self._rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for c in range(chunks):
+      idx = np.arange(c * b, (c + 1) * b) % max(n, 1)
+      local = it.make_batch(idx)
+      g = env.global_batch(_pair_arrays(local, ("tokens", "attention_mask")))
+      flat = lambda x: x.reshape((-1,) + x.shape[2:])
+      lp = np.asarray(_local_rows(row_logps(ref_params, flat(g["tokens"]),
+                                            flat(g["attention_mask"]))))
+      lengths = local["attention_mask"].sum(axis=1)
+      # Global rows are pair-major [p0 chosen, p0 rejected, p1 chosen, ...].
+      for j, pair in enumerate(local["pair_index"]):
+        self._rows[int(pair)] = (lp[2 * j, :lengths[j]].copy(),
+                                 lp[2 * j + 1, :lengths[b + j]].copy())
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def add_to(self, local: dict) -> dict:
+    """The local batch with a ``ref_logps`` ``[2B, T]`` array, laid out like ``tokens``."""
+    tokens = local["tokens"]
+    b = tokens.shape[0] // 2
+    out = np.zeros(tokens.shape, np.float32)
+    for j, pair in enumerate(local["pair_index"]):
+      for side in (0, 1):
+        row = self._rows[int(pair)][side]
+        out[side * b + j, :len(row)] = row
+    return dict(local, ref_logps=out)
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, rows = set(), []
+  for s in shards:
+    key = (s.index[0].start, s.index[0].stop)
+    if key not in seen:
+      seen.add(key)
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows)
 
 
 def init_prior_params(env: Env, prior: priors.Prior, ref_params, example_local) -> PyTree:
@@ -616,6 +687,12 @@ def run_preference_round(env: Env, prior, frozen, init_policy, previous,
   it = pipeline.make_iterator(data_config, env.tokenizer, "train", env.workdir,
                               env.process_index, env.process_count, mode="pairs")
   fields = pair_fields(prior, config)
+  cache = None
+  if "ref_logps" in fields:
+    t0 = time.perf_counter()
+    cache = ReferenceCache(env, it, ref_params)
+    logging.info("cached the reference log-probs of %d pairs in %.1f s", len(cache),
+                 time.perf_counter() - t0)
 
   policy = jax.tree.map(jnp.copy, init_policy)
   policy_tx = _adamw(t.learning_rate, t.warmup_steps, t.steps, t.weight_decay, t.grad_clip)
@@ -633,6 +710,8 @@ def run_preference_round(env: Env, prior, frozen, init_policy, previous,
   k_pol, k_pri = t.policy_steps_per_round, t.prior_steps_per_round
 
   def step(state, local, step_index):
+    if cache is not None:
+      local = cache.add_to(local)
     batch = env.global_batch(_pair_arrays(local, fields))
     rng = jax.random.fold_in(base_key, step_index)
     if state.get("prior") is None:

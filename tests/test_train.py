@@ -199,3 +199,19 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path):
   for step in ma:
     for key in ("loss", "rewards/margins", "grad_norm/policy"):
       assert ma[step][key] == mb[step][key], (step, key)
+
+
+def test_cached_reference_gives_the_same_losses_as_the_online_reference(shared, tmp_path):
+  runs = {}
+  for mode in ("online", "cached"):
+    config = tu.tiny_config("dpo", **{
+        "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
+        "stages": ("preference",), "train.reference": mode, "train.steps": 6,
+        "train.warmup_steps": 0})
+    train.train_and_evaluate(config, str(tmp_path / mode))
+    runs[mode] = tu.read_metrics(str(tmp_path / mode), "preference")
+  assert len(runs["online"]) == len(runs["cached"]) == 6
+  for a, b in zip(runs["online"], runs["cached"]):
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+      assert a[key] == b[key], (a["step"], key, a[key], b[key])
+  assert runs["online"][-1]["loss"] != runs["online"][0]["loss"]  # it trained
