@@ -316,8 +316,18 @@ def _adamw(lr, warmup, steps, weight_decay, clip):
   return optax.chain(*chain)
 
 
-def _init_opt(tx, params):
-  return jax.jit(tx.init)(params)
+def _init_opt(tx, params, mesh):
+  """The optimiser state, on the mesh: moments sharded like their parameters,
+  anything else (step counts) replicated."""
+  state = jax.jit(tx.init)(params)
+
+  def place(x):
+    s = getattr(x, "sharding", None)
+    if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh:
+      return x
+    return jax.device_put(x, sharding.replicated(mesh))
+
+  return jax.tree.map(place, state)
 
 
 # ---------------------------------------------------------------------------
@@ -347,7 +357,7 @@ def run_sft(env: Env) -> PyTree:
   params = init_params(env, config.seed)
   tx = _adamw(config.sft.learning_rate, config.sft.warmup_steps, config.sft.steps,
               config.sft.weight_decay, 1.0)
-  opt = _init_opt(tx, params)
+  opt = _init_opt(tx, params, env.mesh)
   graphdef = env.graphdef
 
   def update(params, opt, batch):
@@ -698,10 +708,10 @@ def run_preference_round(env: Env, prior, frozen, init_policy, previous,
   policy_tx = _adamw(t.learning_rate, t.warmup_steps, t.steps, t.weight_decay, t.grad_clip)
   prior_tx = _adamw(t.prior_learning_rate, t.warmup_steps, t.steps, t.prior_weight_decay,
                     t.grad_clip)
-  policy_opt = _init_opt(policy_tx, policy)
+  policy_opt = _init_opt(policy_tx, policy, env.mesh)
   example = it.make_batch(it.epoch_plan(0)[0])
   prior_params = init_prior_params(env, prior, ref_params, example)
-  prior_opt = _init_opt(prior_tx, prior_params) if prior_params is not None else None
+  prior_opt = _init_opt(prior_tx, prior_params, env.mesh) if prior_params is not None else None
   shard = {"policy": shardings_of(policy), "policy_opt": shardings_of(policy_opt),
            "prior": shardings_of(prior_params) if prior_params is not None else None,
            "prior_opt": shardings_of(prior_opt) if prior_opt is not None else None}

@@ -73,19 +73,30 @@ def read_metrics(workdir, stage=None):
   return [r for r in rows if stage is None or r["stage"] == stage]
 
 
-def latest_params(directory):
-  """The latest checkpoint's items as numpy trees (no model needed)."""
+def latest_params(directory, items=("policy", "policy_opt")):
+  """The latest checkpoint's named items, restored onto this process's first
+  device whatever mesh wrote them (no model needed)."""
+  import jax
   import orbax.checkpoint as ocp
   mngr = ocp.CheckpointManager(os.path.abspath(directory))
   step = mngr.latest_step()
-  restored = mngr.restore(step)
   mngr.close()
-  return step, restored
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  checkpointer = ocp.StandardCheckpointer()
+  out = {}
+  for name in items:
+    path = os.path.join(os.path.abspath(directory), str(step), name)
+    meta = checkpointer.metadata(path).item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), meta)
+    out[name] = jax.device_get(checkpointer.restore(path, target))
+    assert jax.tree.leaves(out[name]), f"nothing restored for {name!r} in {directory}"
+  return step, out
 
 
 def tree_equal(a, b) -> bool:
   import jax
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert la, "comparing empty trees proves nothing"
   return len(la) == len(lb) and all(
       np.asarray(x).shape == np.asarray(y).shape and np.array_equal(np.asarray(x), np.asarray(y))
       for x, y in zip(la, lb))
