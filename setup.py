@@ -29,6 +29,9 @@ INSTALL_REQUIRES = [
     "Jinja2==3.1.6",
     # TensorBoard event files without TensorFlow.
     "tensorboardX==2.6.5",
+    # midpo.analysis (results notebooks).
+    "pandas==3.1.1",
+    "matplotlib==3.11.2",
 ]
 
 TEST_REQUIRES = [
@@ -38,6 +41,10 @@ TEST_REQUIRES = [
     "torch==2.13.0",
     "transformers==5.24.0",
     "trl==1.16.0",
+    # Executes notebooks/inspect_runs.ipynb end to end.
+    "nbclient==0.11.0",
+    "nbformat==5.11.1",
+    "ipykernel==7.4.0",
 ]
 
 setuptools.setup(

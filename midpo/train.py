@@ -794,11 +794,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
       policy, prior_params, frozen = run_preference(env, reference)
     elif "eval" in stages and os.path.isdir(preference_dir(env)):
       policy, prior_params = restore_preference(env, reference)
+    if "preference" in stages and config.model.hf_path:
+      export_hf(env, policy)
     if "eval" in stages:
       results = eval_lib.run_eval(env, policy, frozen, prior_params)
   finally:
     env.writer.close()
   return results
+
+
+def export_hf(env: Env, policy) -> str:
+  """The final policy in Hugging Face format (config.json + safetensors) under
+  ``<workdir>/hf_export``, loadable by transformers or vLLM; with the source
+  checkpoint's tokenizer files copied beside it."""
+  import shutil
+  path = os.path.join(env.workdir, "hf_export")
+  files = hf_checkpoint.save_hf_checkpoint(env.model(policy), path,
+                                           dtype=env.config.model.param_dtype)
+  if env.process_index == 0:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "generation_config.json"):
+      src = os.path.join(env.config.model.hf_path, name)
+      if os.path.exists(src):
+        shutil.copy(src, os.path.join(path, name))
+  logging.info("exported the policy in Hugging Face format to %s (%d files)", path, len(files))
+  return path
 
 
 def _flatten(d, prefix=""):

@@ -1,0 +1,49 @@
+"""Training from a local Hugging Face checkpoint, and the final policy exported
+back in that format: transformers loads the export and gives the trained
+policy's logits."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from midpo import train  # noqa: E402
+from tests import train_utils as tu  # noqa: E402
+
+
+def test_train_from_hf_checkpoint_and_export(tmp_path):
+  torch.manual_seed(0)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+  source = tmp_path / "source"
+  transformers.LlamaForCausalLM(hf_config).save_pretrained(source, safe_serialization=True)
+
+  config = tu.tiny_config("dpo", **{
+      "model.hf_path": str(source), "stages": ("preference",), "train.steps": 4,
+      "train.warmup_steps": 0, "train.learning_rate": 1e-3})
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  export = workdir / "hf_export"
+  assert (export / "config.json").exists()
+
+  env = train.make_env(config, str(workdir))
+  reference = train.run_sft(env)  # = the HF checkpoint
+  policy, _ = train.restore_preference(env, reference)
+  tokens = np.random.default_rng(0).integers(3, 144, (2, 11)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  ours = np.asarray(env.model(policy)(jnp.asarray(tokens), jnp.asarray(mask)))
+  ref = np.asarray(env.model(reference)(jnp.asarray(tokens), jnp.asarray(mask)))
+
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(export).float().eval()
+  with torch.no_grad():
+    theirs = loaded(input_ids=torch.from_numpy(tokens).long(),
+                    attention_mask=torch.from_numpy(mask).long()).logits.numpy()
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+  assert np.abs(ours - ref).max() > 1e-4  # the export is the trained policy, not the source
