@@ -109,6 +109,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Rounds of preference training (DICE: each round's policy is the next
   # round's prior and samples its pairs; other priors keep the reference).
   c.rounds = 1
+  # TIS-DPO's token weights: 'contrastive' (the paper's: two DPO models
+  # trained on the pairs and on the reversed pairs; loaded instead when their
+  # checkpoints are given) or 'oracle' (the synthetic task's true per-token
+  # reward, through data.token_weights='oracle').
+  c.tis = ml_collections.ConfigDict({
+      "weights": "contrastive", "transform": "threshold_and_scale",
+      "plus_checkpoint": "", "minus_checkpoint": ""})
   c.loss = ml_collections.ConfigDict({
       "alpha": 0.1, "link": "sigmoid", "label_smoothing": 0.0, "nll_weight": 0.0,
       "nll_normalization": "token"})

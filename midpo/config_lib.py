@@ -13,7 +13,7 @@ import os
 import jax
 import ml_collections
 
-from midpo import losses, priors
+from midpo import losses, priors, token_weights
 from midpo.data import pipeline
 
 STAGES = ("sft", "preference", "eval")
@@ -141,9 +141,18 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
       f in prior.required_fields() for f in ("kl_ref_policy", "kl_policy_ref", "ref_hidden")):
     _fail("train.reference", f"prior {prior.name!r} needs the reference's full distribution at "
           "every token; use 'online'")
-  if prior.name == "tis_dpo" and config.data.token_weights == "none":
-    _fail("data.token_weights", "prior 'tis_dpo' needs token weights; set 'oracle' "
-          "(the synthetic task's per-token reward)")
+  if config.tis.weights not in ("contrastive", "oracle"):
+    _fail("tis.weights", f"must be 'contrastive' or 'oracle'; got {config.tis.weights!r}")
+  if config.tis.transform not in token_weights.TRANSFORMS:
+    _fail("tis.transform", f"must be one of {token_weights.TRANSFORMS}; got "
+          f"{config.tis.transform!r}")
+  for key in ("plus_checkpoint", "minus_checkpoint"):
+    if config.tis[key] and not os.path.isdir(config.tis[key]):
+      _fail(f"tis.{key}", f"{config.tis[key]!r} is not a directory")
+  if prior.name == "tis_dpo" and config.tis.weights == "oracle" and (
+      config.data.token_weights == "none"):
+    _fail("data.token_weights", "prior 'tis_dpo' with tis.weights='oracle' reads the data's "
+          "token weights; set 'oracle' (the synthetic task's per-token reward)")
   shape = mesh_shape(config, num_devices)
   batch_shards = shape["data"] * shape["fsdp"]
   global_pairs = config.data.batch_size * process_count

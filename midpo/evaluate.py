@@ -167,7 +167,8 @@ def implicit_reward_accuracy(env, policy, frozen, prior_params) -> dict:
   loss_fn = train_lib.make_pair_loss(env, prior, config_lib.make_loss_config(config),
                                      reference="online")
   eval_step = jax.jit(lambda p, q, r, b: loss_fn(p, q, r, b, None, False)[1][1])
-  fields = train_lib.pair_fields(prior, config, reference="online")
+  fields = train_lib.pair_fields(prior, config, reference="online",
+                                 contrastive="plus" in frozen)
   plan = it.epoch_plan(0)
   per_step = config.data.batch_size * env.process_count
   n_batches = min(len(plan), max(1, -(-config.eval.num_pairs // per_step)))

@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 
 from midpo import checkpoint as ckpt_lib
 from midpo import config_lib, losses, priors, stats
+from midpo import token_weights as token_weights_lib
 from midpo import evaluate as eval_lib
 from midpo import metrics_writer
 from midpo.data import pipeline, synthetic, tfds_builders
@@ -384,16 +385,16 @@ def _sft_arrays(local):
   return {k: np.asarray(local[k]) for k in ("tokens", "attention_mask", "response_mask")}
 
 
-def restore_params(env: Env, directory: str) -> PyTree:
-  """The ``params`` of the latest checkpoint in a midpo stage directory."""
+def restore_params(env: Env, directory: str, item: str = "params") -> PyTree:
+  """Model parameters (``item``) of the latest checkpoint in a midpo stage directory."""
   ckpt = ckpt_lib.Checkpointer(directory)
   step = ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
-  target = {"params": ckpt_lib.abstract_like(init_params(env, 0))}
+  target = {item: ckpt_lib.abstract_like(init_params(env, 0))}
   trees, _ = ckpt.restore(step, target)
   ckpt.close()
-  return trees["params"]
+  return trees[item]
 
 
 def _data_config(env: Env, **synthetic_overrides):
@@ -443,6 +444,19 @@ def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig
   want_hidden = "ref_hidden" in fields
   chunk = env.config.train.vocab_chunk
 
+  tis = env.config.tis
+
+  def contrastive_weights(frozen, inputs, in_mask, targets, mask):
+    """TIS-DPO weights from the contrastive models; rows are pair-major
+    (chosen, rejected, chosen, ...), so the raw score's sign alternates."""
+    lp = {}
+    for name in ("plus", "minus"):
+      logits = nnx.merge(graphdef, frozen[name])(inputs, in_mask)
+      lp[name] = stats.token_logprobs(logits, targets, mask, vocab_chunk=chunk)
+    sign = jnp.where(jnp.arange(mask.shape[0]) % 2 == 0, 1.0, -1.0)[:, None]
+    raw = sign * (lp["plus"] - lp["minus"])
+    return jax.lax.stop_gradient(token_weights_lib.tis_weights(raw, mask, tis.transform))
+
   def loss_fn(policy_params, prior_params, frozen, batch, rng, train):
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
     tokens, att = flat(batch["tokens"]), flat(batch["attention_mask"])
@@ -465,7 +479,9 @@ def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig
     if "prev_logps" in fields:
       prev_logits = jax.lax.stop_gradient(nnx.merge(graphdef, frozen["previous"])(inputs, in_mask))
       extra["prev_logps"] = stats.token_logprobs(prev_logits, targets, mask, vocab_chunk=chunk)
-    if "token_weights" in fields:
+    if "token_weights" in fields and "plus" in frozen:
+      extra["token_weights"] = contrastive_weights(frozen, inputs, in_mask, targets, mask)
+    elif "token_weights" in fields:
       extra["token_weights"] = flat(batch["token_weights"])[:, 1:]
     if want_hidden:
       extra["ref_hidden"] = hidden
@@ -538,9 +554,12 @@ def make_preference_steps(env: Env, prior, loss_config, policy_tx, prior_tx, sha
   return steps
 
 
-def pair_fields(prior: priors.Prior, config, *, reference: Optional[str] = None) -> tuple[str, ...]:
+def pair_fields(prior: priors.Prior, config, *, reference: Optional[str] = None,
+                contrastive: bool = False) -> tuple[str, ...]:
+  """The batch arrays a step reads (token weights come from the data, unless
+  TIS-DPO's contrastive models compute them in the step)."""
   fields = ["tokens", "attention_mask", "response_mask"]
-  if "token_weights" in prior.required_fields():
+  if "token_weights" in prior.required_fields() and not contrastive:
     fields.append("token_weights")
   if (reference or config.train.reference) == "cached" and prior.uses_reference:
     fields.append("ref_logps")
@@ -665,8 +684,11 @@ def run_preference(env: Env, ref_params) -> tuple[PyTree, PyTree, dict]:
   prior = config_lib.make_prior(config)
   policy, prior_params = ref_params, None
   previous = None
+  contrastive = {}
+  if prior.name == "tis_dpo" and config.tis.weights == "contrastive":
+    contrastive = train_contrastive_models(env, ref_params)
   for r in range(config.rounds):
-    frozen = frozen_models(prior, ref_params, previous)
+    frozen = dict(frozen_models(prior, ref_params, previous), **contrastive)
     policy, prior_params = run_preference_round(env, prior, frozen, policy, previous, r)
     # DICE: the policy of this round is the next round's prior (and sampler).
     previous = policy
@@ -680,12 +702,20 @@ def frozen_models(prior, ref_params, previous) -> dict:
   return frozen
 
 
-def run_preference_round(env: Env, prior, frozen, init_policy, previous,
-                         round_index: int) -> tuple[PyTree, PyTree]:
+def run_preference_round(env: Env, prior, frozen, init_policy, previous, round_index: int, *,
+                         stage: Optional[str] = None, directory: Optional[str] = None,
+                         reverse: bool = False,
+                         loss_config: Optional[losses.LossConfig] = None
+                         ) -> tuple[PyTree, PyTree]:
+  """One round of preference training of ``init_policy`` under ``prior``.
+
+  ``reverse`` swaps chosen and rejected (TIS-DPO's contrastive model
+  ``pi_minus``); ``stage`` and ``directory`` name its logs and checkpoints.
+  """
   config = env.config
   ref_params = frozen["reference"]
   t = config.train
-  loss_config = config_lib.make_loss_config(config)
+  loss_config = loss_config or config_lib.make_loss_config(config)
   # The sampler of this round's pairs: the reference, or (DICE) the previous
   # round's policy.
   sampler, sampler_name = ((ref_params, "reference") if previous is None else
@@ -696,7 +726,7 @@ def run_preference_round(env: Env, prior, frozen, init_policy, previous,
   data_config = _data_config(env, **synthetic_overrides)
   it = pipeline.make_iterator(data_config, env.tokenizer, "train", env.workdir,
                               env.process_index, env.process_count, mode="pairs")
-  fields = pair_fields(prior, config)
+  fields = pair_fields(prior, config, contrastive="plus" in frozen)
   cache = None
   if "ref_logps" in fields:
     t0 = time.perf_counter()
@@ -720,6 +750,8 @@ def run_preference_round(env: Env, prior, frozen, init_policy, previous,
   k_pol, k_pri = t.policy_steps_per_round, t.prior_steps_per_round
 
   def step(state, local, step_index):
+    if reverse:
+      local = _reverse_pairs(local)
     if cache is not None:
       local = cache.add_to(local)
     batch = env.global_batch(_pair_arrays(local, fields))
@@ -743,10 +775,43 @@ def run_preference_round(env: Env, prior, frozen, init_policy, previous,
   # is the SFT checkpoint, the previous policy the last round's checkpoint.
   state = {"policy": policy, "policy_opt": policy_opt, "prior": prior_params,
            "prior_opt": prior_opt}
-  stage = "preference" if config.rounds == 1 else f"preference/round{round_index}"
-  spec = LoopSpec(stage, preference_dir(env, round_index), t.steps, it, _tokens, step)
+  if stage is None:
+    stage = "preference" if config.rounds == 1 else f"preference/round{round_index}"
+  spec = LoopSpec(stage, directory or preference_dir(env, round_index), t.steps, it, _tokens,
+                  step)
   state = run_loop(env, spec, state)
   return state["policy"], state["prior"]
+
+
+def _reverse_pairs(local: dict) -> dict:
+  """Chosen and rejected swapped: ``[chosen; rejected]`` rows -> ``[rejected; chosen]``."""
+  out = dict(local)
+  for k, v in local.items():
+    v = np.asarray(v)
+    if v.ndim >= 1 and v.shape[0] == 2 * len(local["pair_index"]):
+      b = v.shape[0] // 2
+      out[k] = np.concatenate([v[b:], v[:b]])
+  return out
+
+
+def train_contrastive_models(env: Env, ref_params) -> dict:
+  """TIS-DPO's two contrastive models, each DPO-trained from the reference:
+  ``plus`` on the pairs, ``minus`` on the reversed pairs (or loaded from
+  ``config.tis.plus_checkpoint`` / ``minus_checkpoint``)."""
+  config = env.config
+  dpo = priors.make_prior("dpo")
+  loss_config = losses.LossConfig(alpha=config.loss.alpha)
+  models = {}
+  for name, reverse in (("plus", False), ("minus", True)):
+    given = config.tis[f"{name}_checkpoint"]
+    if given:
+      models[name] = restore_params(env, given, item="policy")
+      continue
+    models[name], _ = run_preference_round(
+        env, dpo, {"reference": ref_params}, ref_params, None, 0, stage=f"tis/{name}",
+        directory=os.path.join(env.workdir, "tis", name), reverse=reverse,
+        loss_config=loss_config)
+  return models
 
 
 def preference_dir(env: Env, round_index: Optional[int] = None) -> str:

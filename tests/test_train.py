@@ -71,6 +71,12 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
     assert "grad_norm/prior" in pref[-1] and pref[-1]["grad_norm/prior"] >= 0
   if name == "dice":
     assert os.path.exists(tmp_path / "pairs" / "policy_round0_samples.jsonl")
+  if name == "tis_dpo":
+    # The two contrastive models were trained (on the pairs and reversed) first.
+    stages = {r["stage"] for r in tu.read_metrics(str(tmp_path))}
+    assert {"tis/plus", "tis/minus"} <= stages
+    for model in ("plus", "minus"):
+      assert train.ckpt_lib.Checkpointer(str(tmp_path / "tis" / model)).latest_step() == 4
 
 
 def test_policy_and_prior_steps_touch_only_their_own_parameters(shared, tmp_path):
@@ -138,7 +144,9 @@ def test_reference_is_never_modified_by_training(shared, tmp_path):
     ({"loss.alpha": -1.0}, r"LossConfig.alpha"),
     ({"train.reference": "cached", "prior.name": "tdpo"}, r"config.train.reference: prior 'tdpo'"),
     ({"stages": ("eval", "sft")}, r"config.stages: stages run in the order"),
-    ({"prior.name": "tis_dpo"}, r"config.data.token_weights: prior 'tis_dpo' needs"),
+    ({"prior.name": "tis_dpo", "tis.weights": "oracle"},
+     r"config.data.token_weights: prior 'tis_dpo' with tis.weights='oracle'"),
+    ({"tis.weights": "learned"}, r"config.tis.weights: must be 'contrastive' or 'oracle'"),
     ({"data.bad_rows": "ignore"}, r"config.data.bad_rows"),
 ])
 def test_wrong_configs_name_the_key(overrides, match):
