@@ -30,7 +30,7 @@ Required (flag, or the environment variable in brackets):
                             (not needed with --no-create)                [TPU_RUNTIME_VERSION]
   --config CONFIG           config file inside the copied tree, e.g. configs/dpo.py
                             or configs/dpo.py:full (the get_config argument)
-  --workdir WORKDIR         gs://BUCKET/PATH (needed on pod slices: every worker must see the
+  --workdir WORKDIR         a directory every worker sees (a shared mount on pod slices: every worker must see the
                             same directory) or a path on each worker (relative to --remote-dir)
 
 Options:
@@ -201,8 +201,8 @@ done
 JAX_VERSION=$(sed -n 's/^[[:space:]]*"jax==\([^"]*\)".*/\1/p' setup.py | head -n 1)
 [[ -n $JAX_EXTRA && -z $JAX_VERSION ]] && die "could not read the jax version pinned in setup.py"
 
-if [[ $WORKDIR != gs://* ]]; then
-  note "workdir $WORKDIR is local to each worker; on a pod slice use gs://BUCKET/PATH" >&2
+if [[ $WORKDIR == gs://* ]]; then
+  note "gs:// workdirs are not supported yet by midpo's own files; use a shared mount" >&2
 fi
 
 GCLOUD_FLAGS=(--zone="$ZONE")
