@@ -261,7 +261,8 @@ def run_loop(env: Env, spec: LoopSpec, state: dict) -> dict:
         if pending is not None:
           drain(pending)
           pending = None
-        save(step, force=True)
+        if last_good != step:  # not already saved by the periodic checkpoint
+          save(step, force=True)
         ckpt.wait()
         logging.warning("%s: checkpoint at step %d saved after SIGTERM; exiting.", spec.stage,
                         step)

@@ -1,0 +1,105 @@
+"""Preference-training step speed: online reference vs cached reference log-probs.
+
+Builds the default run's pieces (the known-reward task, the tiny model, the
+DPO prior) without training an SFT model (speed does not depend on the
+weights), then times jitted policy steps on the same batches with the
+reference forward inside the step (``online``) and with the reference's
+log-probs cached before training (``cached``). Batches are drawn round-robin
+from the same iterator plan; each figure is a median over rounds.
+
+    python benchmarks/bench_train.py
+    python benchmarks/bench_train.py --config=configs/dpo.py --pairs 32 --rounds 10
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from midpo import config_lib, train
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/dpo.py")
+  parser.add_argument("--pairs", type=int, default=32, help="pairs per step")
+  parser.add_argument("--rounds", type=int, default=8)
+  parser.add_argument("--steps_per_round", type=int, default=10)
+  parser.add_argument("--workdir", default=None, help="default: a temporary directory")
+  args = parser.parse_args()
+
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cfg", args.config)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.batch_size = args.pairs
+  config.data.synthetic.num_train = 2000
+  config.pairs_from = "dataset"
+  workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
+
+  results = {}
+  for mode in ("online", "cached"):
+    config.train.reference = mode
+    env = train.make_env(config, os.path.join(workdir, mode))
+    prior = config_lib.make_prior(config)
+    loss_config = config_lib.make_loss_config(config)
+    ref = train.init_params(env, 0)
+    data_config = train._data_config(env)
+    it = train.pipeline.make_iterator(data_config, env.tokenizer, "train", None, mode="pairs")
+    fields = train.pair_fields(prior, config)
+    t0 = time.perf_counter()
+    cache = train.ReferenceCache(env, it, ref) if mode == "cached" else None
+    cache_seconds = time.perf_counter() - t0
+    tx = train._adamw(1e-4, 0, 1000, 0.0, 1.0)
+    policy = jax.tree.map(lambda x: x.copy(), ref)
+    opt = train._init_opt(tx, policy, env.mesh)
+    shard = {"policy": train.shardings_of(policy), "policy_opt": train.shardings_of(opt),
+             "prior": None, "prior_opt": None}
+    steps = train.make_preference_steps(env, prior, loss_config, tx, tx, shard)
+    frozen = {"reference": ref}
+    plan = it.epoch_plan(0)
+    batches = []
+    for idx in plan[:args.steps_per_round]:
+      local = it.make_batch(idx)
+      if cache is not None:
+        local = cache.add_to(local)
+      batches.append((env.global_batch(train._pair_arrays(local, fields)),
+                      int(local["attention_mask"].sum())))
+    rng = jax.random.key(0)
+    for b, _ in batches:  # compile every bucket shape
+      policy, opt, m = steps.policy(policy, opt, None, frozen, b, rng)
+    jax.block_until_ready(m)
+    per_round = []
+    for _ in range(args.rounds):
+      start = time.perf_counter()
+      for b, _ in batches:
+        policy, opt, m = steps.policy(policy, opt, None, frozen, b, rng)
+      jax.block_until_ready(m)
+      per_round.append(time.perf_counter() - start)
+    seconds = statistics.median(per_round) / len(batches)
+    tokens = np.mean([n for _, n in batches])
+    results[mode] = dict(seconds=seconds, tokens=tokens, cache_seconds=cache_seconds,
+                         pairs=len(it.pairs))
+
+  device = jax.devices()[0]
+  print(f"# {platform.machine()} {device.platform}, {jax.device_count()} device(s), "
+        f"jax {jax.__version__}; config {args.config}, {args.pairs} pairs/step, "
+        f"{args.steps_per_round} batches x {args.rounds} rounds")
+  for mode, r in results.items():
+    extra = (f"  (cache of {r['pairs']} pairs built in {r['cache_seconds']:.1f} s)"
+             if mode == "cached" else "")
+    print(f"{mode:7s} {1e3 * r['seconds']:8.2f} ms/step  {1 / r['seconds']:6.2f} steps/s  "
+          f"{r['tokens'] / r['seconds']:9.0f} tokens/s{extra}")
+  ratio = results["cached"]["seconds"] / results["online"]["seconds"]
+  print(f"cached/online step time: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+  main()

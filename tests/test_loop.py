@@ -1,0 +1,91 @@
+"""The training loop's bookkeeping on a toy state: resume, SIGTERM, non-finite loss."""
+
+import types
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from midpo import checkpoint as ckpt_lib
+from midpo import metrics_writer, train
+
+
+class CountingIterator:
+  """Yields batches {"x": [i]}; its state is the position."""
+
+  def __init__(self):
+    self.i = 0
+
+  def __next__(self):
+    self.i += 1
+    return {"x": np.array([self.i], np.float32), "attention_mask": np.ones((1, 1))}
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, state):
+    self.i = state["i"]
+
+
+def _env(tmp_path):
+  config = ml_collections.ConfigDict({"checkpoint_every": 5, "max_checkpoints": 3,
+                                      "log_every": 1})
+  return types.SimpleNamespace(
+      config=config, writer=metrics_writer.MetricsWriter(str(tmp_path), enabled=True),
+      sigterm=train._SigtermFlag(), process_count=1, process_index=0)
+
+
+def _spec(env, tmp_path, total, on_step=None, loss=None):
+  def step(state, local, index):
+    if on_step is not None:
+      on_step(index)
+    x = state["params"]["x"] + local["x"][0]
+    value = x if loss is None else loss(index)
+    return {"params": {"x": x}}, {"loss": value}
+
+  return train.LoopSpec("toy", str(tmp_path / "ckpt"), total, CountingIterator(),
+                        train._tokens, step)
+
+
+def test_sigterm_right_after_a_periodic_checkpoint_exits_cleanly_and_resumes(tmp_path):
+  env = _env(tmp_path)
+
+  def flag(index):
+    if index == 4:  # step 5 completes, the periodic checkpoint 5 is saved, then we stop
+      env.sigterm.received = True
+
+  with pytest.raises(train.Preempted) as exc:
+    train.run_loop(env, _spec(env, tmp_path, 12, on_step=flag), {"params": {"x": jnp.zeros(())}})
+  assert exc.value.step == 5 and exc.value.code == 143
+  assert ckpt_lib.Checkpointer(str(tmp_path / "ckpt")).latest_step() == 5
+  env.sigterm.received = False
+  state = train.run_loop(env, _spec(env, tmp_path, 12), {"params": {"x": jnp.zeros(())}})
+  # Batches 1..12 were each consumed once: the data position was restored too.
+  assert float(state["params"]["x"]) == sum(range(1, 13))
+
+
+def test_sigterm_between_checkpoints_saves_at_the_current_step(tmp_path):
+  env = _env(tmp_path)
+
+  def flag(index):
+    if index == 6:
+      env.sigterm.received = True
+
+  with pytest.raises(train.Preempted) as exc:
+    train.run_loop(env, _spec(env, tmp_path, 12, on_step=flag), {"params": {"x": jnp.zeros(())}})
+  assert exc.value.step == 7
+  assert ckpt_lib.Checkpointer(str(tmp_path / "ckpt")).all_steps() == [5, 7]
+  env.sigterm.received = False
+  state = train.run_loop(env, _spec(env, tmp_path, 12), {"params": {"x": jnp.zeros(())}})
+  assert float(state["params"]["x"]) == sum(range(1, 13))
+
+
+def test_non_finite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
+  env = _env(tmp_path)
+  loss = lambda index: jnp.float32(np.nan) if index == 7 else jnp.float32(1.0)
+  with pytest.raises(FloatingPointError,
+                     match=r"toy: non-finite loss \(nan\) at step 7; the last good checkpoint "
+                           r"is step 5"):
+    train.run_loop(env, _spec(env, tmp_path, 12, loss=loss), {"params": {"x": jnp.zeros(())}})
+  assert ckpt_lib.Checkpointer(str(tmp_path / "ckpt")).latest_step() == 5
