@@ -15,8 +15,11 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 import jax
 import numpy as np
