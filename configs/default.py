@@ -67,6 +67,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.batch_size = 32         # pairs (or SFT rows) per step, per process
   c.data.max_length = 96
   c.data.num_buckets = 4         # one compilation per bucket length
+  # Blocks the data is cut into (0: one per process). Runs with the same
+  # num_shards see the same global batches on any number of hosts.
+  c.data.num_shards = 0
   c.data.synthetic.num_sft = 20000 if full else 6000
   c.data.synthetic.num_train = 20000 if full else 6000
   c.data.synthetic.num_test = 2000 if full else 512

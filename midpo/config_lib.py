@@ -153,6 +153,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
       config.data.token_weights == "none"):
     _fail("data.token_weights", "prior 'tis_dpo' with tis.weights='oracle' reads the data's "
           "token weights; set 'oracle' (the synthetic task's per-token reward)")
+  shards = config.data.get("num_shards", 0)
+  if not isinstance(shards, int) or shards < 0:
+    _fail("data.num_shards", f"must be an int >= 0; got {shards!r}")
+  if shards and shards % process_count:
+    _fail("data.num_shards", f"{shards} is not a multiple of the {process_count} processes")
+  if shards and config.data.batch_size % (shards // process_count):
+    _fail("data.batch_size", f"{config.data.batch_size} pairs per process do not split over "
+          f"{shards // process_count} shards per process")
   shape = mesh_shape(config, num_devices)
   batch_shards = shape["data"] * shape["fsdp"]
   global_pairs = config.data.batch_size * process_count

@@ -161,20 +161,19 @@ def implicit_reward_accuracy(env, policy, frozen, prior_params) -> dict:
   data_config.shuffle = False
   if config.data.source == "files" and not list(config.data.files.test_files):
     return {"skipped": "no test files (config.data.files.test_files)"}
-  it = pipeline.make_iterator(data_config, env.tokenizer, "test", env.workdir,
-                              env.process_index, env.process_count, mode="pairs")
-  # Held-out pairs have no cached reference log-probs: the reference runs online.
+  it = train_lib.make_batches(env, data_config, "test", mode="pairs")
   loss_fn = train_lib.make_pair_loss(env, prior, config_lib.make_loss_config(config),
                                      reference="online")
   eval_step = jax.jit(lambda p, q, r, b: loss_fn(p, q, r, b, None, False)[1][1])
   fields = train_lib.pair_fields(prior, config, reference="online",
                                  contrastive="plus" in frozen)
-  plan = it.epoch_plan(0)
   per_step = config.data.batch_size * env.process_count
-  n_batches = min(len(plan), max(1, -(-config.eval.num_pairs // per_step)))
+  n_batches = min(it.num_epoch_batches(), max(1, -(-config.eval.num_pairs // per_step)))
+  if env.process_count > 1:  # every process runs the same number of steps
+    n_batches = int(np.min(multihost_utils.process_allgather(np.array(n_batches))))
   logits = []
-  for idx in plan[:n_batches]:
-    batch = env.global_batch(train_lib._pair_arrays(it.make_batch(idx), fields))
+  for local in it.first_batches(n_batches):
+    batch = env.global_batch(train_lib._pair_arrays(local, fields))
     logits.append(_gather(eval_step(policy, prior_params, frozen, batch)))
   z = np.concatenate(logits)
   m, se = _mean_se((z > 0).astype(np.float64))

@@ -40,6 +40,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from midpo import batches as batches_lib
 from midpo import checkpoint as ckpt_lib
 from midpo import config_lib, losses, priors, stats
 from midpo import token_weights as token_weights_lib
@@ -110,12 +111,27 @@ class Env:
     return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows -> one global array per key, sharded over the batch."""
+    """This process's rows -> one global array per key, sharded over the batch.
+
+    With several processes, arrays with a length axis (the last) are first
+    padded to the longest of any process, so that shapes agree.
+    """
+    if self.process_count > 1:
+      lengths = [np.asarray(v).shape[-1] for v in local.values() if np.ndim(v) >= 2]
+      if lengths:
+        t = int(np.max(multihost_utils.process_allgather(np.array(max(lengths)))))
+        local = {k: _pad_last(np.asarray(v), t) if np.ndim(v) >= 2 else v
+                 for k, v in local.items()}
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local.items()}
 
   def model(self, params) -> nnx.Module:
     return nnx.merge(self.graphdef, params)
+
+
+def _pad_last(x: np.ndarray, t: int) -> np.ndarray:
+  pad = [(0, 0)] * (x.ndim - 1) + [(0, t - x.shape[-1])]
+  return np.pad(x, pad) if x.shape[-1] < t else x
 
 
 def make_tokenizer(config):
@@ -288,8 +304,11 @@ def run_loop(env: Env, spec: LoopSpec, state: dict) -> dict:
 
 
 def _should_stop(env: Env, step: int) -> bool:
+  """SIGTERM on any process stops every process at the same step."""
+  del step
   if env.process_count > 1:
-    return multihost_utils.reached_preemption_sync_point(step) or env.sigterm.received
+    flags = multihost_utils.process_allgather(np.array(env.sigterm.received, np.int32))
+    return bool(np.max(flags))
   return env.sigterm.received
 
 
@@ -354,8 +373,7 @@ def run_sft(env: Env) -> PyTree:
     return restore_params(env, config.sft.checkpoint)
   if config.model.hf_path:
     return load_hf_params(env)
-  it = pipeline.make_iterator(_data_config(env), env.tokenizer, "sft", env.workdir,
-                              env.process_index, env.process_count, mode="sft")
+  it = make_batches(env, _data_config(env), "sft", mode="sft")
   params = init_params(env, config.seed)
   tx = _adamw(config.sft.learning_rate, config.sft.warmup_steps, config.sft.steps,
               config.sft.weight_decay, 1.0)
@@ -380,6 +398,13 @@ def run_sft(env: Env) -> PyTree:
   spec = LoopSpec("sft", os.path.join(env.workdir, "sft"), config.sft.steps, it, _tokens, step)
   state = run_loop(env, spec, {"params": params, "opt": opt})
   return state["params"]
+
+
+def make_batches(env: Env, data_config, split: str, mode: str) -> batches_lib.ShardedBatches:
+  """This process's share of ``split`` (see ``midpo.batches``)."""
+  return batches_lib.ShardedBatches(data_config, env.tokenizer, split, env.workdir,
+                                    process_index=env.process_index,
+                                    process_count=env.process_count, mode=mode)
 
 
 def _sft_arrays(local):
@@ -586,15 +611,14 @@ class ReferenceCache:
                                 vocab_chunk=chunk)
       return jnp.pad(lp, ((0, 0), (1, 0)))
 
-    n, b = len(it.pairs), it.batch_size
     # Every process runs the same number of (collective) steps.
-    chunks = -(-n // b)
+    chunks = it.num_chunks()
     if env.process_count > 1:
       chunks = int(np.max(multihost_utils.process_allgather(np.array(chunks))))
     self._rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for c in range(chunks):
-      idx = np.arange(c * b, (c + 1) * b) % max(n, 1)
-      local = it.make_batch(idx)
+      local = it.chunks(c)
+      b = len(local["pair_index"])
       g = env.global_batch(_pair_arrays(local, ("tokens", "attention_mask")))
       flat = lambda x: x.reshape((-1,) + x.shape[2:])
       lp = np.asarray(_local_rows(row_logps(ref_params, flat(g["tokens"]),
@@ -725,8 +749,7 @@ def run_preference_round(env: Env, prior, frozen, init_policy, previous, round_i
   if config.pairs_from == "reference" or round_index > 0:
     synthetic_overrides["samples_path"] = sample_pairs(env, sampler, sampler_name, round_index)
   data_config = _data_config(env, **synthetic_overrides)
-  it = pipeline.make_iterator(data_config, env.tokenizer, "train", env.workdir,
-                              env.process_index, env.process_count, mode="pairs")
+  it = make_batches(env, data_config, "train", mode="pairs")
   fields = pair_fields(prior, config, contrastive="plus" in frozen)
   cache = None
   if "ref_logps" in fields:
@@ -740,7 +763,7 @@ def run_preference_round(env: Env, prior, frozen, init_policy, previous, round_i
   prior_tx = _adamw(t.prior_learning_rate, t.warmup_steps, t.steps, t.prior_weight_decay,
                     t.grad_clip)
   policy_opt = _init_opt(policy_tx, policy, env.mesh)
-  example = it.make_batch(it.epoch_plan(0)[0])
+  example = it.first_batches(1)[0]
   prior_params = init_prior_params(env, prior, ref_params, example)
   prior_opt = _init_opt(prior_tx, prior_params, env.mesh) if prior_params is not None else None
   shard = {"policy": shardings_of(policy), "policy_opt": shardings_of(policy_opt),

@@ -142,7 +142,10 @@ def generate(model: Transformer, prompt_tokens, prompt_mask, *, rng: jax.Array,
     raise ValueError(
         f"prompt_tokens {np.shape(prompt_tokens)} and prompt_mask {np.shape(prompt_mask)} "
         "must both be [batch, length].")
-  if not isinstance(prompt_mask, jax.core.Tracer):
+  # On several processes each holds only its rows: the empty-prompt check then
+  # runs on the caller's host data, not here.
+  if not isinstance(prompt_mask, jax.core.Tracer) and getattr(prompt_mask,
+                                                              "is_fully_addressable", True):
     lengths = np.asarray(jax.device_get(prompt_mask)).sum(axis=1)
     if (lengths == 0).any():
       raise ValueError(f"Rows {np.flatnonzero(lengths == 0).tolist()} have empty prompts.")
