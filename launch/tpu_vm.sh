@@ -58,47 +58,7 @@ midpo.main unchanged (quoted for the remote shell).
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "$PROG" "$1" >&2
-  printf "Run '%s --help' for usage.\n" "$PROG" >&2
-  exit 2
-}
-
-# Quote one word for a POSIX shell; words made of safe characters are left as they are, and
-# in `--option=value` only the value is quoted.
-q() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=,+@%^-]+$ ]]; then
-    printf '%s' "$s"
-  elif [[ $s =~ ^(--[A-Za-z0-9][A-Za-z0-9._-]*=)(.+)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"
-    q "${BASH_REMATCH[2]}"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Quote every argument and join them with spaces.
-qjoin() {
-  local out="" a
-  for a in "$@"; do
-    out+="${out:+ }$(q "$a")"
-  done
-  printf '%s' "$out"
-}
-
-DRY_RUN=${DRY_RUN:-0}
-is_dry() { [[ $DRY_RUN == 1 || $DRY_RUN == true || $DRY_RUN == yes ]]; }
-
-# Print a command as `+ WORDS` (stdout in dry-run, stderr otherwise) and run it unless dry-run.
-run() {
-  if is_dry; then
-    printf '+ %s\n' "$(qjoin "$@")"
-  else
-    printf '+ %s\n' "$(qjoin "$@")" >&2
-    "$@"
-  fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 note() {
   if is_dry; then printf '# %s\n' "$1"; else printf '# %s\n' "$1" >&2; fi
