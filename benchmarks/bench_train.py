@@ -55,7 +55,7 @@ def main():
     loss_config = config_lib.make_loss_config(config)
     ref = train.init_params(env, 0)
     data_config = train._data_config(env)
-    it = train.pipeline.make_iterator(data_config, env.tokenizer, "train", None, mode="pairs")
+    it = train.make_batches(env, data_config, "train", mode="pairs")
     fields = train.pair_fields(prior, config)
     t0 = time.perf_counter()
     cache = train.ReferenceCache(env, it, ref) if mode == "cached" else None
@@ -67,10 +67,8 @@ def main():
              "prior": None, "prior_opt": None}
     steps = train.make_preference_steps(env, prior, loss_config, tx, tx, shard)
     frozen = {"reference": ref}
-    plan = it.epoch_plan(0)
     batches = []
-    for idx in plan[:args.steps_per_round]:
-      local = it.make_batch(idx)
+    for local in it.first_batches(args.steps_per_round):
       if cache is not None:
         local = cache.add_to(local)
       batches.append((env.global_batch(train._pair_arrays(local, fields)),
@@ -89,7 +87,7 @@ def main():
     seconds = statistics.median(per_round) / len(batches)
     tokens = np.mean([n for _, n in batches])
     results[mode] = dict(seconds=seconds, tokens=tokens, cache_seconds=cache_seconds,
-                         pairs=len(it.pairs))
+                         pairs=it.pairs)
 
   device = jax.devices()[0]
   print(f"# {platform.machine()} {device.platform}, {jax.device_count()} device(s), "

@@ -112,6 +112,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Rounds of preference training (DICE: each round's policy is the next
   # round's prior and samples its pairs; other priors keep the reference).
   c.rounds = 1
+  # DICE's rounds r >= 1: samples_per_prompt responses from the previous
+  # policy, labelled by the implicit reward log pi_{r-1} - log pi_{r-2}
+  # ('implicit') or the known reward ('reward'), best vs worst after length
+  # regularisation, with offline pairs of round 0 mixed in at offline_ratio.
+  c.dice = ml_collections.ConfigDict({
+      "labels": "implicit", "samples_per_prompt": 4, "offline_ratio": 0.5})
   # TIS-DPO's token weights: 'contrastive' (the paper's: two DPO models
   # trained on the pairs and on the reversed pairs; loaded instead when their
   # checkpoints are given) or 'oracle' (the synthetic task's true per-token

@@ -108,6 +108,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   if config.rounds > 1 and config.data.source != "synthetic":
     _fail("rounds", "rounds after the first sample new pairs labelled by the synthetic task's "
           "known reward; with data.source='files' use rounds=1")
+  if config.dice.labels not in ("implicit", "reward"):
+    _fail("dice.labels", f"must be 'implicit' or 'reward'; got {config.dice.labels!r}")
+  if not isinstance(config.dice.samples_per_prompt, int) or config.dice.samples_per_prompt < 2:
+    _fail("dice.samples_per_prompt", f"must be an int >= 2; got {config.dice.samples_per_prompt!r}")
+  if not 0.0 <= config.dice.offline_ratio < 1.0:
+    _fail("dice.offline_ratio", f"must be in [0, 1); got {config.dice.offline_ratio}")
   for key in ("sft.steps", "train.steps", "train.policy_steps_per_round",
               "train.prior_steps_per_round", "checkpoint_every", "log_every",
               "max_checkpoints", "eval.num_prompts", "eval.batch_size", "eval.max_new_tokens"):

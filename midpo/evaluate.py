@@ -27,7 +27,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from midpo import config_lib, stats
-from midpo.data import pipeline, synthetic
+from midpo.data import synthetic
 from midpo.models.generate import generate as generate_fn
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -699,6 +698,100 @@ def sample_pairs(env: Env, params, name: str, round_index: int) -> str:
   return path
 
 
+def select_pairs(scores: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+  """DICE's length-regularised choice among K samples per prompt.
+
+  ``chosen = argmax_k (score - a |y|)``, ``rejected = argmin_k`` of the same,
+  with ``a >= 0`` picked from a grid so that the mean lengths of the chosen and
+  the rejected responses differ least (the smallest such ``a`` on ties).
+  Returns ``(chosen index [N], rejected index [N], a)``.
+  """
+  scores = np.asarray(scores, np.float64)
+  lengths = np.asarray(lengths, np.float64)
+  rows = np.arange(len(scores))
+  best = None
+  for a in np.concatenate([[0.0], np.geomspace(1e-3, 10.0, 81)]):
+    reg = scores - a * lengths
+    hi, lo = reg.argmax(axis=1), reg.argmin(axis=1)
+    gap = abs(lengths[rows, hi].mean() - lengths[rows, lo].mean())
+    if best is None or gap < best[0] - 1e-12:
+      best = (gap, hi, lo, float(a))
+  return best[1], best[2], best[3]
+
+
+def sample_dice_pairs(env: Env, sampler, older, name: str, round_index: int) -> str:
+  """DICE round ``r >= 1``: K responses per prompt from the previous policy,
+  scored by the implicit reward ``log pi_{r-1}(y) - log pi_{r-2}(y)`` (or the
+  known reward, ``dice.labels='reward'``), the best and worst after DICE's
+  length regularisation paired, and offline pairs of round 0 mixed in
+  (``dice.offline_ratio``). Written as ``[chosen, rejected]`` rows."""
+  config = env.config
+  d = config.dice
+  path = os.path.join(env.workdir, "pairs", f"dice_round{round_index}_samples.jsonl")
+  if os.path.exists(path):
+    return path
+  prompts = synthetic.prompts(config.data.synthetic.seed, "train", config.num_pair_prompts)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 4), round_index)
+  logging.info("DICE round %d: sampling %d x %d responses from %s", round_index,
+               d.samples_per_prompt, len(prompts), name)
+  samples = [eval_lib.sample(env, sampler, prompts, jax.random.fold_in(key, k))
+             for k in range(d.samples_per_prompt)]
+  texts = [[env.tokenizer.decode(s.responses[i]) for s in samples] for i in range(len(prompts))]
+  lengths = np.stack([s.lengths for s in samples], axis=1)
+  if d.labels == "implicit":
+    scores = np.stack([s.logps - eval_lib.sequence_logps(env, older, s) for s in samples],
+                      axis=1)
+  else:
+    scores = np.array([[synthetic.reward(p, y) for y in ys] for p, ys in zip(prompts, texts)])
+  hi, lo, a = select_pairs(scores, lengths)
+  keep = [i for i in range(len(prompts)) if texts[i][hi[i]] != texts[i][lo[i]]]
+  rows_p = [prompts[i] for i in keep]
+  rows_r = [[texts[i][hi[i]], texts[i][lo[i]]] for i in keep]
+  true_w = np.array([synthetic.reward(p, r[0]) for p, r in zip(rows_p, rows_r)])
+  true_l = np.array([synthetic.reward(p, r[1]) for p, r in zip(rows_p, rows_r)])
+  n_new = len(rows_p)
+  n_off = 0
+  if d.offline_ratio > 0:
+    n_off = int(round(n_new * d.offline_ratio / (1.0 - d.offline_ratio)))
+    offline = _offline_pairs(env, n_off)
+    n_off = len(offline)
+    rows_p += [p for p, _ in offline]
+    rows_r += [r for _, r in offline]
+  stats_row = {"length_coef": a, "pairs_new": n_new, "pairs_offline": n_off,
+               "pairs_identical_dropped": len(prompts) - n_new,
+               "true_reward_chosen": float(true_w.mean()) if n_new else float("nan"),
+               "true_reward_rejected": float(true_l.mean()) if n_new else float("nan"),
+               "label_accuracy_vs_true_reward": float(np.mean(true_w > true_l)) if n_new
+               else float("nan"),
+               "length_chosen": float(np.mean(lengths[np.arange(len(hi)), hi])),
+               "length_rejected": float(np.mean(lengths[np.arange(len(lo)), lo]))}
+  env.writer.write(f"dice/round{round_index}", 0, stats_row)
+  logging.info("DICE round %d pairs: %s", round_index, stats_row)
+  if env.process_index == 0:
+    tmp = path + ".tmp"
+    tfds_builders.write_samples_file(tmp, rows_p, rows_r, extra={"model": name,
+                                                                  "labels": d.labels})
+    os.replace(tmp, path)
+  multihost_utils.sync_global_devices(f"dice_round{round_index}")
+  return path
+
+
+def _offline_pairs(env: Env, n: int) -> list[tuple[str, list[str]]]:
+  """The first ``n`` labelled pairs of round 0's training data (DICE's replay)."""
+  config = env.config
+  overrides = {}
+  if config.pairs_from == "reference":
+    overrides["samples_path"] = os.path.join(env.workdir, "pairs", "reference_samples.jsonl")
+  source = pipeline.builder_from_config(_data_config(env, **overrides), build=False)
+  data = source.as_data_source(split="train")
+  text = lambda x: x.decode() if isinstance(x, bytes) else str(x)
+  out = []
+  for i in range(min(n, len(data))):
+    ex = data[i]
+    out.append((text(ex["prompt"]), [text(ex["chosen"]), text(ex["rejected"])]))
+  return out
+
+
 def run_preference(env: Env, ref_params) -> tuple[PyTree, PyTree, dict]:
   """All rounds of preference training.
 
@@ -712,10 +805,14 @@ def run_preference(env: Env, ref_params) -> tuple[PyTree, PyTree, dict]:
   contrastive = {}
   if prior.name == "tis_dpo" and config.tis.weights == "contrastive":
     contrastive = train_contrastive_models(env, ref_params)
+  older = ref_params  # the policy before `previous` (DICE's implicit reward)
   for r in range(config.rounds):
     frozen = dict(frozen_models(prior, ref_params, previous), **contrastive)
-    policy, prior_params = run_preference_round(env, prior, frozen, policy, previous, r)
+    policy, prior_params = run_preference_round(env, prior, frozen, policy, previous, r,
+                                                older=older)
     # DICE: the policy of this round is the next round's prior (and sampler).
+    if previous is not None:
+      older = previous
     previous = policy
   return policy, prior_params, frozen
 
@@ -728,8 +825,8 @@ def frozen_models(prior, ref_params, previous) -> dict:
 
 
 def run_preference_round(env: Env, prior, frozen, init_policy, previous, round_index: int, *,
-                         stage: Optional[str] = None, directory: Optional[str] = None,
-                         reverse: bool = False,
+                         older=None, stage: Optional[str] = None,
+                         directory: Optional[str] = None, reverse: bool = False,
                          loss_config: Optional[losses.LossConfig] = None
                          ) -> tuple[PyTree, PyTree]:
   """One round of preference training of ``init_policy`` under ``prior``.
@@ -746,7 +843,11 @@ def run_preference_round(env: Env, prior, frozen, init_policy, previous, round_i
   sampler, sampler_name = ((ref_params, "reference") if previous is None else
                            (previous, f"policy_round{round_index - 1}"))
   synthetic_overrides = {}
-  if config.pairs_from == "reference" or round_index > 0:
+  if round_index > 0:
+    synthetic_overrides["samples_path"] = sample_dice_pairs(
+        env, previous, older, sampler_name, round_index)
+    synthetic_overrides["labels"] = "given"
+  elif config.pairs_from == "reference":
     synthetic_overrides["samples_path"] = sample_pairs(env, sampler, sampler_name, round_index)
   data_config = _data_config(env, **synthetic_overrides)
   it = make_batches(env, data_config, "train", mode="pairs")

@@ -171,6 +171,28 @@ def test_pairs_from_model_samples(tmp_path):
     assert rep["bad_rows"][report_lib.EMPTY_RESPONSE] == 3
 
 
+def test_pairs_with_given_labels_keep_the_callers_order(tmp_path):
+    path = str(tmp_path / "given.jsonl")
+    prompts = ["tell me about the pasta .", "review the phone .", "describe the cake ."]
+    # The caller (DICE's implicit reward) decided: first chosen, second rejected, even
+    # where the true reward disagrees (second row).
+    responses = [["the pasta is good .", "the pasta is awful ."],
+                 ["the phone is awful .", "the phone is great ."],
+                 ["the cake is good .", "the cake is fine .", "it is dull ."]]
+    tfds_builders.write_samples_file(path, prompts, responses)
+    b = tfds_builders.synthetic_builder(str(tmp_path / "d"), seed=0, samples_path=path,
+                                        labels="given")
+    exs = _examples(b, "train")
+    assert [(e["chosen"], e["rejected"]) for e in exs] == [tuple(r) for r in responses[:2]]
+    assert all(math.isnan(e["label_probability"]) for e in exs)
+    assert exs[1]["reward_chosen"] < exs[1]["reward_rejected"]
+    rep = tfds_builders.build_report(b, "train")
+    assert rep["rows_read"] == 3 and rep["rows_kept"] == 2
+    assert rep["bad_rows"] == {report_lib.MISSING_FIELD: 1}  # three responses: not a pair
+    with pytest.raises(ValueError, match="labels must be one of"):
+        tfds_builders.synthetic_config(labels="oracle")
+
+
 def test_default_sized_config_is_accepted(tmp_path):
     # A hash-named config with default fields must not clash with the registered one.
     cfg = tfds_builders.synthetic_config()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from midpo import config_lib, train
+from midpo.data import pipeline
 from tests import train_utils as tu
 
 ALGORITHMS = ("dpo", "dice", "hdpo", "rdpo", "simpo", "tdpo", "tis_dpo", "sparsepo")
@@ -70,7 +71,13 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
   if name == "sparsepo":
     assert "grad_norm/prior" in pref[-1] and pref[-1]["grad_norm/prior"] >= 0
   if name == "dice":
-    assert os.path.exists(tmp_path / "pairs" / "policy_round0_samples.jsonl")
+    # Round 1's pairs: the round-0 policy's samples, labelled by the implicit
+    # reward, plus offline pairs of round 0 (replay ratio 0.5: as many).
+    rows = [json.loads(l) for l in open(tmp_path / "pairs" / "dice_round1_samples.jsonl")]
+    dice = [r for r in tu.read_metrics(str(tmp_path)) if r["stage"] == "dice/round1"][0]
+    assert dice["pairs_new"] + dice["pairs_offline"] == len(rows)
+    assert dice["pairs_offline"] == dice["pairs_new"] > 0
+    assert all(len(r["responses"]) == 2 for r in rows)
   if name == "tis_dpo":
     # The two contrastive models were trained (on the pairs and reversed) first.
     stages = {r["stage"] for r in tu.read_metrics(str(tmp_path))}
@@ -87,7 +94,7 @@ def test_policy_and_prior_steps_touch_only_their_own_parameters(shared, tmp_path
   reference = train.run_sft(env)
   reference_before = jax.device_get(reference)
   prior = config_lib.make_prior(config)
-  it = train.pipeline.make_iterator(train._data_config(env), env.tokenizer, "train", None,
+  it = pipeline.make_iterator(train._data_config(env), env.tokenizer, "train", None,
                                     mode="pairs")
   local = it.make_batch(it.epoch_plan(0)[0])
   fields = train.pair_fields(prior, config)
@@ -134,6 +141,26 @@ def test_reference_is_never_modified_by_training(shared, tmp_path):
   assert not tu.tree_equal(jax.device_get(policy), before)
 
 
+def test_dice_pair_selection_is_length_regularised():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(5, 40, (200, 4)).astype(float)
+  # Scores that grow with length: unregularised, chosen responses are longer.
+  scores = 0.3 * lengths + rng.normal(0, 1, lengths.shape)
+  hi0, lo0 = scores.argmax(1), scores.argmin(1)
+  rows = np.arange(200)
+  gap0 = abs(lengths[rows, hi0].mean() - lengths[rows, lo0].mean())
+  hi, lo, a = train.select_pairs(scores, lengths)
+  gap = abs(lengths[rows, hi].mean() - lengths[rows, lo].mean())
+  assert a > 0 and gap < 0.25 * gap0
+  reg = scores - a * lengths
+  np.testing.assert_array_equal(hi, reg.argmax(1))
+  np.testing.assert_array_equal(lo, reg.argmin(1))
+  # Without a length effect nothing is regularised away.
+  flat = rng.normal(0, 1, lengths.shape)
+  _, _, a_flat = train.select_pairs(flat, np.full_like(lengths, 10.0))
+  assert a_flat == 0.0
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"prior.name": "dpoo"}, r"config.prior.name: unknown prior 'dpoo'"),
     ({"prior.gamma": 1.0}, r"config.prior.gamma: is set but prior 'dpo' has no such"),
@@ -147,6 +174,8 @@ def test_reference_is_never_modified_by_training(shared, tmp_path):
     ({"prior.name": "tis_dpo", "tis.weights": "oracle"},
      r"config.data.token_weights: prior 'tis_dpo' with tis.weights='oracle'"),
     ({"tis.weights": "learned"}, r"config.tis.weights: must be 'contrastive' or 'oracle'"),
+    ({"dice.offline_ratio": 1.0}, r"config.dice.offline_ratio: must be in \[0, 1\)"),
+    ({"dice.labels": "judge"}, r"config.dice.labels: must be 'implicit' or 'reward'"),
     ({"data.bad_rows": "ignore"}, r"config.data.bad_rows"),
 ])
 def test_wrong_configs_name_the_key(overrides, match):

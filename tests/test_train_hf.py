@@ -2,9 +2,7 @@
 back in that format: transformers loads the export and gives the trained
 policy's logits."""
 
-import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

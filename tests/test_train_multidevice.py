@@ -7,7 +7,6 @@ runs restore the same SFT checkpoint (written on one device), so the restore
 also reshards it onto the 8-device mesh.
 """
 
-import os
 
 import numpy as np
 

@@ -71,7 +71,7 @@ refuses a state made for other data, other settings or another process.
     source                 'synthetic' | 'files'
     data_dir               TFDS data directory (built datasets live under it)
     synthetic.*            see tfds_builders.py (seed, num_sft, num_train, num_test, temperature,
-                           label_noise, length_bias, sft_best_of, samples_path, pairing)
+                           label_noise, length_bias, sft_best_of, samples_path, pairing, labels)
     files.format, files.train_files, files.test_files     see formats.py / tfds_builders.py
     bad_rows               'skip' | 'fatal'
     max_reported_bad_rows  how many bad rows are listed with file and line
@@ -133,7 +133,7 @@ def default_config() -> ml_collections.ConfigDict:
         "synthetic": {
             "seed": 0, "num_sft": 20000, "num_train": 20000, "num_test": 2000,
             "temperature": 1.0, "label_noise": 0.0, "length_bias": 0.0, "sft_best_of": 4,
-            "samples_path": "", "pairing": "disjoint",
+            "samples_path": "", "pairing": "disjoint", "labels": "annotator",
         },
         "files": {"format": "trl_standard", "train_files": [], "test_files": []},
         "bad_rows": "skip",
@@ -549,6 +549,7 @@ def builder_from_config(c, build: bool = True):
             seed=s.seed, num_sft=s.num_sft, num_train=s.num_train, num_test=s.num_test,
             temperature=s.temperature, label_noise=s.label_noise, length_bias=s.length_bias,
             sft_best_of=s.sft_best_of, samples_path=s.samples_path, pairing=s.pairing,
+            labels=s.labels,
             bad_rows=c.bad_rows, max_reported=c.max_reported_bad_rows)
         builder = tfds_builders.SyntheticPreferences(config=cfg, data_dir=c.data_dir,
                                                      file_format=tfds_builders.FILE_FORMAT)

@@ -357,6 +357,22 @@ def candidate_pair(seed: int, split: str, index: int) -> tuple[np.random.Generat
     raise RuntimeError(f"could not draw two distinct responses for {split}[{index}]")
 
 
+def given_pair(prompt: str, chosen: str, rejected: str) -> dict:
+    """The fields of a preference example whose label was decided by the caller
+    (``label_probability`` is NaN: no annotator was asked)."""
+    rc, rr = token_rewards(prompt, chosen), token_rewards(prompt, rejected)
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "reward_chosen": float(rc.sum(dtype=np.float64)),
+        "reward_rejected": float(rr.sum(dtype=np.float64)),
+        "chosen_token_rewards": rc,
+        "rejected_token_rewards": rr,
+        "label_probability": float("nan"),
+    }
+
+
 def label_pair(rng: np.random.Generator, prompt: str, a: str, b: str, temperature: float,
                length_bias: float, label_noise: float) -> dict:
     """Labels ``(a, b)`` with the annotator; returns the fields of a preference example."""

@@ -20,6 +20,10 @@ Each build records its bad-row counts (``report.py``) in the dataset's ``metadat
     pairing ('disjoint')     samples mode: 'disjoint' pairs responses (0,1), (2,3), ... of each
                              prompt (an odd last one is counted as the note 'unpaired_responses');
                              'all' uses every unordered pair
+    labels ('annotator')     samples mode: 'annotator' labels each pair with the annotator above;
+                             'given' takes each row's responses as [chosen, rejected] as they are
+                             (labelled by the caller, e.g. DICE's implicit reward); exactly two
+                             responses per row
     bad_rows ('skip'), max_reported (5)   see report.py
 
 Examples: ``prompt``, ``chosen``, ``rejected`` (text; ``rejected`` is empty on 'sft'), ``kind``
@@ -68,6 +72,7 @@ from midpo.data.report import BadRow
 
 FILE_FORMAT = "array_record"
 PAIRINGS = ("disjoint", "all")
+LABELS = ("annotator", "given")
 
 
 def _hash(obj: Any) -> str:
@@ -107,6 +112,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     samples_path: str = ""
     samples_sha256: str = ""
     pairing: str = "disjoint"
+    labels: str = "annotator"
     bad_rows: str = "skip"
     max_reported: int = 5
 
@@ -125,6 +131,8 @@ def synthetic_config(**kwargs) -> SyntheticConfig:
     cfg = SyntheticConfig(name="tmp", **kwargs)
     if cfg.pairing not in PAIRINGS:
         raise ValueError(f"config.data.synthetic.pairing must be one of {PAIRINGS}")
+    if cfg.labels not in LABELS:
+        raise ValueError(f"config.data.synthetic.labels must be one of {LABELS}")
     if cfg.bad_rows not in report_lib.POLICIES:
         raise ValueError(f"config.data.bad_rows must be one of {report_lib.POLICIES}")
     synthetic.preference_probability(0.0, 0.0, 0, 0, cfg.temperature, cfg.length_bias,
@@ -221,7 +229,13 @@ class SyntheticPreferences(tfds.core.GeneratorBasedBuilder):
             except BadRow as bad:
                 rep.bad(bad.reason, name, line, bad.detail)
                 continue
-            if cfg.pairing == "disjoint":
+            if cfg.labels == "given":
+                if len(responses) != 2:
+                    rep.bad(report_lib.MISSING_FIELD, name, line,
+                            f"labels='given' needs [chosen, rejected]; got {len(responses)}")
+                    continue
+                pairs = [(0, 1)]
+            elif cfg.pairing == "disjoint":
                 pairs = [(j, j + 1) for j in range(0, len(responses) - 1, 2)]
                 if len(responses) % 2:
                     rep.note("unpaired_responses")
@@ -235,10 +249,13 @@ class SyntheticPreferences(tfds.core.GeneratorBasedBuilder):
                 if a == b:
                     rep.bad(report_lib.IDENTICAL_RESPONSES, name, line, f"responses {j},{k}")
                     continue
-                rng = np.random.default_rng(
-                    [cfg.seed, synthetic.SPLIT_CODES["samples"], line, j, k])
-                ex = synthetic.label_pair(rng, prompt, a, b, cfg.temperature, cfg.length_bias,
-                                          cfg.label_noise)
+                if cfg.labels == "given":
+                    ex = synthetic.given_pair(prompt, a, b)
+                else:
+                    rng = np.random.default_rng(
+                        [cfg.seed, synthetic.SPLIT_CODES["samples"], line, j, k])
+                    ex = synthetic.label_pair(rng, prompt, a, b, cfg.temperature,
+                                              cfg.length_bias, cfg.label_noise)
                 ex.update(kind="text", source=f"{name}:{line}:{j},{k}", index=index)
                 rep.kept()
                 yield f"{line}:{j}:{k}", ex
