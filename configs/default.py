@@ -39,6 +39,11 @@ def prior_config(name: str = "dpo", **hyperparameters) -> ml_collections.ConfigD
   p.l1_reward = config_dict.placeholder(float)       # sparsepo
   p.l1_kl = config_dict.placeholder(float)           # sparsepo
   p.mask_dropout = config_dict.placeholder(float)    # sparsepo
+  p.ref_bounds = config_dict.placeholder(tuple)      # constrained: (low, high) of c_ref
+  p.pol_bounds = config_dict.placeholder(tuple)      # constrained
+  p.len_bounds = config_dict.placeholder(tuple)      # constrained
+  p.kl_bounds = config_dict.placeholder(tuple)       # constrained
+  p.init = config_dict.placeholder(tuple)            # constrained: (c_ref, c_pol, c_len, c_kl)
   for key, value in hyperparameters.items():
     setattr(p, key, value)
   return p

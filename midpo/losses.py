@@ -244,6 +244,8 @@ def mi_dpo_loss(chosen: SequenceStats, rejected: SequenceStats,
       "logps/rejected": mean(sg(lp_l)),
       "prior/log_zeta_chosen": mean(sg(lp_w - s_w)),
       "prior/log_zeta_rejected": mean(sg(lp_l - s_l)),
+      # Collapse alarm for learned priors: prior mass moving to rejected responses.
+      "prior/log_zeta_gap": mean(sg((lp_w - s_w) - (lp_l - s_l))),
       "lengths/chosen": mean(n_w),
       "lengths/rejected": mean(n_l),
       "invalid/empty_responses": jnp.sum(n_w == 0) + jnp.sum(n_l == 0),

@@ -548,7 +548,7 @@ def make_preference_steps(env: Env, prior, loss_config, policy_tx, prior_tx, sha
         policy, prior_params, frozen, batch, rng, True)
     updates, prior_opt = prior_tx.update(grads, prior_opt, prior_params)
     metrics = dict(metrics, **{"grad_norm/prior": optax.tree.norm(grads)})
-    return optax.apply_updates(prior_params, updates), prior_opt, metrics
+    return prior.project(optax.apply_updates(prior_params, updates)), prior_opt, metrics
 
   def joint_step(policy, policy_opt, prior_params, prior_opt, frozen, batch, rng):
     (_, (metrics, _)), (g_pol, g_pri) = jax.value_and_grad(loss_fn, argnums=(0, 1),
@@ -558,8 +558,8 @@ def make_preference_steps(env: Env, prior, loss_config, policy_tx, prior_tx, sha
     up_p, prior_opt = prior_tx.update(g_pri, prior_opt, prior_params)
     metrics = dict(metrics, **{"grad_norm/policy": optax.tree.norm(g_pol),
                                "grad_norm/prior": optax.tree.norm(g_pri)})
-    return (optax.apply_updates(policy, up), policy_opt, optax.apply_updates(prior_params, up_p),
-            prior_opt, metrics)
+    return (optax.apply_updates(policy, up), policy_opt,
+            prior.project(optax.apply_updates(prior_params, up_p)), prior_opt, metrics)
 
   def eval_step(policy, prior_params, frozen, batch):
     _, (metrics, logits) = loss_fn(policy, prior_params, frozen, batch, None, False)

@@ -103,6 +103,12 @@ CASES = [
      lambda b: ref.tisdpo(b, 0.1, 0.5, token_level=True)),
     ("sparsepo", "sparsepo", dict(mask_source="given", l1_reward=0.01, l1_kl=0.02),
      dict(alpha=0.1), lambda b: ref.sparsepo(b, 0.1, 0.01, 0.02)),
+    # The learnable bounded family at points that are published algorithms:
+    # c_len = -lam = -length_coef / alpha is R-DPO; c_kl = -1 is TDPO1.
+    ("constrained_as_rdpo", "constrained", dict(len_bounds=(-1.0, 1.0), init=(1.0, 0.0, -0.5, 0.0)),
+     dict(alpha=0.1), lambda b: ref.rdpo(b, 0.1, 0.05)),
+    ("constrained_as_tdpo1", "constrained", dict(kl_bounds=(-1.0, 0.0), init=(1.0, 0.0, 0.0, -1.0)),
+     dict(alpha=0.1), lambda b: ref.tdpo(b, 0.1, tdpo2=False)),
 ]
 
 
@@ -116,7 +122,10 @@ def test_prior_matches_original_algorithm(case):
   with jax.enable_x64(True):
     b = make_batch()
     prior = priors.make_prior(prior_name, **hp)
-    got, got_grads = midpo_loss(b, prior, losses.LossConfig(**cfg))
+    params = prior.init_params(None, None) if prior.has_params else None
+    if params is not None:
+      params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+    got, got_grads = midpo_loss(b, prior, losses.LossConfig(**cfg), prior_params=params)
     b["sg_pol_w"], b["sg_pol_l"] = b["pol_w"].copy(), b["pol_l"].copy()
     want = reference(b)
     want_grads = ref.finite_difference_grad(reference, b)

@@ -14,7 +14,8 @@ from midpo import config_lib, train
 from midpo.data import pipeline
 from tests import train_utils as tu
 
-ALGORITHMS = ("dpo", "dice", "hdpo", "rdpo", "simpo", "tdpo", "tis_dpo", "sparsepo")
+ALGORITHMS = ("dpo", "dice", "hdpo", "rdpo", "simpo", "tdpo", "tis_dpo", "sparsepo",
+              "constrained_prior")
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +59,10 @@ def test_end_to_end_run_writes_results_logs_and_checkpoints(shared):
 
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_every_algorithm_config_runs(shared, tmp_path, name):
+  extra = {"train.policy_steps_per_round": 2} if name == "constrained_prior" else {}
   config = tu.tiny_config(name, **{
       "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
-      "stages": ("preference", "eval"), "train.steps": 4, "num_pair_prompts": 16})
+      "stages": ("preference", "eval"), "train.steps": 4, "num_pair_prompts": 16, **extra})
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results["prior"] == config.prior.name
   assert np.isfinite(results["policy"]["reward"])
@@ -70,6 +72,12 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
   assert all(np.isfinite(r["loss"]) for r in pref)
   if name == "sparsepo":
     assert "grad_norm/prior" in pref[-1] and pref[-1]["grad_norm/prior"] >= 0
+  if name == "constrained_prior":
+    # 2 policy steps then 1 prior step: step 3 (index 2) updated the coefficients.
+    assert "grad_norm/prior" in pref[2] and "grad_norm/policy" in pref[1]
+    assert "grad_norm/policy" not in pref[2]
+    c = [pref[-1][f"prior/c_{k}_chosen"] for k in ("ref", "pol", "len", "kl")]
+    assert 0.0 <= c[0] <= 1.0 and 0.0 <= c[1] <= 0.5 and -0.5 <= c[2] <= 0.5 and c[3] == 0.0
   if name == "dice":
     # Round 1's pairs: the round-0 policy's samples, labelled by the implicit
     # reward, plus offline pairs of round 0 (replay ratio 0.5: as many).
