@@ -48,14 +48,14 @@ HH_HUMAN = "\n\nHuman:"
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """One preference pair. For ``kind == 'messages'`` the three texts are JSON message lists."""
+  """One preference pair. For ``kind == 'messages'`` the three texts are JSON message lists."""
 
-    prompt: str
-    chosen: str
-    rejected: str
-    kind: str = "text"
-    score_chosen: float = math.nan
-    score_rejected: float = math.nan
+  prompt: str
+  chosen: str
+  rejected: str
+  kind: str = "text"
+  score_chosen: float = math.nan
+  score_rejected: float = math.nan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,48 +63,50 @@ class Pair:
 
 
 def file_type(path: str) -> str:
-    for ext in FILE_TYPES:
-        if path.endswith(ext):
-            return ext
-    raise ValueError(f"{path}: unknown file type; expected one of {FILE_TYPES}")
+  for ext in FILE_TYPES:
+    if path.endswith(ext):
+      return ext
+  raise ValueError(f"{path}: unknown file type; expected one of {FILE_TYPES}")
 
 
 def read_rows(path: str, report: report_lib.BadRowReport) -> Iterator[tuple[int, Any]]:
-    """Yields ``(line, row)``; a row that cannot be decoded is yielded as a ``BadRow``."""
-    ext = file_type(path)
-    if ext == ".jsonl":
-        with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    report.note("blank_lines")
-                    continue
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    yield line_no, BadRow(report_lib.UNDECODABLE_LINE, f"{type(e).__name__}: {e}")
-                    continue
-                yield line_no, row
-    elif ext == ".json":
-        with open(path, "rb") as f:
-            raw = f.read()
+  """Yields ``(line, row)``; a row that cannot be decoded is yielded as a ``BadRow``."""
+  ext = file_type(path)
+  if ext == ".jsonl":
+    with open(path, "rb") as f:
+      for line_no, raw in enumerate(f, start=1):
+        if not raw.strip():
+          report.note("blank_lines")
+          continue
         try:
-            rows = json.loads(raw.decode("utf-8"))
+          row = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            # Not one row but the whole file: nothing can be counted row by row, so stop.
-            raise ValueError(f"{path}: not a valid UTF-8 JSON file ({e}); use .jsonl for "
-                             "one object a line") from e
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: a .json file must hold a list of row objects, "
-                             f"got {type(rows).__name__}")
-        yield from enumerate(rows, start=1)
-    else:
-        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+          yield line_no, BadRow(report_lib.UNDECODABLE_LINE, f"{type(e).__name__}: {e}")
+          continue
+        yield line_no, row
+  elif ext == ".json":
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      rows = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      # Not one row but the whole file: nothing can be counted row by row, so stop.
+      raise ValueError(
+        f"{path}: not a valid UTF-8 JSON file ({e}); use .jsonl for one object a line"
+      ) from e
+    if not isinstance(rows, list):
+      raise ValueError(
+        f"{path}: a .json file must hold a list of row objects, got {type(rows).__name__}"
+      )
+    yield from enumerate(rows, start=1)
+  else:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
-        line_no = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                line_no += 1
-                yield line_no, row
+    line_no = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+      for row in batch.to_pylist():
+        line_no += 1
+        yield line_no, row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,71 +114,71 @@ def read_rows(path: str, report: report_lib.BadRowReport) -> Iterator[tuple[int,
 
 
 def _text(row: dict, key: str) -> str:
-    if key not in row or row[key] is None:
-        raise BadRow(report_lib.MISSING_FIELD, f"no {key!r}")
-    value = row[key]
-    if not isinstance(value, str):
-        raise BadRow(report_lib.NON_STRING_FIELD, f"{key!r} is {type(value).__name__}")
-    return value
+  if key not in row or row[key] is None:
+    raise BadRow(report_lib.MISSING_FIELD, f"no {key!r}")
+  value = row[key]
+  if not isinstance(value, str):
+    raise BadRow(report_lib.NON_STRING_FIELD, f"{key!r} is {type(value).__name__}")
+  return value
 
 
 def _score(row: dict, key: str) -> float:
-    value = row.get(key)
-    if value is None:
-        return math.nan
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadRow(report_lib.NON_NUMERIC_SCORE, f"{key!r} = {value!r}")
-    return float(value)
+  value = row.get(key)
+  if value is None:
+    return math.nan
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise BadRow(report_lib.NON_NUMERIC_SCORE, f"{key!r} = {value!r}")
+  return float(value)
 
 
 def _messages(row: dict, key: str) -> list[dict[str, str]]:
-    if key not in row or row[key] is None:
-        raise BadRow(report_lib.MISSING_FIELD, f"no {key!r}")
-    value = row[key]
-    if isinstance(value, str):
-        raise BadRow(report_lib.MALFORMED_MESSAGES, f"{key!r} is a string, not a message list")
-    if not isinstance(value, (list, tuple)):
-        raise BadRow(report_lib.MALFORMED_MESSAGES, f"{key!r} is {type(value).__name__}")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise BadRow(report_lib.MALFORMED_MESSAGES, f"{key}[{i}] is not a {{role, content}}")
-        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
-            raise BadRow(report_lib.NON_STRING_FIELD, f"{key}[{i}] role/content not a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+  if key not in row or row[key] is None:
+    raise BadRow(report_lib.MISSING_FIELD, f"no {key!r}")
+  value = row[key]
+  if isinstance(value, str):
+    raise BadRow(report_lib.MALFORMED_MESSAGES, f"{key!r} is a string, not a message list")
+  if not isinstance(value, (list, tuple)):
+    raise BadRow(report_lib.MALFORMED_MESSAGES, f"{key!r} is {type(value).__name__}")
+  out = []
+  for i, m in enumerate(value):
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+      raise BadRow(report_lib.MALFORMED_MESSAGES, f"{key}[{i}] is not a {{role, content}}")
+    if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+      raise BadRow(report_lib.NON_STRING_FIELD, f"{key}[{i}] role/content not a string")
+    out.append({"role": m["role"], "content": m["content"]})
+  return out
 
 
 def _check_responses(chosen: str, rejected: str) -> None:
-    if not chosen.strip() or not rejected.strip():
-        raise BadRow(report_lib.EMPTY_RESPONSE, "chosen or rejected is empty")
-    if chosen == rejected:
-        raise BadRow(report_lib.IDENTICAL_RESPONSES, "chosen == rejected")
+  if not chosen.strip() or not rejected.strip():
+    raise BadRow(report_lib.EMPTY_RESPONSE, "chosen or rejected is empty")
+  if chosen == rejected:
+    raise BadRow(report_lib.IDENTICAL_RESPONSES, "chosen == rejected")
 
 
 def _check_message_responses(chosen: list[dict], rejected: list[dict]) -> None:
-    def empty(msgs):
-        return not msgs or all(not m["content"].strip() for m in msgs)
+  def empty(msgs):
+    return not msgs or all(not m["content"].strip() for m in msgs)
 
-    if empty(chosen) or empty(rejected):
-        raise BadRow(report_lib.EMPTY_RESPONSE, "chosen or rejected has no content")
-    if chosen == rejected:
-        raise BadRow(report_lib.IDENTICAL_RESPONSES, "chosen == rejected")
+  if empty(chosen) or empty(rejected):
+    raise BadRow(report_lib.EMPTY_RESPONSE, "chosen or rejected has no content")
+  if chosen == rejected:
+    raise BadRow(report_lib.IDENTICAL_RESPONSES, "chosen == rejected")
 
 
 def _require_object(row: Any) -> dict:
-    if not isinstance(row, dict):
-        raise BadRow(report_lib.UNDECODABLE_LINE, f"row is {type(row).__name__}, not an object")
-    return row
+  if not isinstance(row, dict):
+    raise BadRow(report_lib.UNDECODABLE_LINE, f"row is {type(row).__name__}, not an object")
+  return row
 
 
 def _prompt_only(row: dict) -> None:
-    if row.get("chosen") is None and row.get("rejected") is None:
-        raise BadRow(report_lib.PROMPT_ONLY, "no chosen and no rejected response")
+  if row.get("chosen") is None and row.get("rejected") is None:
+    raise BadRow(report_lib.PROMPT_ONLY, "no chosen and no rejected response")
 
 
 def _dumps(messages: list[dict]) -> str:
-    return json.dumps(messages, ensure_ascii=False)
+  return json.dumps(messages, ensure_ascii=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,110 +186,115 @@ def _dumps(messages: list[dict]) -> str:
 
 
 def parse_trl_standard(row: Any) -> Pair:
-    row = _require_object(row)
-    _prompt_only(row)
-    prompt = _text(row, "prompt")
-    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
-    _check_responses(chosen, rejected)
-    return Pair(prompt, chosen, rejected)
+  row = _require_object(row)
+  _prompt_only(row)
+  prompt = _text(row, "prompt")
+  chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+  _check_responses(chosen, rejected)
+  return Pair(prompt, chosen, rejected)
 
 
 def split_hh_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Returns ``(prompt, chosen_response, rejected_response)`` of two HH transcripts."""
-    cut_c = chosen.rfind(HH_ASSISTANT)
-    cut_r = rejected.rfind(HH_ASSISTANT)
-    if cut_c < 0 or cut_r < 0:
-        raise BadRow(report_lib.MALFORMED_TRANSCRIPT, "no '\\n\\nAssistant:' turn")
-    end_c, end_r = cut_c + len(HH_ASSISTANT), cut_r + len(HH_ASSISTANT)
-    if chosen[:end_c] != rejected[:end_r]:
-        raise BadRow(
-            report_lib.MALFORMED_TRANSCRIPT,
-            "transcripts differ before their last Assistant turn",
-        )
-    return chosen[:end_c], chosen[end_c:], rejected[end_r:]
+  """Returns ``(prompt, chosen_response, rejected_response)`` of two HH transcripts."""
+  cut_c = chosen.rfind(HH_ASSISTANT)
+  cut_r = rejected.rfind(HH_ASSISTANT)
+  if cut_c < 0 or cut_r < 0:
+    raise BadRow(report_lib.MALFORMED_TRANSCRIPT, "no '\\n\\nAssistant:' turn")
+  end_c, end_r = cut_c + len(HH_ASSISTANT), cut_r + len(HH_ASSISTANT)
+  if chosen[:end_c] != rejected[:end_r]:
+    raise BadRow(
+      report_lib.MALFORMED_TRANSCRIPT,
+      "transcripts differ before their last Assistant turn",
+    )
+  return chosen[:end_c], chosen[end_c:], rejected[end_r:]
 
 
 def parse_hh_rlhf(row: Any) -> Pair:
-    row = _require_object(row)
-    if row.get("chosen") is None and row.get("rejected") is None:
-        raise BadRow(report_lib.MISSING_FIELD, "no 'chosen' and no 'rejected'")
-    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
-    if chosen == rejected:
-        raise BadRow(report_lib.IDENTICAL_RESPONSES, "chosen == rejected")
-    prompt, c, r = split_hh_transcripts(chosen, rejected)
-    _check_responses(c, r)
-    return Pair(prompt, c, r)
+  row = _require_object(row)
+  if row.get("chosen") is None and row.get("rejected") is None:
+    raise BadRow(report_lib.MISSING_FIELD, "no 'chosen' and no 'rejected'")
+  chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+  if chosen == rejected:
+    raise BadRow(report_lib.IDENTICAL_RESPONSES, "chosen == rejected")
+  prompt, c, r = split_hh_transcripts(chosen, rejected)
+  _check_responses(c, r)
+  return Pair(prompt, c, r)
 
 
 def _common_prefix(a: list, b: list) -> int:
-    n = 0
-    while n < len(a) and n < len(b) and a[n] == b[n]:
-        n += 1
-    return n
+  n = 0
+  while n < len(a) and n < len(b) and a[n] == b[n]:
+    n += 1
+  return n
 
 
 def parse_trl_conversational(row: Any) -> Pair:
-    row = _require_object(row)
-    _prompt_only(row)
-    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
-    if row.get("prompt") is not None:
-        prompt = _messages(row, "prompt")
-    else:
-        if chosen == rejected:
-            raise BadRow(report_lib.IDENTICAL_RESPONSES, "chosen == rejected")
-        n = _common_prefix(chosen, rejected)
-        # The prompt ends before the first differing message, which must be the assistant's.
-        if n == 0 or (n < len(chosen) and chosen[n]["role"] != "assistant"):
-            raise BadRow(report_lib.MALFORMED_MESSAGES, "no shared prompt before the replies")
-        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-    _check_message_responses(chosen, rejected)
-    return Pair(_dumps(prompt), _dumps(chosen), _dumps(rejected), kind="messages")
+  row = _require_object(row)
+  _prompt_only(row)
+  chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+  if row.get("prompt") is not None:
+    prompt = _messages(row, "prompt")
+  else:
+    if chosen == rejected:
+      raise BadRow(report_lib.IDENTICAL_RESPONSES, "chosen == rejected")
+    n = _common_prefix(chosen, rejected)
+    # The prompt ends before the first differing message, which must be the assistant's.
+    if n == 0 or (n < len(chosen) and chosen[n]["role"] != "assistant"):
+      raise BadRow(report_lib.MALFORMED_MESSAGES, "no shared prompt before the replies")
+    prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+  _check_message_responses(chosen, rejected)
+  return Pair(_dumps(prompt), _dumps(chosen), _dumps(rejected), kind="messages")
 
 
 def parse_ultrafeedback(row: Any) -> Pair:
-    row = _require_object(row)
-    _prompt_only(row)
-    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
-    score_c, score_r = _score(row, "score_chosen"), _score(row, "score_rejected")
-    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
-        if not msgs or msgs[-1]["role"] != "assistant":
-            raise BadRow(report_lib.MALFORMED_MESSAGES,
-                         f"{name} does not end with an assistant turn")
-    if chosen[:-1] != rejected[:-1]:
-        raise BadRow(report_lib.MALFORMED_MESSAGES, "chosen and rejected prompts differ")
-    prompt = chosen[:-1]
-    if not prompt:
-        prompt = [{"role": "user", "content": _text(row, "prompt")}]
-    c, r = chosen[-1:], rejected[-1:]
-    _check_message_responses(c, r)
-    return Pair(_dumps(prompt), _dumps(c), _dumps(r), kind="messages",
-                score_chosen=score_c, score_rejected=score_r)
+  row = _require_object(row)
+  _prompt_only(row)
+  chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+  score_c, score_r = _score(row, "score_chosen"), _score(row, "score_rejected")
+  for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+    if not msgs or msgs[-1]["role"] != "assistant":
+      raise BadRow(report_lib.MALFORMED_MESSAGES, f"{name} does not end with an assistant turn")
+  if chosen[:-1] != rejected[:-1]:
+    raise BadRow(report_lib.MALFORMED_MESSAGES, "chosen and rejected prompts differ")
+  prompt = chosen[:-1]
+  if not prompt:
+    prompt = [{"role": "user", "content": _text(row, "prompt")}]
+  c, r = chosen[-1:], rejected[-1:]
+  _check_message_responses(c, r)
+  return Pair(
+    _dumps(prompt),
+    _dumps(c),
+    _dumps(r),
+    kind="messages",
+    score_chosen=score_c,
+    score_rejected=score_r,
+  )
 
 
 PARSERS = {
-    "trl_standard": parse_trl_standard,
-    "trl_conversational": parse_trl_conversational,
-    "hh_rlhf": parse_hh_rlhf,
-    "ultrafeedback": parse_ultrafeedback,
+  "trl_standard": parse_trl_standard,
+  "trl_conversational": parse_trl_conversational,
+  "hh_rlhf": parse_hh_rlhf,
+  "ultrafeedback": parse_ultrafeedback,
 }
 
 
 def iter_pairs(
-    fmt: str, paths: list[str], report: report_lib.BadRowReport
+  fmt: str, paths: list[str], report: report_lib.BadRowReport
 ) -> Iterator[tuple[str, int, Pair]]:
-    """Yields ``(file, line, pair)`` for the good rows of ``paths``; counts the rest."""
-    if fmt not in PARSERS:
-        raise ValueError(f"config.data.files.format must be one of {FORMATS}, got {fmt!r}")
-    parse = PARSERS[fmt]
-    for path in paths:
-        name = os.path.basename(path)
-        for line, row in read_rows(path, report):
-            try:
-                if isinstance(row, BadRow):
-                    raise row
-                pair = parse(row)
-            except BadRow as bad:
-                report.bad(bad.reason, name, line, bad.detail)
-                continue
-            report.kept()
-            yield name, line, pair
+  """Yields ``(file, line, pair)`` for the good rows of ``paths``; counts the rest."""
+  if fmt not in PARSERS:
+    raise ValueError(f"config.data.files.format must be one of {FORMATS}, got {fmt!r}")
+  parse = PARSERS[fmt]
+  for path in paths:
+    name = os.path.basename(path)
+    for line, row in read_rows(path, report):
+      try:
+        if isinstance(row, BadRow):
+          raise row
+        pair = parse(row)
+      except BadRow as bad:
+        report.bad(bad.reason, name, line, bad.detail)
+        continue
+      report.kept()
+      yield name, line, pair

@@ -58,17 +58,17 @@ TEMPLATE_MISMATCH = "template_mismatch"
 OVER_LENGTH = "over_length"  # a response does not fit max_length even with an empty prompt
 
 REASONS = (
-    UNDECODABLE_LINE,
-    MISSING_FIELD,
-    NON_STRING_FIELD,
-    NON_NUMERIC_SCORE,
-    PROMPT_ONLY,
-    EMPTY_RESPONSE,
-    IDENTICAL_RESPONSES,
-    MALFORMED_TRANSCRIPT,
-    MALFORMED_MESSAGES,
-    TEMPLATE_MISMATCH,
-    OVER_LENGTH,
+  UNDECODABLE_LINE,
+  MISSING_FIELD,
+  NON_STRING_FIELD,
+  NON_NUMERIC_SCORE,
+  PROMPT_ONLY,
+  EMPTY_RESPONSE,
+  IDENTICAL_RESPONSES,
+  MALFORMED_TRANSCRIPT,
+  MALFORMED_MESSAGES,
+  TEMPLATE_MISMATCH,
+  OVER_LENGTH,
 )
 
 POLICIES = ("skip", "fatal")
@@ -76,137 +76,139 @@ SCHEMA_VERSION = 1
 
 
 class BadRowError(ValueError):
-    """Raised under the 'fatal' policy at the first bad row."""
+  """Raised under the 'fatal' policy at the first bad row."""
 
 
 class BadRow(Exception):
-    """Raised by row parsers; carries the reason. Caught by the caller and passed to a report."""
+  """Raised by row parsers; carries the reason. Caught by the caller and passed to a report."""
 
-    def __init__(self, reason: str, detail: str = ""):
-        if reason not in REASONS:
-            raise ValueError(f"unknown bad-row reason {reason!r}; known: {REASONS}")
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+  def __init__(self, reason: str, detail: str = ""):
+    if reason not in REASONS:
+      raise ValueError(f"unknown bad-row reason {reason!r}; known: {REASONS}")
+    super().__init__(f"{reason}: {detail}")
+    self.reason = reason
+    self.detail = detail
 
 
 class BadRowReport:
-    """Counts rows read, kept and dropped (by reason) for one stage."""
+  """Counts rows read, kept and dropped (by reason) for one stage."""
 
-    def __init__(self, policy: str = "skip", max_reported: int = 5):
-        if policy not in POLICIES:
-            raise ValueError(f"config.data.bad_rows must be one of {POLICIES}, got {policy!r}")
-        self.policy = policy
-        self.max_reported = int(max_reported)
-        self.rows_read = 0
-        self.rows_kept = 0
-        self.bad_rows: collections.Counter[str] = collections.Counter()
-        self.first_bad_rows: list[dict[str, Any]] = []
-        self.notes: collections.Counter[str] = collections.Counter()
+  def __init__(self, policy: str = "skip", max_reported: int = 5):
+    if policy not in POLICIES:
+      raise ValueError(f"config.data.bad_rows must be one of {POLICIES}, got {policy!r}")
+    self.policy = policy
+    self.max_reported = int(max_reported)
+    self.rows_read = 0
+    self.rows_kept = 0
+    self.bad_rows: collections.Counter[str] = collections.Counter()
+    self.first_bad_rows: list[dict[str, Any]] = []
+    self.notes: collections.Counter[str] = collections.Counter()
 
-    def kept(self) -> None:
-        self.rows_read += 1
-        self.rows_kept += 1
+  def kept(self) -> None:
+    self.rows_read += 1
+    self.rows_kept += 1
 
-    def bad(self, reason: str, file: str, line: int, detail: str = "") -> None:
-        """Counts one dropped row; raises BadRowError under the 'fatal' policy."""
-        if reason not in REASONS:
-            raise ValueError(f"unknown bad-row reason {reason!r}; known: {REASONS}")
-        self.rows_read += 1
-        self.bad_rows[reason] += 1
-        detail = str(detail)[:200]
-        if len(self.first_bad_rows) < self.max_reported:
-            self.first_bad_rows.append(
-                {"reason": reason, "file": str(file), "line": int(line), "detail": detail}
-            )
-        if self.policy == "fatal":
-            raise BadRowError(f"{file}:{line}: bad row ({reason}): {detail}")
+  def bad(self, reason: str, file: str, line: int, detail: str = "") -> None:
+    """Counts one dropped row; raises BadRowError under the 'fatal' policy."""
+    if reason not in REASONS:
+      raise ValueError(f"unknown bad-row reason {reason!r}; known: {REASONS}")
+    self.rows_read += 1
+    self.bad_rows[reason] += 1
+    detail = str(detail)[:200]
+    if len(self.first_bad_rows) < self.max_reported:
+      self.first_bad_rows.append(
+        {"reason": reason, "file": str(file), "line": int(line), "detail": detail}
+      )
+    if self.policy == "fatal":
+      raise BadRowError(f"{file}:{line}: bad row ({reason}): {detail}")
 
-    def note(self, name: str, count: int = 1) -> None:
-        """Counts an event that drops nothing (e.g. a prompt truncated from the left)."""
-        self.notes[name] += count
+  def note(self, name: str, count: int = 1) -> None:
+    """Counts an event that drops nothing (e.g. a prompt truncated from the left)."""
+    self.notes[name] += count
 
-    def check(self) -> None:
-        total_bad = sum(self.bad_rows.values())
-        if self.rows_read != self.rows_kept + total_bad:
-            raise AssertionError(
-                f"bad-row accounting broken: read {self.rows_read} != kept {self.rows_kept} "
-                f"+ bad {total_bad}"
-            )
+  def check(self) -> None:
+    total_bad = sum(self.bad_rows.values())
+    if self.rows_read != self.rows_kept + total_bad:
+      raise AssertionError(
+        f"bad-row accounting broken: read {self.rows_read} != kept {self.rows_kept} "
+        f"+ bad {total_bad}"
+      )
 
-    def to_dict(self) -> dict[str, Any]:
-        self.check()
-        return {
-            "rows_read": self.rows_read,
-            "rows_kept": self.rows_kept,
-            "bad_rows": dict(sorted(self.bad_rows.items())),
-            "first_bad_rows": list(self.first_bad_rows),
-            "notes": dict(sorted(self.notes.items())),
-        }
+  def to_dict(self) -> dict[str, Any]:
+    self.check()
+    return {
+      "rows_read": self.rows_read,
+      "rows_kept": self.rows_kept,
+      "bad_rows": dict(sorted(self.bad_rows.items())),
+      "first_bad_rows": list(self.first_bad_rows),
+      "notes": dict(sorted(self.notes.items())),
+    }
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], policy: str = "skip") -> "BadRowReport":
-        r = cls(policy=policy)
-        r.rows_read = int(d["rows_read"])
-        r.rows_kept = int(d["rows_kept"])
-        r.bad_rows.update({k: int(v) for k, v in d["bad_rows"].items()})
-        r.first_bad_rows = list(d["first_bad_rows"])
-        r.notes.update({k: int(v) for k, v in d.get("notes", {}).items()})
-        r.check()
-        return r
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], policy: str = "skip") -> "BadRowReport":
+    r = cls(policy=policy)
+    r.rows_read = int(d["rows_read"])
+    r.rows_kept = int(d["rows_kept"])
+    r.bad_rows.update({k: int(v) for k, v in d["bad_rows"].items()})
+    r.first_bad_rows = list(d["first_bad_rows"])
+    r.notes.update({k: int(v) for k, v in d.get("notes", {}).items()})
+    r.check()
+    return r
 
 
 def data_report_filename(process_index: int = 0, process_count: int = 1) -> str:
-    """`data_report.json` for one process; one file per process when there are several."""
-    if process_count == 1:
-        return "data_report.json"
-    return f"data_report.process-{process_index:05d}-of-{process_count:05d}.json"
+  """`data_report.json` for one process; one file per process when there are several."""
+  if process_count == 1:
+    return "data_report.json"
+  return f"data_report.process-{process_index:05d}-of-{process_count:05d}.json"
 
 
 def write_data_report(
-    workdir: str,
-    stages: Mapping[str, Mapping[str, Any]],
-    batches: Mapping[str, Any] | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
+  workdir: str,
+  stages: Mapping[str, Mapping[str, Any]],
+  batches: Mapping[str, Any] | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> str:
-    """Writes or updates the report (schema in the module docstring); returns its path.
+  """Writes or updates the report (schema in the module docstring); returns its path.
 
-    Stages and batch statistics already in the file under other names are kept (a run that
-    loads 'train' and then 'test' has both in one report); the same names are replaced.
-    """
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, data_report_filename(process_index, process_count))
-    old_stages, old_batches = {}, {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"{path}: schema_version {old.get('schema_version')} != "
-                             f"{SCHEMA_VERSION}; move the old report away")
-        old_stages, old_batches = old["stages"], old["batches"]
-    stages = {**old_stages, **{k: dict(v) for k, v in stages.items()}}
-    total: collections.Counter[str] = collections.Counter()
-    for stage in stages.values():
-        BadRowReport.from_dict(stage)  # re-checks the invariant
-        total.update(stage["bad_rows"])
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "process_index": int(process_index),
-        "process_count": int(process_count),
-        "stages": dict(sorted(stages.items())),
-        "bad_rows_total": dict(sorted(total.items())),
-        "batches": dict(sorted({**old_batches, **dict(batches or {})}.items())),
-    }
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-    return path
+  Stages and batch statistics already in the file under other names are kept (a run that
+  loads 'train' and then 'test' has both in one report); the same names are replaced.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, data_report_filename(process_index, process_count))
+  old_stages, old_batches = {}, {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    if old.get("schema_version") != SCHEMA_VERSION:
+      raise ValueError(
+        f"{path}: schema_version {old.get('schema_version')} != "
+        f"{SCHEMA_VERSION}; move the old report away"
+      )
+    old_stages, old_batches = old["stages"], old["batches"]
+  stages = {**old_stages, **{k: dict(v) for k, v in stages.items()}}
+  total: collections.Counter[str] = collections.Counter()
+  for stage in stages.values():
+    BadRowReport.from_dict(stage)  # re-checks the invariant
+    total.update(stage["bad_rows"])
+  report = {
+    "schema_version": SCHEMA_VERSION,
+    "process_index": int(process_index),
+    "process_count": int(process_count),
+    "stages": dict(sorted(stages.items())),
+    "bad_rows_total": dict(sorted(total.items())),
+    "batches": dict(sorted({**old_batches, **dict(batches or {})}.items())),
+  }
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path
 
 
 def sum_counts(reports: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    total: collections.Counter[str] = collections.Counter()
-    for r in reports:
-        total.update(r["bad_rows"])
-    return dict(total)
+  total: collections.Counter[str] = collections.Counter()
+  for r in reports:
+    total.update(r["bad_rows"])
+  return dict(total)

@@ -76,23 +76,23 @@ LABELS = ("annotator", "given")
 
 
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
 
 
 def _text_feature():
-    return tfds.features.Text()
+  return tfds.features.Text()
 
 
 def _float_seq():
-    return tfds.features.Tensor(shape=(None,), dtype=np.float32)
+  return tfds.features.Tensor(shape=(None,), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,231 +101,248 @@ def _float_seq():
 
 @dataclasses.dataclass(eq=False)
 class SyntheticConfig(tfds.core.BuilderConfig):
-    seed: int = 0
-    num_sft: int = 20000
-    num_train: int = 20000
-    num_test: int = 2000
-    temperature: float = 1.0
-    label_noise: float = 0.0
-    length_bias: float = 0.0
-    sft_best_of: int = 4
-    samples_path: str = ""
-    samples_sha256: str = ""
-    pairing: str = "disjoint"
-    labels: str = "annotator"
-    bad_rows: str = "skip"
-    max_reported: int = 5
+  seed: int = 0
+  num_sft: int = 20000
+  num_train: int = 20000
+  num_test: int = 2000
+  temperature: float = 1.0
+  label_noise: float = 0.0
+  length_bias: float = 0.0
+  sft_best_of: int = 4
+  samples_path: str = ""
+  samples_sha256: str = ""
+  pairing: str = "disjoint"
+  labels: str = "annotator"
+  bad_rows: str = "skip"
+  max_reported: int = 5
 
 
-_SYNTHETIC_FIELDS = tuple(f.name for f in dataclasses.fields(SyntheticConfig)
-                          if f.name not in {f2.name for f2 in dataclasses.fields(
-                              tfds.core.BuilderConfig)})
+_SYNTHETIC_FIELDS = tuple(
+  f.name
+  for f in dataclasses.fields(SyntheticConfig)
+  if f.name not in {f2.name for f2 in dataclasses.fields(tfds.core.BuilderConfig)}
+)
 
 
 def synthetic_config(**kwargs) -> SyntheticConfig:
-    """A SyntheticConfig named after a hash of its fields (and of the samples file's bytes)."""
-    unknown = set(kwargs) - set(_SYNTHETIC_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown config.data.synthetic fields {sorted(unknown)}; "
-                         f"known: {_SYNTHETIC_FIELDS}")
-    cfg = SyntheticConfig(name="tmp", **kwargs)
-    if cfg.pairing not in PAIRINGS:
-        raise ValueError(f"config.data.synthetic.pairing must be one of {PAIRINGS}")
-    if cfg.labels not in LABELS:
-        raise ValueError(f"config.data.synthetic.labels must be one of {LABELS}")
-    if cfg.bad_rows not in report_lib.POLICIES:
-        raise ValueError(f"config.data.bad_rows must be one of {report_lib.POLICIES}")
-    synthetic.preference_probability(0.0, 0.0, 0, 0, cfg.temperature, cfg.length_bias,
-                                     cfg.label_noise)  # validates
-    if cfg.sft_best_of < 1:
-        raise ValueError("config.data.synthetic.sft_best_of must be >= 1")
-    if cfg.samples_path:
-        cfg.samples_path = os.path.abspath(cfg.samples_path)
-        cfg.samples_sha256 = file_sha256(cfg.samples_path)
-    fields = {k: getattr(cfg, k) for k in _SYNTHETIC_FIELDS}
-    # Where the samples file lives does not change the data; its bytes do.
-    fields["samples_path"] = bool(cfg.samples_path)
-    fields.pop("bad_rows")
-    fields.pop("max_reported")
-    cfg.name = f"s{cfg.seed}_{_hash(fields)[:12]}"
-    return cfg
+  """A SyntheticConfig named after a hash of its fields (and of the samples file's bytes)."""
+  unknown = set(kwargs) - set(_SYNTHETIC_FIELDS)
+  if unknown:
+    raise ValueError(
+      f"unknown config.data.synthetic fields {sorted(unknown)}; known: {_SYNTHETIC_FIELDS}"
+    )
+  cfg = SyntheticConfig(name="tmp", **kwargs)
+  if cfg.pairing not in PAIRINGS:
+    raise ValueError(f"config.data.synthetic.pairing must be one of {PAIRINGS}")
+  if cfg.labels not in LABELS:
+    raise ValueError(f"config.data.synthetic.labels must be one of {LABELS}")
+  if cfg.bad_rows not in report_lib.POLICIES:
+    raise ValueError(f"config.data.bad_rows must be one of {report_lib.POLICIES}")
+  synthetic.preference_probability(
+    0.0, 0.0, 0, 0, cfg.temperature, cfg.length_bias, cfg.label_noise
+  )  # validates
+  if cfg.sft_best_of < 1:
+    raise ValueError("config.data.synthetic.sft_best_of must be >= 1")
+  if cfg.samples_path:
+    cfg.samples_path = os.path.abspath(cfg.samples_path)
+    cfg.samples_sha256 = file_sha256(cfg.samples_path)
+  fields = {k: getattr(cfg, k) for k in _SYNTHETIC_FIELDS}
+  # Where the samples file lives does not change the data; its bytes do.
+  fields["samples_path"] = bool(cfg.samples_path)
+  fields.pop("bad_rows")
+  fields.pop("max_reported")
+  cfg.name = f"s{cfg.seed}_{_hash(fields)[:12]}"
+  return cfg
 
 
 class SyntheticPreferences(tfds.core.GeneratorBasedBuilder):
-    """The known-reward synthetic preference task (see synthetic.py)."""
+  """The known-reward synthetic preference task (see synthetic.py)."""
 
-    name = "midpo_synthetic"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
-    # Configs made by synthetic_config() are hash-named and never collide with this one.
-    BUILDER_CONFIGS = [SyntheticConfig(name="default")]
+  name = "midpo_synthetic"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First version."}
+  # Configs made by synthetic_config() are hash-named and never collide with this one.
+  BUILDER_CONFIGS = [SyntheticConfig(name="default")]
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Synthetic preference task with a known, token-decomposable reward.",
-            features=tfds.features.FeaturesDict({
-                "prompt": _text_feature(),
-                "chosen": _text_feature(),
-                "rejected": _text_feature(),
-                "kind": _text_feature(),
-                "source": _text_feature(),
-                "index": np.int64,
-                "reward_chosen": np.float32,
-                "reward_rejected": np.float32,
-                "chosen_token_rewards": _float_seq(),
-                "rejected_token_rewards": _float_seq(),
-                "label_probability": np.float32,
-            }),
-            metadata=tfds.core.MetadataDict(),
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description="Synthetic preference task with a known, token-decomposable reward.",
+      features=tfds.features.FeaturesDict(
+        {
+          "prompt": _text_feature(),
+          "chosen": _text_feature(),
+          "rejected": _text_feature(),
+          "kind": _text_feature(),
+          "source": _text_feature(),
+          "index": np.int64,
+          "reward_chosen": np.float32,
+          "reward_rejected": np.float32,
+          "chosen_token_rewards": _float_seq(),
+          "rejected_token_rewards": _float_seq(),
+          "label_probability": np.float32,
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    if cfg.samples_path:
+      return {"train": self._generate_examples(split="samples")}
+    sizes = {"sft": cfg.num_sft, "train": cfg.num_train, "test": cfg.num_test}
+    return {s: self._generate_examples(split=s) for s, n in sizes.items() if n > 0}
+
+  def _generate_examples(self, split: str):
+    cfg = self.builder_config
+    rep = report_lib.BadRowReport(cfg.bad_rows, cfg.max_reported)
+    if split == "samples":
+      yield from self._from_samples(rep)
+      self.info.metadata["train/build"] = rep.to_dict()
+      return
+    n = {"sft": cfg.num_sft, "train": cfg.num_train, "test": cfg.num_test}[split]
+    for i in range(n):
+      if split == "sft":
+        prompt, demo = synthetic.sft_example(cfg.seed, i, cfg.sft_best_of)
+        rc = synthetic.token_rewards(prompt, demo)
+        ex = {
+          "prompt": prompt,
+          "chosen": demo,
+          "rejected": "",
+          "reward_chosen": float(rc.sum(dtype=np.float64)),
+          "reward_rejected": math.nan,
+          "chosen_token_rewards": rc,
+          "rejected_token_rewards": np.zeros((0,), np.float32),
+          "label_probability": math.nan,
+        }
+      else:
+        rng, prompt, a, b = synthetic.candidate_pair(cfg.seed, split, i)
+        ex = synthetic.label_pair(
+          rng, prompt, a, b, cfg.temperature, cfg.length_bias, cfg.label_noise
         )
+      ex.update(kind="text", source=f"{split}:{i}", index=i)
+      rep.kept()
+      yield i, ex
+    self.info.metadata[f"{split}/build"] = rep.to_dict()
 
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        cfg = self.builder_config
-        if cfg.samples_path:
-            return {"train": self._generate_examples(split="samples")}
-        sizes = {"sft": cfg.num_sft, "train": cfg.num_train, "test": cfg.num_test}
-        return {s: self._generate_examples(split=s) for s, n in sizes.items() if n > 0}
-
-    def _generate_examples(self, split: str):
-        cfg = self.builder_config
-        rep = report_lib.BadRowReport(cfg.bad_rows, cfg.max_reported)
-        if split == "samples":
-            yield from self._from_samples(rep)
-            self.info.metadata["train/build"] = rep.to_dict()
-            return
-        n = {"sft": cfg.num_sft, "train": cfg.num_train, "test": cfg.num_test}[split]
-        for i in range(n):
-            if split == "sft":
-                prompt, demo = synthetic.sft_example(cfg.seed, i, cfg.sft_best_of)
-                rc = synthetic.token_rewards(prompt, demo)
-                ex = {
-                    "prompt": prompt, "chosen": demo, "rejected": "",
-                    "reward_chosen": float(rc.sum(dtype=np.float64)), "reward_rejected": math.nan,
-                    "chosen_token_rewards": rc,
-                    "rejected_token_rewards": np.zeros((0,), np.float32),
-                    "label_probability": math.nan,
-                }
-            else:
-                rng, prompt, a, b = synthetic.candidate_pair(cfg.seed, split, i)
-                ex = synthetic.label_pair(rng, prompt, a, b, cfg.temperature, cfg.length_bias,
-                                          cfg.label_noise)
-            ex.update(kind="text", source=f"{split}:{i}", index=i)
-            rep.kept()
-            yield i, ex
-        self.info.metadata[f"{split}/build"] = rep.to_dict()
-
-    def _from_samples(self, rep: report_lib.BadRowReport):
-        cfg = self.builder_config
-        tok = synthetic.SyntheticTokenizer()
-        name = os.path.basename(cfg.samples_path)
-        index = 0
-        for line, row in formats.read_rows(cfg.samples_path, rep):
-            try:
-                if isinstance(row, BadRow):
-                    raise row
-                prompt, responses = parse_samples_row(row, tok)
-            except BadRow as bad:
-                rep.bad(bad.reason, name, line, bad.detail)
-                continue
-            if cfg.labels == "given":
-                if len(responses) != 2:
-                    rep.bad(report_lib.MISSING_FIELD, name, line,
-                            f"labels='given' needs [chosen, rejected]; got {len(responses)}")
-                    continue
-                pairs = [(0, 1)]
-            elif cfg.pairing == "disjoint":
-                pairs = [(j, j + 1) for j in range(0, len(responses) - 1, 2)]
-                if len(responses) % 2:
-                    rep.note("unpaired_responses")
-            else:
-                pairs = list(itertools.combinations(range(len(responses)), 2))
-            for j, k in pairs:
-                a, b = responses[j], responses[k]
-                if not a.strip() or not b.strip():
-                    rep.bad(report_lib.EMPTY_RESPONSE, name, line, f"responses {j},{k}")
-                    continue
-                if a == b:
-                    rep.bad(report_lib.IDENTICAL_RESPONSES, name, line, f"responses {j},{k}")
-                    continue
-                if cfg.labels == "given":
-                    ex = synthetic.given_pair(prompt, a, b)
-                else:
-                    rng = np.random.default_rng(
-                        [cfg.seed, synthetic.SPLIT_CODES["samples"], line, j, k])
-                    ex = synthetic.label_pair(rng, prompt, a, b, cfg.temperature,
-                                              cfg.length_bias, cfg.label_noise)
-                ex.update(kind="text", source=f"{name}:{line}:{j},{k}", index=index)
-                rep.kept()
-                yield f"{line}:{j}:{k}", ex
-                index += 1
+  def _from_samples(self, rep: report_lib.BadRowReport):
+    cfg = self.builder_config
+    tok = synthetic.SyntheticTokenizer()
+    name = os.path.basename(cfg.samples_path)
+    index = 0
+    for line, row in formats.read_rows(cfg.samples_path, rep):
+      try:
+        if isinstance(row, BadRow):
+          raise row
+        prompt, responses = parse_samples_row(row, tok)
+      except BadRow as bad:
+        rep.bad(bad.reason, name, line, bad.detail)
+        continue
+      if cfg.labels == "given":
+        if len(responses) != 2:
+          rep.bad(
+            report_lib.MISSING_FIELD,
+            name,
+            line,
+            f"labels='given' needs [chosen, rejected]; got {len(responses)}",
+          )
+          continue
+        pairs = [(0, 1)]
+      elif cfg.pairing == "disjoint":
+        pairs = [(j, j + 1) for j in range(0, len(responses) - 1, 2)]
+        if len(responses) % 2:
+          rep.note("unpaired_responses")
+      else:
+        pairs = list(itertools.combinations(range(len(responses)), 2))
+      for j, k in pairs:
+        a, b = responses[j], responses[k]
+        if not a.strip() or not b.strip():
+          rep.bad(report_lib.EMPTY_RESPONSE, name, line, f"responses {j},{k}")
+          continue
+        if a == b:
+          rep.bad(report_lib.IDENTICAL_RESPONSES, name, line, f"responses {j},{k}")
+          continue
+        if cfg.labels == "given":
+          ex = synthetic.given_pair(prompt, a, b)
+        else:
+          rng = np.random.default_rng([cfg.seed, synthetic.SPLIT_CODES["samples"], line, j, k])
+          ex = synthetic.label_pair(
+            rng, prompt, a, b, cfg.temperature, cfg.length_bias, cfg.label_noise
+          )
+        ex.update(kind="text", source=f"{name}:{line}:{j},{k}", index=index)
+        rep.kept()
+        yield f"{line}:{j}:{k}", ex
+        index += 1
 
 
 def _ids_text(ids: Any, tok: synthetic.SyntheticTokenizer, what: str, is_prompt: bool) -> str:
-    if not isinstance(ids, (list, tuple)) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise BadRow(report_lib.NON_STRING_FIELD, f"{what} is not a list of ints")
-    ids = list(ids)
-    if any(not 0 <= i < tok.vocab_size for i in ids):
-        raise BadRow(report_lib.UNDECODABLE_LINE, f"{what} has ids outside the vocabulary")
-    if is_prompt and ids and ids[0] == tok.bos_id:
-        ids = ids[1:]
-    if not is_prompt and tok.eos_id in ids:
-        ids = ids[:ids.index(tok.eos_id)]
-    return tok.decode([i for i in ids if i != tok.pad_id])
+  if not isinstance(ids, (list, tuple)) or not all(
+    isinstance(i, int) and not isinstance(i, bool) for i in ids
+  ):
+    raise BadRow(report_lib.NON_STRING_FIELD, f"{what} is not a list of ints")
+  ids = list(ids)
+  if any(not 0 <= i < tok.vocab_size for i in ids):
+    raise BadRow(report_lib.UNDECODABLE_LINE, f"{what} has ids outside the vocabulary")
+  if is_prompt and ids and ids[0] == tok.bos_id:
+    ids = ids[1:]
+  if not is_prompt and tok.eos_id in ids:
+    ids = ids[: ids.index(tok.eos_id)]
+  return tok.decode([i for i in ids if i != tok.pad_id])
 
 
 def parse_samples_row(row: Any, tok: synthetic.SyntheticTokenizer) -> tuple[str, list[str]]:
-    """(prompt, responses) of one model-samples line; raises BadRow."""
-    if not isinstance(row, dict):
-        raise BadRow(report_lib.UNDECODABLE_LINE, "row is not an object")
-    if "prompt" in row:
-        prompt = row["prompt"]
-        if not isinstance(prompt, str):
-            raise BadRow(report_lib.NON_STRING_FIELD, "'prompt' is not a string")
-    elif "prompt_ids" in row:
-        prompt = _ids_text(row["prompt_ids"], tok, "prompt_ids", True)
-    else:
-        raise BadRow(report_lib.MISSING_FIELD, "no 'prompt' or 'prompt_ids'")
-    if "responses" in row:
-        responses = row["responses"]
-        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-            raise BadRow(report_lib.NON_STRING_FIELD, "'responses' is not a list of strings")
-    elif "response_ids" in row:
-        if not isinstance(row["response_ids"], list):
-            raise BadRow(report_lib.NON_STRING_FIELD, "'response_ids' is not a list")
-        responses = [_ids_text(r, tok, f"response_ids[{i}]", False)
-                     for i, r in enumerate(row["response_ids"])]
-    else:
-        raise BadRow(report_lib.PROMPT_ONLY, "no 'responses' or 'response_ids'")
-    if len(responses) < 2:
-        raise BadRow(report_lib.PROMPT_ONLY, f"{len(responses)} response(s); a pair needs 2")
-    # Normalise whitespace as the word-level tokenizer sees it.
-    return " ".join(prompt.split()), [" ".join(r.split()) for r in responses]
+  """(prompt, responses) of one model-samples line; raises BadRow."""
+  if not isinstance(row, dict):
+    raise BadRow(report_lib.UNDECODABLE_LINE, "row is not an object")
+  if "prompt" in row:
+    prompt = row["prompt"]
+    if not isinstance(prompt, str):
+      raise BadRow(report_lib.NON_STRING_FIELD, "'prompt' is not a string")
+  elif "prompt_ids" in row:
+    prompt = _ids_text(row["prompt_ids"], tok, "prompt_ids", True)
+  else:
+    raise BadRow(report_lib.MISSING_FIELD, "no 'prompt' or 'prompt_ids'")
+  if "responses" in row:
+    responses = row["responses"]
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+      raise BadRow(report_lib.NON_STRING_FIELD, "'responses' is not a list of strings")
+  elif "response_ids" in row:
+    if not isinstance(row["response_ids"], list):
+      raise BadRow(report_lib.NON_STRING_FIELD, "'response_ids' is not a list")
+    responses = [
+      _ids_text(r, tok, f"response_ids[{i}]", False) for i, r in enumerate(row["response_ids"])
+    ]
+  else:
+    raise BadRow(report_lib.PROMPT_ONLY, "no 'responses' or 'response_ids'")
+  if len(responses) < 2:
+    raise BadRow(report_lib.PROMPT_ONLY, f"{len(responses)} response(s); a pair needs 2")
+  # Normalise whitespace as the word-level tokenizer sees it.
+  return " ".join(prompt.split()), [" ".join(r.split()) for r in responses]
 
 
-def write_samples_file(path: str, prompts: Sequence[Any], responses: Sequence[Sequence[Any]],
-                       extra: dict | None = None) -> None:
-    """Writes a model-samples file: ``prompts[i]`` (text or ids) with ``responses[i]`` (a list
-    of texts or of id lists). ``extra`` (e.g. ``{"model": ..., "step": ...}``) goes on every line.
-    """
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} response lists")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for p, rs in zip(prompts, responses):
-            row = dict(extra or {})
-            if isinstance(p, str):
-                row["prompt"] = p
-            else:
-                row["prompt_ids"] = [int(i) for i in p]
-            rs = list(rs)
-            if all(isinstance(r, str) for r in rs):
-                row["responses"] = rs
-            else:
-                row["response_ids"] = [[int(i) for i in r] for r in rs]
-            f.write(json.dumps(row) + "\n")
+def write_samples_file(
+  path: str, prompts: Sequence[Any], responses: Sequence[Sequence[Any]], extra: dict | None = None
+) -> None:
+  """Writes a model-samples file: ``prompts[i]`` (text or ids) with ``responses[i]`` (a list
+  of texts or of id lists). ``extra`` (e.g. ``{"model": ..., "step": ...}``) goes on every line.
+  """
+  if len(prompts) != len(responses):
+    raise ValueError(f"{len(prompts)} prompts but {len(responses)} response lists")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    for p, rs in zip(prompts, responses):
+      row = dict(extra or {})
+      if isinstance(p, str):
+        row["prompt"] = p
+      else:
+        row["prompt_ids"] = [int(i) for i in p]
+      rs = list(rs)
+      if all(isinstance(r, str) for r in rs):
+        row["responses"] = rs
+      else:
+        row["response_ids"] = [[int(i) for i in r] for r in rs]
+      f.write(json.dumps(row) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,81 +351,105 @@ def write_samples_file(path: str, prompts: Sequence[Any], responses: Sequence[Se
 
 @dataclasses.dataclass(eq=False)
 class FilesConfig(tfds.core.BuilderConfig):
-    format: str = "trl_standard"
-    train_files: tuple[str, ...] = ()
-    test_files: tuple[str, ...] = ()
-    fingerprint: str = ""
-    bad_rows: str = "skip"
-    max_reported: int = 5
+  format: str = "trl_standard"
+  train_files: tuple[str, ...] = ()
+  test_files: tuple[str, ...] = ()
+  fingerprint: str = ""
+  bad_rows: str = "skip"
+  max_reported: int = 5
 
 
-def files_config(format: str, train_files: Iterable[str], test_files: Iterable[str] = (),
-                 bad_rows: str = "skip", max_reported: int = 5) -> FilesConfig:
-    """A FilesConfig named after the format and a hash of the files' contents."""
-    if format not in formats.FORMATS:
-        raise ValueError(f"config.data.files.format must be one of {formats.FORMATS}, "
-                         f"got {format!r}")
-    if bad_rows not in report_lib.POLICIES:
-        raise ValueError(f"config.data.bad_rows must be one of {report_lib.POLICIES}")
-    train = tuple(os.path.abspath(p) for p in train_files)
-    test = tuple(os.path.abspath(p) for p in test_files)
-    if not train:
-        raise ValueError("config.data.files.train_files is empty")
-    for p in train + test:
-        formats.file_type(p)
-        if not os.path.isfile(p):
-            raise FileNotFoundError(p)
-    fp = _hash({"format": format,
-                "train": [(os.path.basename(p), file_sha256(p)) for p in train],
-                "test": [(os.path.basename(p), file_sha256(p)) for p in test]})
-    return FilesConfig(name=f"{format}_{fp[:12]}", format=format, train_files=train,
-                       test_files=test, fingerprint=fp, bad_rows=bad_rows,
-                       max_reported=max_reported)
+def files_config(
+  format: str,
+  train_files: Iterable[str],
+  test_files: Iterable[str] = (),
+  bad_rows: str = "skip",
+  max_reported: int = 5,
+) -> FilesConfig:
+  """A FilesConfig named after the format and a hash of the files' contents."""
+  if format not in formats.FORMATS:
+    raise ValueError(f"config.data.files.format must be one of {formats.FORMATS}, got {format!r}")
+  if bad_rows not in report_lib.POLICIES:
+    raise ValueError(f"config.data.bad_rows must be one of {report_lib.POLICIES}")
+  train = tuple(os.path.abspath(p) for p in train_files)
+  test = tuple(os.path.abspath(p) for p in test_files)
+  if not train:
+    raise ValueError("config.data.files.train_files is empty")
+  for p in train + test:
+    formats.file_type(p)
+    if not os.path.isfile(p):
+      raise FileNotFoundError(p)
+  fp = _hash(
+    {
+      "format": format,
+      "train": [(os.path.basename(p), file_sha256(p)) for p in train],
+      "test": [(os.path.basename(p), file_sha256(p)) for p in test],
+    }
+  )
+  return FilesConfig(
+    name=f"{format}_{fp[:12]}",
+    format=format,
+    train_files=train,
+    test_files=test,
+    fingerprint=fp,
+    bad_rows=bad_rows,
+    max_reported=max_reported,
+  )
 
 
 class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
-    """Preference pairs from users' local files (see formats.py)."""
+  """Preference pairs from users' local files (see formats.py)."""
 
-    name = "midpo_preference_files"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
-    BUILDER_CONFIGS = [FilesConfig(name="default")]
+  name = "midpo_preference_files"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First version."}
+  BUILDER_CONFIGS = [FilesConfig(name="default")]
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Preference pairs read from local JSONL/JSON/Parquet files.",
-            features=tfds.features.FeaturesDict({
-                "prompt": _text_feature(),
-                "chosen": _text_feature(),
-                "rejected": _text_feature(),
-                "kind": _text_feature(),
-                "source": _text_feature(),
-                "index": np.int64,
-                "score_chosen": np.float32,
-                "score_rejected": np.float32,
-            }),
-            metadata=tfds.core.MetadataDict(),
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description="Preference pairs read from local JSONL/JSON/Parquet files.",
+      features=tfds.features.FeaturesDict(
+        {
+          "prompt": _text_feature(),
+          "chosen": _text_feature(),
+          "rejected": _text_feature(),
+          "kind": _text_feature(),
+          "source": _text_feature(),
+          "index": np.int64,
+          "score_chosen": np.float32,
+          "score_rejected": np.float32,
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
+    )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        cfg = self.builder_config
-        if not cfg.train_files:
-            raise ValueError("build PreferenceFiles with files_config(...), not the default config")
-        splits = {"train": cfg.train_files, "test": cfg.test_files}
-        return {s: self._generate_examples(split=s, paths=p) for s, p in splits.items() if p}
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    if not cfg.train_files:
+      raise ValueError("build PreferenceFiles with files_config(...), not the default config")
+    splits = {"train": cfg.train_files, "test": cfg.test_files}
+    return {s: self._generate_examples(split=s, paths=p) for s, p in splits.items() if p}
 
-    def _generate_examples(self, split: str, paths: Sequence[str]):
-        cfg = self.builder_config
-        rep = report_lib.BadRowReport(cfg.bad_rows, cfg.max_reported)
-        for i, (name, line, pair) in enumerate(formats.iter_pairs(cfg.format, list(paths), rep)):
-            yield i, {
-                "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
-                "kind": pair.kind, "source": f"{name}:{line}", "index": i,
-                "score_chosen": pair.score_chosen, "score_rejected": pair.score_rejected,
-            }
-        self.info.metadata[f"{split}/build"] = rep.to_dict()
+  def _generate_examples(self, split: str, paths: Sequence[str]):
+    cfg = self.builder_config
+    rep = report_lib.BadRowReport(cfg.bad_rows, cfg.max_reported)
+    for i, (name, line, pair) in enumerate(formats.iter_pairs(cfg.format, list(paths), rep)):
+      yield (
+        i,
+        {
+          "prompt": pair.prompt,
+          "chosen": pair.chosen,
+          "rejected": pair.rejected,
+          "kind": pair.kind,
+          "source": f"{name}:{line}",
+          "index": i,
+          "score_chosen": pair.score_chosen,
+          "score_rejected": pair.score_rejected,
+        },
+      )
+    self.info.metadata[f"{split}/build"] = rep.to_dict()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,31 +457,39 @@ class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-    """Builds the dataset if it is not there yet (array_record, no TensorFlow)."""
-    builder.download_and_prepare()
-    return builder
+  """Builds the dataset if it is not there yet (array_record, no TensorFlow)."""
+  builder.download_and_prepare()
+  return builder
 
 
 def synthetic_builder(data_dir: str, **kwargs) -> SyntheticPreferences:
-    return prepare(SyntheticPreferences(config=synthetic_config(**kwargs), data_dir=data_dir,
-                                        file_format=FILE_FORMAT))
+  return prepare(
+    SyntheticPreferences(
+      config=synthetic_config(**kwargs), data_dir=data_dir, file_format=FILE_FORMAT
+    )
+  )
 
 
-def files_builder(data_dir: str, format: str, train_files: Iterable[str],
-                  test_files: Iterable[str] = (), bad_rows: str = "skip",
-                  max_reported: int = 5) -> PreferenceFiles:
-    cfg = files_config(format, train_files, test_files, bad_rows, max_reported)
-    return prepare(PreferenceFiles(config=cfg, data_dir=data_dir, file_format=FILE_FORMAT))
+def files_builder(
+  data_dir: str,
+  format: str,
+  train_files: Iterable[str],
+  test_files: Iterable[str] = (),
+  bad_rows: str = "skip",
+  max_reported: int = 5,
+) -> PreferenceFiles:
+  cfg = files_config(format, train_files, test_files, bad_rows, max_reported)
+  return prepare(PreferenceFiles(config=cfg, data_dir=data_dir, file_format=FILE_FORMAT))
 
 
 def build_report(builder: tfds.core.DatasetBuilder, split: str) -> dict:
-    """The build stage's bad-row counts for ``split`` (see report.py)."""
-    key = f"{split}/build"
-    if key not in builder.info.metadata:
-        raise KeyError(f"{builder.name}/{builder.builder_config.name} has no report for {split!r}")
-    return dict(builder.info.metadata[key])
+  """The build stage's bad-row counts for ``split`` (see report.py)."""
+  key = f"{split}/build"
+  if key not in builder.info.metadata:
+    raise KeyError(f"{builder.name}/{builder.builder_config.name} has no report for {split!r}")
+  return dict(builder.info.metadata[key])
 
 
 def decode_example(ex: dict) -> dict:
-    """TFDS gives text as bytes: decode to str, keep arrays and scalars as they are."""
-    return {k: (v.decode("utf-8") if isinstance(v, bytes) else v) for k, v in ex.items()}
+  """TFDS gives text as bytes: decode to str, keep arrays and scalars as they are."""
+  return {k: (v.decode("utf-8") if isinstance(v, bytes) else v) for k, v in ex.items()}
