@@ -207,16 +207,22 @@ def test_command_line_errors_come_before_any_work(tmp_path):
   assert rc != 0 and "gamma" in out  # a typo in a key fails (locked config)
 
 
-def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path):
-  """Killed with SIGTERM mid-run and restarted == uninterrupted, bit for bit."""
+@pytest.mark.parametrize("config_file", ["configs/dpo.py", "configs/constrained_prior.py"])
+def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file):
+  """Killed with SIGTERM mid-run and restarted == uninterrupted, bit for bit: the
+  policy, and for a learned prior its parameters, and both optimiser states."""
   overrides = {"data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
                "stages": ("preference",), "train.steps": 16, "checkpoint_every": 5}
+  items = ("policy", "policy_opt")
+  if "constrained" in config_file:
+    overrides["train.policy_steps_per_round"] = 2
+    items += ("prior", "prior_opt")
   straight = tmp_path / "straight"
-  rc, out = tu.run_main("configs/dpo.py", str(straight), overrides)
+  rc, out = tu.run_main(config_file, str(straight), overrides)
   assert rc == 0, out[-3000:]
 
   killed = tmp_path / "killed"
-  proc = tu.run_main("configs/dpo.py", str(killed), overrides, wait=False)
+  proc = tu.run_main(config_file, str(killed), overrides, wait=False)
   metrics = killed / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -229,20 +235,22 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path):
   assert "saved after SIGTERM" in out
   interrupted_at = len(tu.read_metrics(str(killed), "preference"))
   assert 7 <= interrupted_at < 16
-  rc, out = tu.run_main("configs/dpo.py", str(killed), overrides)
+  rc, out = tu.run_main(config_file, str(killed), overrides)
   assert rc == 0, out[-3000:]
   assert "resumed from step" in out
 
-  step_a, a = tu.latest_params(straight / "checkpoints")
-  step_b, b = tu.latest_params(killed / "checkpoints")
+  step_a, a = tu.latest_params(straight / "checkpoints", items)
+  step_b, b = tu.latest_params(killed / "checkpoints", items)
   assert step_a == step_b == 16
-  for item in ("policy", "policy_opt"):
+  for item in items:
     assert tu.tree_equal(a[item], b[item]), item
+  if "prior" in items:  # the prior did train
+    assert not np.array_equal(np.asarray(a["prior"]["coefficients"]), [1.0, 0.0, 0.0, 0.0])
   ma = {r["step"]: r for r in tu.read_metrics(str(straight), "preference")}
   mb = {r["step"]: r for r in tu.read_metrics(str(killed), "preference")}
   assert sorted(ma) == sorted(mb) == list(range(1, 17))
   for step in ma:
-    for key in ("loss", "rewards/margins", "grad_norm/policy"):
+    for key in ("loss", "rewards/margins", "prior/log_zeta_gap"):
       assert ma[step][key] == mb[step][key], (step, key)
 
 
