@@ -184,6 +184,16 @@ def init_params(env: Env, seed: int) -> PyTree:
   return nnx.to_pure_dict(nnx.state(model))
 
 
+def abstract_params(env: Env) -> PyTree:
+  """``ShapeDtypeStruct`` targets, with their shardings, of the model's parameters
+  (no array is created: for restoring checkpoints)."""
+  abstract = nnx.eval_shape(lambda: _new_model(env.model_config, env.mesh, 0))
+  state = nnx.state(abstract)
+  shardings = nnx.to_pure_dict(sharding.state_shardings(state, env.mesh))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nnx.to_pure_dict(state), shardings)
+
+
 def load_hf_params(env: Env) -> PyTree:
   c = env.config.model
   model = hf_checkpoint.load_hf_checkpoint(c.hf_path, mesh=env.mesh, dtype=c.dtype,
@@ -416,7 +426,7 @@ def restore_params(env: Env, directory: str, item: str = "params") -> PyTree:
   step = ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
-  target = {item: ckpt_lib.abstract_like(init_params(env, 0))}
+  target = {item: abstract_params(env)}
   trees, _ = ckpt.restore(step, target)
   ckpt.close()
   return trees[item]
