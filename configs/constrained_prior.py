@@ -9,7 +9,7 @@ The four coefficients have their own Adam state and jitted step, alternating
 with the policy: 4 policy steps, then 1 prior step. Starts at DPO (1, 0, 0, 0).
 """
 
-from configs import default
+from midpo import config_base as default
 
 
 def get_config(arg: str = ""):

@@ -11,7 +11,7 @@ from the SFT model. ``--config.dice.labels=reward`` labels with the known
 reward instead; 4 samples per prompt is our choice.
 """
 
-from configs import default
+from midpo import config_base as default
 
 
 def get_config(arg: str = ""):

@@ -5,7 +5,7 @@ by the (here known) reward, the reference = the SFT model. Scaled down for a
 CPU; ``--config=configs/dpo.py:full`` for the full-size variant.
 """
 
-from configs import default
+from midpo import config_base as default
 
 
 def get_config(arg: str = ""):

@@ -5,7 +5,7 @@ eta < 1 sharpens the policy (lower entropy), eta = 1 is DPO. No official
 code was found; eta = 0.95 is a moderate sharpening, beta as DPO's.
 """
 
-from configs import default
+from midpo import config_base as default
 
 
 def get_config(arg: str = ""):

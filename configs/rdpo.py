@@ -5,7 +5,7 @@ paper's alpha; its grid is 0.05 to 1.0, beta 0.01 to 0.1). The annotator of
 this config has a length bias, so that there is length to exploit.
 """
 
-from configs import default
+from midpo import config_base as default
 
 
 def get_config(arg: str = ""):

@@ -5,7 +5,7 @@ model: the official defaults beta = 2.0 and gamma/beta = 0.25 (gamma = 0.5).
 The SFT model is only the starting point (and the sampler of the pairs).
 """
 
-from configs import default
+from midpo import config_base as default
 
 
 def get_config(arg: str = ""):

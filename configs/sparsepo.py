@@ -7,7 +7,7 @@ state), with the released defaults: beta = 0.1, mask dropout 0.01, mask
 weight decay 0.01, one head shared by both masks.
 """
 
-from configs import default
+from midpo import config_base as default
 
 
 def get_config(arg: str = ""):

@@ -7,7 +7,7 @@ released yaml runs). Needs the reference's full distribution at every token,
 so the reference forward runs in the step.
 """
 
-from configs import default
+from midpo import config_base as default
 
 
 def get_config(arg: str = ""):

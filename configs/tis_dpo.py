@@ -10,7 +10,7 @@ reward gives the weights exactly: ``--config.tis.weights=oracle
 config (``--config.prior.token_level=True`` turns it on). beta = 0.1.
 """
 
-from configs import default
+from midpo import config_base as default
 
 
 def get_config(arg: str = ""):

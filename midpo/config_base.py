@@ -1,0 +1,150 @@
+"""Shared base configuration: the known-reward task, a tiny model, a CPU-sized run.
+
+Part of the library (so config files work from any directory); ``configs/default.py``
+is this config as a file. Every algorithm config (``configs/<algorithm>.py``) starts from this one and
+sets its prior and loss as its paper would, scaled down for a CPU. Override
+anything on the command line, e.g.::
+
+    python -m midpo.main --config=configs/dpo.py --workdir=/tmp/run \\
+        --config.prior.name=simpo --config.prior.gamma=1.0 --config.train.steps=200
+
+``get_config("full")`` switches to the full-size variant: a larger model, more
+data and steps (for an accelerator).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from midpo.data import pipeline
+
+
+def prior_config(name: str = "dpo", **hyperparameters) -> ml_collections.ConfigDict:
+  """``config.prior``: the union of every prior's hyperparameters.
+
+  Only the fields the chosen prior defines are passed to it (``None`` means
+  the prior's own default), so ``--config.prior.name=simpo
+  --config.prior.gamma=1.0`` works from any config.
+  """
+  p = ml_collections.ConfigDict()
+  p.name = name
+  p.eta = config_dict.placeholder(float)             # hdpo
+  p.length_coef = config_dict.placeholder(float)     # rdpo
+  p.gamma = config_dict.placeholder(float)           # simpo
+  p.version = config_dict.placeholder(int)           # tdpo: 1 or 2
+  p.kl_coef = config_dict.placeholder(float)         # tdpo (v2), tis_dpo, sparsepo
+  p.token_level = config_dict.placeholder(bool)      # tis_dpo
+  p.mask_source = config_dict.placeholder(str)       # sparsepo: head | given
+  p.mask_on_reward = config_dict.placeholder(bool)   # sparsepo
+  p.mask_on_kl = config_dict.placeholder(bool)       # sparsepo
+  p.shared_head = config_dict.placeholder(bool)      # sparsepo
+  p.l1_reward = config_dict.placeholder(float)       # sparsepo
+  p.l1_kl = config_dict.placeholder(float)           # sparsepo
+  p.mask_dropout = config_dict.placeholder(float)    # sparsepo
+  p.ref_bounds = config_dict.placeholder(tuple)      # constrained: (low, high) of c_ref
+  p.pol_bounds = config_dict.placeholder(tuple)      # constrained
+  p.len_bounds = config_dict.placeholder(tuple)      # constrained
+  p.kl_bounds = config_dict.placeholder(tuple)       # constrained
+  p.init = config_dict.placeholder(tuple)            # constrained: (c_ref, c_pol, c_len, c_kl)
+  for key, value in hyperparameters.items():
+    setattr(p, key, value)
+  return p
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  full = arg == "full"
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Pipeline stages, in order: sft (train the reference on the SFT split),
+  # preference (MI-DPO training), eval (samples on held-out prompts).
+  c.stages = ("sft", "preference", "eval")
+
+  # -- model and tokenizer --------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "tiny"          # a built-in config (midpo.models.config), or ...
+  c.model.hf_path = ""           # ... a local Hugging Face checkpoint directory
+  c.model.dtype = "float32"      # compute dtype
+  c.model.param_dtype = "float32"
+  c.model.remat = "none"
+  c.tokenizer = "synthetic"      # synthetic | byte | a directory with tokenizer.json
+
+  # -- data -----------------------------------------------------------------
+  c.data = pipeline.default_config()
+  c.data.data_dir = ""           # empty: <workdir>/tfds
+  c.data.batch_size = 32         # pairs (or SFT rows) per step, per process
+  c.data.max_length = 96
+  c.data.num_buckets = 4         # one compilation per bucket length
+  # Blocks the data is cut into (0: one per process). Runs with the same
+  # num_shards see the same global batches on any number of hosts.
+  c.data.num_shards = 0
+  c.data.synthetic.num_sft = 20000 if full else 6000
+  c.data.synthetic.num_train = 20000 if full else 6000
+  c.data.synthetic.num_test = 2000 if full else 512
+  # Preference pairs: 'dataset' (the builder's generated pairs) or 'reference'
+  # (two responses per training prompt sampled from the SFT reference and
+  # labelled by Bradley-Terry on the true reward, as in the DPO paper).
+  c.pairs_from = "reference"
+  c.num_pair_prompts = 20000 if full else 4096
+
+  # -- device mesh (axes of size -1 take the remaining devices) --------------
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+  # -- SFT stage --------------------------------------------------------------
+  c.sft = ml_collections.ConfigDict()
+  c.sft.steps = 3000 if full else 600
+  c.sft.learning_rate = 1e-3
+  c.sft.warmup_steps = 50
+  c.sft.weight_decay = 0.0
+  c.sft.checkpoint = ""          # a midpo SFT checkpoint dir: skip the stage
+
+  # -- preference stage -----------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 2000 if full else 300
+  c.train.learning_rate = 1e-4
+  c.train.warmup_steps = 20
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 1.0
+  c.train.reference = "online"   # online | cached
+  c.train.vocab_chunk = 4096
+  # Alternation of policy and prior updates (for priors with parameters):
+  # 'joint' updates both on every batch (as SparsePO does), 'alternate' runs
+  # policy_steps_per_round policy steps, then prior_steps_per_round prior steps.
+  c.train.prior_update = "joint"
+  c.train.policy_steps_per_round = 1
+  c.train.prior_steps_per_round = 1
+  c.train.prior_learning_rate = 1e-3
+  c.train.prior_weight_decay = 0.0
+
+  c.prior = prior_config("dpo")
+  # Rounds of preference training (DICE: each round's policy is the next
+  # round's prior and samples its pairs; other priors keep the reference).
+  c.rounds = 1
+  # DICE's rounds r >= 1: samples_per_prompt responses from the previous
+  # policy, labelled by the implicit reward log pi_{r-1} - log pi_{r-2}
+  # ('implicit') or the known reward ('reward'), best vs worst after length
+  # regularisation, with offline pairs of round 0 mixed in at offline_ratio.
+  c.dice = ml_collections.ConfigDict({
+      "labels": "implicit", "samples_per_prompt": 4, "offline_ratio": 0.5})
+  # TIS-DPO's token weights: 'contrastive' (the paper's: two DPO models
+  # trained on the pairs and on the reversed pairs; loaded instead when their
+  # checkpoints are given) or 'oracle' (the synthetic task's true per-token
+  # reward, through data.token_weights='oracle').
+  c.tis = ml_collections.ConfigDict({
+      "weights": "contrastive", "transform": "threshold_and_scale",
+      "plus_checkpoint": "", "minus_checkpoint": ""})
+  c.loss = ml_collections.ConfigDict({
+      "alpha": 0.1, "link": "sigmoid", "label_smoothing": 0.0, "nll_weight": 0.0,
+      "nll_normalization": "token"})
+
+  # -- evaluation -------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_prompts = 2000 if full else 512
+  c.eval.batch_size = 128
+  c.eval.max_new_tokens = 64
+  c.eval.temperature = 1.0
+  c.eval.num_pairs = 2000 if full else 512   # held-out pairs for implicit-reward accuracy
+
+  # -- checkpoints and logs -----------------------------------------------------
+  c.checkpoint_every = 100
+  c.max_checkpoints = 2
+  c.log_every = 25
+  return c
