@@ -5,7 +5,7 @@ is this config as a file. Every algorithm config (``configs/<algorithm>.py``) st
 sets its prior and loss as its paper would, scaled down for a CPU. Override
 anything on the command line, e.g.::
 
-    python -m midpo.main --config=configs/dpo.py --workdir=/tmp/run \\
+    python -m midpo.main --config=configs/dpo.py --workdir=workdirs/run \\
         --config.prior.name=simpo --config.prior.gamma=1.0 --config.train.steps=200
 
 ``get_config("full")`` switches to the full-size variant: a larger model, more
