@@ -42,3 +42,16 @@ run() {
     "$@"
   fi
 }
+
+# Value of an option given as `--opt=value` or `--opt value`; sets SHIFT to the words used.
+optval() {
+  local opt=$1 arg=$2
+  if [[ $arg == *=* ]]; then
+    VALUE=${arg#*=}
+    SHIFT=1
+  else
+    [[ $# -ge 3 ]] || die "$opt needs a value"
+    VALUE=$3
+    SHIFT=2
+  fi
+}

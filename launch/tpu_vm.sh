@@ -84,19 +84,6 @@ LOG_FILE=midpo.log
 EXTRA_COPY=()
 OVERRIDES=()
 
-# Value of an option given as `--opt=value` or `--opt value`; sets SHIFT to the words used.
-optval() {
-  local opt=$1 arg=$2
-  if [[ $arg == *=* ]]; then
-    VALUE=${arg#*=}
-    SHIFT=1
-  else
-    [[ $# -ge 3 ]] || die "$opt needs a value"
-    VALUE=$3
-    SHIFT=2
-  fi
-}
-
 while [[ $# -gt 0 ]]; do
   SHIFT=1
   case $1 in
