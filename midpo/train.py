@@ -698,13 +698,17 @@ def sample_pairs(env: Env, params, name: str, round_index: int) -> str:
   logging.info("sampling 2 x %d responses from the %s for preference pairs", len(prompts), name)
   a = eval_lib.sample(env, params, prompts, jax.random.fold_in(key, 0))
   b = eval_lib.sample(env, params, prompts, jax.random.fold_in(key, 1))
+  return _write_samples(env, path, prompts, [[x, y] for x, y in zip(a.responses, b.responses)],
+                        {"model": name})
+
+
+def _write_samples(env: Env, path: str, prompts, responses, extra: dict) -> str:
+  """Process 0 writes a samples file atomically; every process waits for it."""
   if env.process_index == 0:
     tmp = path + ".tmp"
-    tfds_builders.write_samples_file(
-        tmp, prompts, [[x, y] for x, y in zip(a.responses, b.responses)],
-        extra={"model": name})
+    tfds_builders.write_samples_file(tmp, prompts, responses, extra=extra)
     os.replace(tmp, path)
-  multihost_utils.sync_global_devices(f"samples_{name}")
+  multihost_utils.sync_global_devices(f"samples {os.path.basename(path)}")
   return path
 
 
@@ -777,13 +781,7 @@ def sample_dice_pairs(env: Env, sampler, older, name: str, round_index: int) -> 
                "length_rejected": float(np.mean(lengths[np.arange(len(lo)), lo]))}
   env.writer.write(f"dice/round{round_index}", 0, stats_row)
   logging.info("DICE round %d pairs: %s", round_index, stats_row)
-  if env.process_index == 0:
-    tmp = path + ".tmp"
-    tfds_builders.write_samples_file(tmp, rows_p, rows_r, extra={"model": name,
-                                                                  "labels": d.labels})
-    os.replace(tmp, path)
-  multihost_utils.sync_global_devices(f"dice_round{round_index}")
-  return path
+  return _write_samples(env, path, rows_p, rows_r, {"model": name, "labels": d.labels})
 
 
 def _offline_pairs(env: Env, n: int) -> list[tuple[str, list[str]]]:

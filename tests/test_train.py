@@ -60,6 +60,8 @@ def test_end_to_end_run_writes_results_logs_and_checkpoints(shared):
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_every_algorithm_config_runs(shared, tmp_path, name):
   extra = {"train.policy_steps_per_round": 2} if name == "constrained_prior" else {}
+  if name == "dpo":  # the README's protocol: pairs sampled from the reference
+    extra["pairs_from"] = "reference"
   config = tu.tiny_config(name, **{
       "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
       "stages": ("preference", "eval"), "train.steps": 4, "num_pair_prompts": 16, **extra})
@@ -78,6 +80,9 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
     assert "grad_norm/policy" not in pref[2]
     c = [pref[-1][f"prior/c_{k}_chosen"] for k in ("ref", "pol", "len", "kl")]
     assert 0.0 <= c[0] <= 1.0 and 0.0 <= c[1] <= 0.5 and -0.5 <= c[2] <= 0.5 and c[3] == 0.0
+  if name == "dpo":
+    rows = [json.loads(l) for l in open(tmp_path / "pairs" / "reference_samples.jsonl")]
+    assert len(rows) == 16 and all(len(r["response_ids"]) == 2 for r in rows)
   if name == "dice":
     # Round 1's pairs: the round-0 policy's samples, labelled by the implicit
     # reward, plus offline pairs of round 0 (replay ratio 0.5: as many).
