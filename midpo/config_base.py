@@ -45,6 +45,9 @@ def prior_config(name: str = "dpo", **hyperparameters) -> ml_collections.ConfigD
   p.len_bounds = config_dict.placeholder(tuple)      # constrained
   p.kl_bounds = config_dict.placeholder(tuple)       # constrained
   p.init = config_dict.placeholder(tuple)            # constrained: (c_ref, c_pol, c_len, c_kl)
+  p.network = config_dict.placeholder(str)           # mi: model config of zeta_phi
+  p.conditional = config_dict.placeholder(bool)      # mi: zeta_phi reads the prompt too
+  p.decay = config_dict.placeholder(float)           # ema
   for key, value in hyperparameters.items():
     setattr(p, key, value)
   return p
@@ -113,11 +116,31 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.prior_steps_per_round = 1
   c.train.prior_learning_rate = 1e-3
   c.train.prior_weight_decay = 0.0
+  # The 'mi' prior: each round (policy_steps_per_round policy steps) starts
+  # with prior_samples responses sampled from the policy on fresh held-out
+  # prompts, then prior_steps_per_round maximum-likelihood steps of zeta_phi
+  # on batches of prior_batch_size of them. The first round fits the
+  # reference's marginal from scratch: prior_warmup_samples responses,
+  # prior_warmup_steps steps.
+  c.train.prior_samples = 256
+  c.train.prior_batch_size = 64
+  c.train.prior_warmup_samples = 2048
+  c.train.prior_warmup_steps = 100
+  # Every learned prior: held-out diagnostics every diagnostics_every policy
+  # steps (0: off), on prior_eval_pairs test pairs; the collapse alarm fires
+  # when the prior's log zeta(y_w) - log zeta(y_l) falls collapse_margin nats
+  # below the reference's.
+  c.train.diagnostics_every = 25
+  c.train.prior_eval_pairs = 128
+  c.train.collapse_margin = 1.0
 
   c.prior = prior_config("dpo")
   # Rounds of preference training (DICE: each round's policy is the next
   # round's prior and samples its pairs; other priors keep the reference).
   c.rounds = 1
+  # Priors trained in the same command, on the same pairs, budget and seed,
+  # for comparison (e.g. ('dpo',)): each a row of eval.json's table.
+  c.baselines = ()
   # DICE's rounds r >= 1: samples_per_prompt responses from the previous
   # policy, labelled by the implicit reward log pi_{r-1} - log pi_{r-2}
   # ('implicit') or the known reward ('reward'), best vs worst after length

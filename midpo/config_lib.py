@@ -15,6 +15,7 @@ import ml_collections
 
 from midpo import losses, priors, token_weights
 from midpo.data import pipeline
+from midpo.models import config as model_config
 
 STAGES = ("sft", "preference", "eval")
 PAIRS_FROM = ("dataset", "reference")
@@ -115,12 +116,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   if not 0.0 <= config.dice.offline_ratio < 1.0:
     _fail("dice.offline_ratio", f"must be in [0, 1); got {config.dice.offline_ratio}")
   for key in ("sft.steps", "train.steps", "train.policy_steps_per_round",
-              "train.prior_steps_per_round", "checkpoint_every", "log_every",
+              "train.prior_steps_per_round", "train.prior_samples", "train.prior_warmup_samples", "train.prior_batch_size",
+              "train.prior_warmup_steps", "train.diagnostics_every", "train.prior_eval_pairs",
+              "checkpoint_every", "log_every",
               "max_checkpoints", "eval.num_prompts", "eval.batch_size", "eval.max_new_tokens"):
     section, name = key.split(".") if "." in key else (None, key)
     value = config[section][name] if section else config[name]
-    if not isinstance(value, int) or value < (0 if key.endswith("steps") else 1):
-      _fail(key, f"must be a {'non-negative' if key.endswith('steps') else 'positive'} int; "
+    zero_ok = key.endswith("steps") or key.endswith("_every")
+    if not isinstance(value, int) or value < (0 if zero_ok else 1):
+      _fail(key, f"must be a {'non-negative' if zero_ok else 'positive'} int; "
             f"got {value!r}")
   for key in ("sft.learning_rate", "train.learning_rate", "train.prior_learning_rate"):
     section, name = key.split(".")
@@ -147,6 +151,29 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
       f in prior.required_fields() for f in ("kl_ref_policy", "kl_policy_ref", "ref_hidden")):
     _fail("train.reference", f"prior {prior.name!r} needs the reference's full distribution at "
           "every token; use 'online'")
+  if prior.param_update == "mle":
+    if config.data.source != "synthetic":
+      _fail("prior.name", "prior 'mi' samples the policy on the synthetic task's held-out "
+            "prompts ('prior' split); with data.source='files' use 'ema' or 'constrained'")
+    if config.train.policy_steps_per_round < 1:
+      _fail("train.policy_steps_per_round", "must be >= 1: the policy steps between two "
+            "maximum-likelihood rounds of the 'mi' prior")
+    for key in ("prior_samples", "prior_warmup_samples"):
+      if config.train.prior_batch_size > config.train[key]:
+        _fail("train.prior_batch_size", f"{config.train.prior_batch_size} is more than the "
+              f"{config.train[key]} samples of a round (train.{key})")
+    try:
+      model_config.get_config(prior.network)
+    except ValueError as e:
+      _fail("prior.network", str(e))
+  if config.train.collapse_margin < 0:
+    _fail("train.collapse_margin", f"must be >= 0; got {config.train.collapse_margin}")
+  for name in config.baselines:
+    if name not in priors.registered_priors():
+      _fail("baselines", f"unknown prior {name!r}; registered: {priors.registered_priors()}")
+    if priors.make_prior(name).has_params or name in ("dice", "tis_dpo"):
+      _fail("baselines", f"prior {name!r} needs parameters or models of its own; baselines "
+            "are fixed priors that train on the run's pairs alone (e.g. 'dpo', 'simpo')")
   if config.tis.weights not in ("contrastive", "oracle"):
     _fail("tis.weights", f"must be 'contrastive' or 'oracle'; got {config.tis.weights!r}")
   if config.tis.transform not in token_weights.TRANSFORMS:
@@ -174,5 +201,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _fail("data.batch_size", f"{global_pairs} pairs per step ({config.data.batch_size} per "
           f"process x {process_count} processes) do not divide over the mesh's "
           f"data x fsdp = {batch_shards} batch shards")
+  if prior.param_update == "mle" and (
+      config.train.prior_batch_size % (process_count * batch_shards)):
+    _fail("train.prior_batch_size", f"{config.train.prior_batch_size} must divide over the "
+          f"{process_count} processes and data x fsdp = {batch_shards} batch shards")
   if config.eval.batch_size * process_count % batch_shards:
     _fail("eval.batch_size", f"must divide over data x fsdp = {batch_shards} batch shards")

@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from midpo import config_lib, stats
+from midpo import config_lib, priors, stats
 from midpo.data import synthetic
 from midpo.models.generate import generate as generate_fn
 
@@ -74,9 +74,12 @@ def _batches(env, prompts: Sequence[str]):
     yield chunk, real, mine
 
 
-def sample(env, params, prompts: Sequence[str], rng) -> Samples:
-  """One response per prompt from the model with ``params``."""
+def sample(env, params, prompts: Sequence[str], rng, *,
+           temperature: float | None = None) -> Samples:
+  """One response per prompt from the model with ``params`` (at
+  ``eval.temperature`` unless ``temperature`` is given)."""
   c = env.config.eval
+  temperature = c.temperature if temperature is None else temperature
   model = nnx.merge(env.graphdef, params)
   width = max(len(env.tokenizer.encode(p)) for p in prompts) + 1
   responses, lengths, logps, finished = [], [], [], []
@@ -84,7 +87,7 @@ def sample(env, params, prompts: Sequence[str], rng) -> Samples:
     tokens, mask = _encode_prompts(env, mine, width)
     g = env.global_batch({"tokens": tokens, "mask": mask})
     out = generate_fn(model, g["tokens"], g["mask"], rng=jax.random.fold_in(rng, i),
-                                max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                                max_new_tokens=c.max_new_tokens, temperature=temperature,
                                 eos_id=env.tokenizer.eos_id, pad_id=env.tokenizer.pad_id)
     toks, m, lp, done = (_gather(x) for x in (out.tokens, out.mask, out.logprobs, out.done))
     for r in range(real):
@@ -145,12 +148,13 @@ def _summary(name, values) -> dict:
   return {name: m, f"{name}_se": se}
 
 
-def implicit_reward_accuracy(env, policy, frozen, prior_params) -> dict:
-  """Fraction of held-out labelled pairs with a positive MI-DPO logit."""
+def implicit_reward_accuracy(env, policy, frozen, prior_params, prior=None) -> dict:
+  """On held-out labelled pairs: the fraction with a positive MI-DPO logit
+  under ``prior`` (the config's by default), and the mean MI-DPO loss."""
   from midpo import train as train_lib  # the pair loss lives with the trainer
 
   config = env.config
-  prior = config_lib.make_prior(config)
+  prior = prior or config_lib.make_prior(config)
   if prior.has_params and prior_params is None:
     return {"skipped": f"prior {prior.name!r} has parameters that this run did not train"}
   if "prev_logps" in prior.required_fields() and "previous" not in frozen:
@@ -163,52 +167,110 @@ def implicit_reward_accuracy(env, policy, frozen, prior_params) -> dict:
     return {"skipped": "no test files (config.data.files.test_files)"}
   it = train_lib.make_batches(env, data_config, "test", mode="pairs")
   loss_fn = train_lib.make_pair_loss(env, prior, config_lib.make_loss_config(config),
-                                     reference="online")
-  eval_step = jax.jit(lambda p, q, r, b: loss_fn(p, q, r, b, None, False)[1][1])
+                                     reference="online",
+                                     prior_model=train_lib.make_prior_model(env, prior))
+
+  def eval_step(p, q, r, b):
+    loss, (_, logits) = loss_fn(p, q, r, b, None, False)
+    return loss, logits
+
+  eval_step = jax.jit(eval_step)
   fields = train_lib.pair_fields(prior, config, reference="online",
                                  contrastive="plus" in frozen)
   per_step = config.data.batch_size * env.process_count
   n_batches = min(it.num_epoch_batches(), max(1, -(-config.eval.num_pairs // per_step)))
   if env.process_count > 1:  # every process runs the same number of steps
     n_batches = int(np.min(multihost_utils.process_allgather(np.array(n_batches))))
-  logits = []
+  logits, batch_losses = [], []
   for local in it.first_batches(n_batches):
     batch = env.global_batch(train_lib._pair_arrays(local, fields))
-    logits.append(_gather(eval_step(policy, prior_params, frozen, batch)))
+    loss, z = eval_step(policy, prior_params, frozen, batch)
+    logits.append(_gather(z))
+    batch_losses.append(float(loss))
   z = np.concatenate(logits)
   m, se = _mean_se((z > 0).astype(np.float64))
-  return {"value": m, "se": se, "num_pairs": int(z.size)}
+  return {"value": m, "se": se, "num_pairs": int(z.size),
+          "loss": float(np.mean(batch_losses))}
 
 
-def run_eval(env, policy, frozen, prior_params) -> dict:
+def _policy_summary(env, name, params, reference, prompts, key, r_ref=None) -> tuple[dict, Any]:
+  """Samples of one policy on the eval prompts -> KL, length, (reward, win rate)."""
+  pol = sample(env, params, prompts, key)
+  kl = pol.logps - sequence_logps(env, reference, pol)
+  out = {**_summary("kl", kl), **_summary("length", pol.lengths),
+         "finished_fraction": float(pol.finished.mean())}
+  rewards = None
+  if env.config.data.source == "synthetic":
+    rewards = np.array([synthetic.reward(p, env.tokenizer.decode(y))
+                        for p, y in zip(prompts, pol.responses)])
+    out.update(_summary("reward", rewards))
+    if r_ref is not None:
+      out.update(_summary("win_rate", (rewards > r_ref) + 0.5 * (rewards == r_ref)))
+  logging.info("eval: sampled %d prompts from %s", len(prompts), name)
+  return out, (pol, rewards)
+
+
+TABLE_KEYS = ("reward", "kl", "length", "win_rate")
+
+
+def format_table(rows: list[dict]) -> str:
+  """eval.json's ``table`` as fixed-width text (mean +- standard error)."""
+  head = f"{'model':<14}" + "".join(f"{k:>18}" for k in TABLE_KEYS) + f"{'held-out loss':>15}"
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    cells = "".join(f"{r[k]:>10.3f} +- {r[k + '_se']:<4.2f}" if k in r else f"{'-':>18}"
+                    for k in TABLE_KEYS)
+    loss = r.get("heldout_loss")
+    lines.append(f"{r['model']:<14}{cells}" + (f"{loss:>15.4f}" if loss is not None else
+                                               f"{'-':>15}"))
+  return "\n".join(lines)
+
+
+def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None) -> dict:
   """Writes ``eval.json`` and ``eval_samples.jsonl``; ``frozen["reference"]`` is the
-  reference the policy is compared with."""
+  reference the policy is compared with. ``baselines`` maps a prior's name to
+  a policy trained under it in the same run: each is sampled with the same
+  prompts and random numbers as the policy, and is a row of the table."""
   config = env.config
   reference = frozen["reference"]
+  baselines = baselines or {}
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
   prompts = synthetic.prompts(config.data.synthetic.seed, "test", config.eval.num_prompts)
-  logging.info("eval: sampling %d prompts from the policy and the reference", len(prompts))
-  pol = sample(env, policy, prompts, jax.random.fold_in(key, 0))
+  logging.info("eval: sampling %d prompts from the policy, the reference and %d baselines",
+               len(prompts), len(baselines))
   ref = sample(env, reference, prompts, jax.random.fold_in(key, 1))
-  kl = pol.logps - sequence_logps(env, reference, pol)
   results: dict[str, Any] = {
       "num_prompts": len(prompts),
       "prior": config.prior.name,
-      "policy": {**_summary("kl", kl), **_summary("length", pol.lengths),
-                 "finished_fraction": float(pol.finished.mean())},
       "reference": {"kl": 0.0, "kl_se": 0.0, **_summary("length", ref.lengths),
                     "finished_fraction": float(ref.finished.mean())},
   }
   decode = lambda ids: env.tokenizer.decode(ids)
+  r_ref = None
   if config.data.source == "synthetic":
-    r_pol = np.array([synthetic.reward(p, decode(y)) for p, y in zip(prompts, pol.responses)])
     r_ref = np.array([synthetic.reward(p, decode(y)) for p, y in zip(prompts, ref.responses)])
-    wins = (r_pol > r_ref) + 0.5 * (r_pol == r_ref)
-    results["policy"].update(_summary("reward", r_pol))
-    results["policy"].update(_summary("win_rate", wins))
     results["reference"].update(_summary("reward", r_ref))
+  # The policy and every baseline share the prompts and the sampling key.
+  results["policy"], (pol, r_pol) = _policy_summary(env, config.prior.name, policy, reference,
+                                                    prompts, jax.random.fold_in(key, 0), r_ref)
   results["implicit_reward_accuracy"] = implicit_reward_accuracy(env, policy, frozen,
                                                                  prior_params)
+  table = [dict(model="reference", **{k: v for k, v in results["reference"].items()
+                                      if k.split("_se")[0] in TABLE_KEYS})]
+  if baselines:
+    results["baselines"] = {}
+  for name, params in baselines.items():
+    b, (_, r_b) = _policy_summary(env, name, params, reference, prompts,
+                                  jax.random.fold_in(key, 0), r_ref)
+    b["implicit_reward_accuracy"] = implicit_reward_accuracy(
+        env, params, {"reference": reference}, None, prior=priors.make_prior(name))
+    if r_pol is not None:
+      b.update(_summary("policy_win_rate_against", (r_pol > r_b) + 0.5 * (r_pol == r_b)))
+    results["baselines"][name] = b
+    table.append(_table_row(name, b))
+  table.append(_table_row(config.prior.name, dict(
+      results["policy"], implicit_reward_accuracy=results["implicit_reward_accuracy"])))
+  results["table"] = table
   if env.process_index == 0:
     with open(os.path.join(env.workdir, "eval.json"), "w") as f:
       json.dump(results, f, indent=1)
@@ -216,12 +278,25 @@ def run_eval(env, policy, frozen, prior_params) -> dict:
       for i in range(min(32, len(prompts))):
         row = {"prompt": prompts[i], "policy": decode(pol.responses[i]),
                "reference": decode(ref.responses[i])}
-        if config.data.source == "synthetic":
+        if r_pol is not None:
           row.update(policy_reward=float(r_pol[i]), reference_reward=float(r_ref[i]))
         f.write(json.dumps(row) + "\n")
     env.writer.write("eval", 0, _flat_scalars(results))
-  logging.info("eval: %s", json.dumps({k: v for k, v in results.items()}, indent=1))
+  logging.info("eval: %s", json.dumps({k: v for k, v in results.items() if k != "table"},
+                                      indent=1))
+  logging.info("eval (%d held-out prompts; mean +- standard error):\n%s", len(prompts),
+               format_table(table))
   return results
+
+
+def _table_row(name: str, summary: dict) -> dict:
+  row = {"model": name}
+  row.update({k: v for k, v in summary.items() if k.split("_se")[0] in TABLE_KEYS})
+  acc = summary.get("implicit_reward_accuracy", {})
+  if "loss" in acc:
+    row["heldout_loss"] = acc["loss"]
+    row["implicit_reward_accuracy"] = acc["value"]
+  return row
 
 
 def _flat_scalars(d, prefix=""):

@@ -201,7 +201,7 @@ def mi_dpo_loss(chosen: SequenceStats, rejected: SequenceStats,
   if chosen.batch_size != rejected.batch_size:
     raise ValueError(f"chosen and rejected batch sizes differ: {chosen.batch_size} vs "
                      f"{rejected.batch_size}")
-  if prior.has_params and prior_params is None:
+  if prior.param_update == "loss" and prior_params is None:
     raise ValueError(f"prior {prior.name!r} has parameters: pass prior_params "
                      "(from prior.init_params)")
   if not any(_is_tracer(x) for x in jax.tree.leaves((chosen, rejected))):

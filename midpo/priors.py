@@ -116,6 +116,14 @@ class Prior:
   def has_params(self) -> bool:
     return False
 
+  @property
+  def param_update(self) -> Optional[str]:
+    """How the trainer updates the prior's parameters: 'loss' (gradient steps
+    on the MI-DPO loss, by the prior's own optimiser), 'mle' (maximum
+    likelihood on the policy's samples), 'ema' (a moving average of the
+    policy's weights), or None (no parameters)."""
+    return "loss" if self.has_params else None
+
   def init_params(self, rng: Array, example: SequenceStats) -> Any:
     """The prior's own parameters (None for a prior without any)."""
     del rng, example
@@ -562,8 +570,83 @@ class Constrained(Prior):
     return PriorOutput(lp - log_zeta, aux)
 
 
+# ---------------------------------------------------------------------------
+# Priors that are language models: the mutual-information prior and its EMA
+# proxy. ``log zeta_phi(y)`` comes from a model (``midpo.prior_model``) whose
+# forward the trainer runs; the prior reads its token log-probs.
+# ---------------------------------------------------------------------------
+
+
+@register_prior
+@dataclasses.dataclass(frozen=True)
+class MutualInformation(Prior):
+  """The mutual-information prior (the paper's Lemma 1): ``zeta_phi(y)``, a small
+  language model over responses, tracks the policy's marginal
+  ``sum_x p(x) pi(y|x)``, the prior that minimises ``E_x KL(pi(.|x) || zeta)``.
+
+  ``s = LP - log zeta_phi(y)``. The trainer alternates policy steps on the
+  MI-DPO loss (``zeta_phi`` frozen) with maximum-likelihood steps of
+  ``zeta_phi`` on responses sampled from the current policy on held-out
+  prompts (a Blahut-Arimoto step). ``network`` names the model configuration
+  of ``zeta_phi`` (``midpo.models.config``); ``conditional`` makes it read the
+  prompt too (then it tracks the policy itself rather than its marginal).
+  """
+  name: ClassVar[str] = "mi"
+  requires: ClassVar[tuple[str, ...]] = ("prior_logps",)
+  network: str = "micro"
+  conditional: bool = False
+
+  def validate(self):
+    _require(bool(self.network), self.name, "network must name a model configuration")
+
+  @property
+  def has_params(self) -> bool:
+    return True
+
+  @property
+  def param_update(self) -> str:
+    return "mle"
+
+  def score(self, stats, role, *, alpha, params=None, rng=None, train=False):
+    return PriorOutput(masked_sum(stats.logps - stats.prior_logps, stats.mask), {})
+
+
+@register_prior
+@dataclasses.dataclass(frozen=True)
+class EMA(Prior):
+  """The cheap proxy of the mutual-information prior: ``zeta`` is the policy's
+  own architecture with weights that are an exponential moving average of the
+  policy's (as TR-DPO does for the reference), ``phi <- decay phi + (1 - decay)
+  theta`` after every policy step, starting from the reference.
+
+  ``s = LP - log pi_phi(y|x)``. ``decay = 1`` is DPO; ``decay = 0`` compares
+  the policy with its own previous step.
+  """
+  name: ClassVar[str] = "ema"
+  requires: ClassVar[tuple[str, ...]] = ("prior_logps",)
+  decay: float = 0.99
+
+  def validate(self):
+    _require(0.0 <= self.decay <= 1.0, self.name, f"decay must be in [0, 1]; got {self.decay}")
+
+  @property
+  def has_params(self) -> bool:
+    return True
+
+  @property
+  def param_update(self) -> str:
+    return "ema"
+
+  @property
+  def conditional(self) -> bool:
+    return True
+
+  def score(self, stats, role, *, alpha, params=None, rng=None, train=False):
+    return PriorOutput(masked_sum(stats.logps - stats.prior_logps, stats.mask), {})
+
+
 __all__ = [
-    "Constrained", "DICE", "DPO", "HDPO", "Prior", "PriorOutput", "RDPO", "ROLES", "SimPO", "SparsePO", "TDPO",
+    "Constrained", "EMA", "MutualInformation", "DICE", "DPO", "HDPO", "Prior", "PriorOutput", "RDPO", "ROLES", "SimPO", "SparsePO", "TDPO",
     "TISDPO", "apply_mask_head", "init_mask_head", "lengths", "make_prior", "masked_sum",
     "prior_class", "register_prior", "registered_priors",
 ]

@@ -269,6 +269,8 @@ class SequenceStats:
     mask_reward, mask_kl: fixed per-token masks (SparsePO with given masks).
     ref_hidden: ``[B, T, L, D]`` reference hidden states of every layer, the
       input of SparsePO's learned mask head.
+    prior_logps: token log-probs of a prior that is a model (``zeta_phi`` of
+      the 'mi' and 'ema' priors), frozen in the policy's steps.
   """
   logps: Array
   mask: Array
@@ -280,6 +282,7 @@ class SequenceStats:
   mask_reward: Optional[Array] = None
   mask_kl: Optional[Array] = None
   ref_hidden: Optional[Array] = None
+  prior_logps: Optional[Array] = None
 
   @classmethod
   def from_token_stats(cls, ts: TokenStats, mask: Array, **extra) -> "SequenceStats":

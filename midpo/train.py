@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 
 from midpo import batches as batches_lib
 from midpo import checkpoint as ckpt_lib
-from midpo import config_lib, losses, priors, stats
+from midpo import config_lib, learned_prior, losses, priors, stats
 from midpo import token_weights as token_weights_lib
 from midpo import evaluate as eval_lib
 from midpo import metrics_writer
@@ -460,24 +460,30 @@ def _pair_arrays(local: dict, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
   return out
 
 
-def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig, *,
-                   reference: Optional[str] = None) -> Callable:
-  """``loss(policy, prior_params, frozen, batch, rng, train) -> (loss, (metrics, logits))``.
+def make_pair_stats(env: Env, fields, *, reference: Optional[str] = None,
+                    prior_model: Optional[learned_prior.ResponseModel] = None) -> Callable:
+  """``stats(policy, prior_params, frozen, batch) -> (chosen, rejected)`` SequenceStats
+  with the ``fields`` a prior reads (several priors' union for diagnostics).
 
   ``frozen`` holds the frozen models' parameters: ``reference`` and, for DICE,
-  ``previous`` (the previous round's policy).
+  ``previous`` (the previous round's policy), for TIS-DPO's contrastive
+  weights ``plus`` and ``minus``. ``prior_model`` scores the responses for
+  priors that are models (``prior_logps``: 'mi', 'ema'), with ``prior_params``.
   """
   graphdef = env.graphdef
-  fields = set(prior.required_fields())
+  fields = set(fields)
   # The reference forward runs in the step unless its log-probs are cached;
   # a prior that never reads the reference (SimPO) skips it altogether.
   reference = reference or env.config.train.reference
-  online = reference == "online" and prior.uses_reference
-  cached = reference == "cached" and prior.uses_reference
+  uses_reference = bool(fields & {"ref_logps", "kl_ref_policy", "kl_policy_ref", "ref_hidden"})
+  online = reference == "online" and uses_reference
+  cached = reference == "cached" and uses_reference
   klr = "kl_ref_policy" in fields
   klp = "kl_policy_ref" in fields
   want_hidden = "ref_hidden" in fields
   chunk = env.config.train.vocab_chunk
+  if "prior_logps" in fields and prior_model is None:
+    raise ValueError("prior_logps needs the prior's model (prior_model)")
 
   tis = env.config.tis
 
@@ -492,11 +498,12 @@ def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig
     raw = sign * (lp["plus"] - lp["minus"])
     return jax.lax.stop_gradient(token_weights_lib.tis_weights(raw, mask, tis.transform))
 
-  def loss_fn(policy_params, prior_params, frozen, batch, rng, train):
+  def stats_fn(policy_params, prior_params, frozen, batch):
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
     tokens, att = flat(batch["tokens"]), flat(batch["attention_mask"])
     inputs, targets, in_mask = tokens[:, :-1], tokens[:, 1:], att[:, :-1]
-    mask = flat(batch["response_mask"])[:, 1:].astype(jnp.float32)
+    resp = flat(batch["response_mask"])
+    mask = resp[:, 1:].astype(jnp.float32)
     logits = nnx.merge(graphdef, policy_params)(inputs, in_mask)
     ref_logits = hidden = None
     if online:
@@ -520,6 +527,9 @@ def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig
       extra["token_weights"] = flat(batch["token_weights"])[:, 1:]
     if want_hidden:
       extra["ref_hidden"] = hidden
+    if "prior_logps" in fields:
+      extra["prior_logps"] = jax.lax.stop_gradient(
+          prior_model.token_logps(prior_params, tokens, att, resp))
     ref_logps = extra.pop("ref_logps", None)
     seq = stats.SequenceStats.from_token_stats(ts, mask, **extra)
     if cached:
@@ -527,6 +537,21 @@ def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig
     pairs = jax.tree.map(lambda x: x.reshape((-1, 2) + x.shape[1:]), seq)
     chosen = jax.tree.map(lambda x: x[:, 0], pairs)
     rejected = jax.tree.map(lambda x: x[:, 1], pairs)
+    return chosen, rejected
+
+  return stats_fn
+
+
+def make_pair_loss(env: Env, prior: priors.Prior, loss_config: losses.LossConfig, *,
+                   reference: Optional[str] = None,
+                   prior_model: Optional[learned_prior.ResponseModel] = None) -> Callable:
+  """``loss(policy, prior_params, frozen, batch, rng, train) -> (loss, (metrics, logits))``
+  (see :func:`make_pair_stats` for ``frozen`` and ``prior_model``)."""
+  stats_fn = make_pair_stats(env, prior.required_fields(), prior_model=prior_model,
+                             reference=reference)
+
+  def loss_fn(policy_params, prior_params, frozen, batch, rng, train):
+    chosen, rejected = stats_fn(policy_params, prior_params, frozen, batch)
     out = losses.mi_dpo_loss(chosen, rejected, prior, loss_config, prior_params=prior_params,
                              rng=rng, train=train)
     return out.loss, (out.metrics, out.logits)
@@ -543,8 +568,9 @@ class PreferenceSteps:
   evaluate: Callable
 
 
-def make_preference_steps(env: Env, prior, loss_config, policy_tx, prior_tx, shard) -> PreferenceSteps:
-  loss_fn = make_pair_loss(env, prior, loss_config)
+def make_preference_steps(env: Env, prior, loss_config, policy_tx, prior_tx, shard, *,
+                          prior_model=None) -> PreferenceSteps:
+  loss_fn = make_pair_loss(env, prior, loss_config, prior_model=prior_model)
 
   def policy_step(policy, policy_opt, prior_params, frozen, batch, rng):
     (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -580,7 +606,7 @@ def make_preference_steps(env: Env, prior, loss_config, policy_tx, prior_tx, sha
       policy=jax.jit(policy_step, donate_argnums=(0, 1),
                      out_shardings=(s["policy"], s["policy_opt"], None)),
       prior=None, joint=None, evaluate=jax.jit(eval_step))
-  if prior.has_params:
+  if prior.param_update == "loss":
     steps.prior = jax.jit(prior_step, donate_argnums=(0, 1),
                           out_shardings=(s["prior"], s["prior_opt"], None))
     steps.joint = jax.jit(joint_step, donate_argnums=(0, 1, 2, 3),
@@ -680,6 +706,231 @@ def init_prior_params(env: Env, prior: priors.Prior, ref_params, example_local) 
   key = jax.random.fold_in(jax.random.key(env.config.seed), 1)
   params = prior.init_params(key, example)
   return jax.device_put(params, sharding.replicated(env.mesh))
+
+
+# ---------------------------------------------------------------------------
+# Priors that are models ('mi', 'ema'): their network, their updates, and the
+# per-round diagnostics of every learned prior.
+# ---------------------------------------------------------------------------
+
+# The fixed priors whose held-out MI-DPO loss is logged beside a learned
+# prior's (the paper's inequality, measured): those that need no model or
+# data beyond the reference, at their default hyperparameters.
+FIXED_PRIORS = ("dpo", "rdpo", "hdpo", "simpo", "tdpo")
+
+
+def prior_network_config(env: Env, prior) -> model_config_lib.ModelConfig:
+  """The model configuration of the 'mi' prior's ``zeta_phi``: the named
+  ``prior.network`` with the policy's vocabulary and dtypes."""
+  mc = env.model_config
+  try:
+    base = model_config_lib.get_config(prior.network)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.prior.network: {e}") from None
+  return base.replace(vocab_size=mc.vocab_size, bos_token_id=mc.bos_token_id,
+                      eos_token_id=mc.eos_token_id, pad_token_id=mc.pad_token_id,
+                      dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat)
+
+
+def make_prior_model(env: Env, prior) -> Optional[learned_prior.ResponseModel]:
+  """The network that scores responses for a prior that is a model, else None."""
+  if prior.param_update not in ("mle", "ema"):
+    return None
+  if prior.param_update == "ema":
+    graphdef = env.graphdef
+  else:
+    pc = prior_network_config(env, prior)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: _new_model(pc, env.mesh, 0)))
+  tok = env.tokenizer
+  start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+  return learned_prior.ResponseModel(graphdef, bool(prior.conditional), bos_id=int(start),
+                                     pad_id=int(tok.pad_id),
+                                     vocab_chunk=env.config.train.vocab_chunk)
+
+
+def init_model_prior_params(env: Env, prior, ref_params) -> PyTree:
+  """'mi': a fresh ``zeta_phi`` (sharded like a model); 'ema': the reference's weights."""
+  if prior.param_update == "ema":
+    return jax.tree.map(jnp.copy, ref_params)
+  seed = int(jax.random.randint(jax.random.fold_in(jax.random.key(env.config.seed), 5), (), 0,
+                                2**30))
+  model = sharding.create_sharded_model(prior_network_config(env, prior), env.mesh, seed=seed)
+  return nnx.to_pure_dict(nnx.state(model))
+
+
+def _mle_tx(t) -> optax.GradientTransformation:
+  """The 'mi' prior's optimiser: Adam at a constant rate (it tracks a moving target)."""
+  chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
+  chain.append(optax.adamw(t.prior_learning_rate, weight_decay=t.prior_weight_decay))
+  return optax.chain(*chain)
+
+
+def prior_prompts(env: Env, round_index: int) -> list[str]:
+  """Round ``r``'s held-out prompts for the 'mi' prior's samples: fresh each
+  round, from the synthetic task's 'prior' split (disjoint from the training
+  and test prompts). The first round, which fits ``zeta_phi`` from scratch,
+  has ``prior_warmup_samples`` of them; the others ``prior_samples``."""
+  t = env.config.train
+  if round_index == 0:
+    start, n = 0, t.prior_warmup_samples
+  else:
+    start, n = t.prior_warmup_samples + (round_index - 1) * t.prior_samples, t.prior_samples
+  return synthetic.prompts(env.config.data.synthetic.seed, "prior", n, start=start)
+
+
+class PriorRounds:
+  """The learned prior's side of the alternation, and its per-round diagnostics.
+
+  ``fit`` (the 'mi' prior) samples responses from the current policy on fresh
+  held-out prompts and takes maximum-likelihood steps of ``zeta_phi`` on them,
+  logging the prior's NLL on those fresh samples and the Monte-Carlo estimate
+  of ``E_x KL(pi(.|x) || zeta) = E[log pi(y|x) - log zeta(y)]`` before the
+  steps (an unbiased estimate for the prior the policy just trained with) and
+  after them (on the samples it fit). ``diagnose`` (every learned prior)
+  evaluates, on a fixed set of held-out pairs, the MI-DPO loss of the current
+  policy under the learned prior and under each fixed prior
+  (``FIXED_PRIORS``), and the collapse alarm: the learned prior's
+  ``log zeta(y_w) - log zeta(y_l)`` against the reference's.
+  """
+
+  def __init__(self, env: Env, prior, prior_model, loss_config, prior_tx, shard,
+               round_index: int):
+    config = env.config
+    t = config.train
+    self.env, self.prior, self.model, self.round_index = env, prior, prior_model, round_index
+    self.base_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 6),
+                                       round_index)
+    self.mle_step = None
+    if prior.param_update == "mle":
+      self.mle_step = learned_prior.make_mle_step(
+          functools.partial(learned_prior.nll, prior_model), prior_tx,
+          param_shardings=shard["prior"], opt_shardings=shard["prior_opt"])
+      self.seq_logps = jax.jit(prior_model.sequence_logps)
+    fixed = {n: priors.make_prior(n) for n in FIXED_PRIORS}
+    fields = set(prior.required_fields())
+    for p in fixed.values():
+      fields |= set(p.required_fields())
+    stats_fn = make_pair_stats(env, fields, reference="online", prior_model=prior_model)
+
+    def heldout(policy, prior_params, frozen, batch):
+      chosen, rejected = stats_fn(policy, prior_params, frozen, batch)
+      out = {}
+      learned = losses.mi_dpo_loss(chosen, rejected, prior, loss_config,
+                                   prior_params=prior_params)
+      for name, o in [(prior.name, learned)] + [
+          (n, losses.mi_dpo_loss(chosen, rejected, p, loss_config)) for n, p in fixed.items()]:
+        out[f"heldout/loss/{name}"] = o.loss
+        out[f"heldout/accuracy/{name}"] = jnp.mean((o.logits > 0).astype(jnp.float32))
+        out[f"heldout/log_zeta_gap/{name}"] = o.metrics["prior/log_zeta_gap"]
+      return out
+
+    self.heldout = jax.jit(heldout)
+    data_config = _data_config(env)
+    data_config.shuffle = False
+    it = make_batches(env, data_config, "test", mode="pairs")
+    per_step = config.data.batch_size * env.process_count
+    n = min(it.num_epoch_batches(), max(1, -(-t.prior_eval_pairs // per_step)))
+    if env.process_count > 1:
+      n = int(np.min(multihost_utils.process_allgather(np.array(n))))
+    fields_in = ("tokens", "attention_mask", "response_mask")
+    self.heldout_batches = [env.global_batch(_pair_arrays(local, fields_in))
+                            for local in it.first_batches(n)]
+    self.collapse_margin = t.collapse_margin
+
+  # -- the 'mi' prior's maximum-likelihood round ---------------------------
+
+  def _rows(self, samples: eval_lib.Samples) -> dict[str, np.ndarray]:
+    tok = self.env.tokenizer
+    config = self.env.config
+    prompts = []
+    for p in samples.prompts:
+      ids = list(tok.encode(p))
+      if config.data.add_bos and tok.bos_id is not None:
+        ids = [tok.bos_id] + ids
+      prompts.append(ids)
+    responses = [list(r) + ([tok.eos_id] if done else [])
+                 for r, done in zip(samples.responses, samples.finished)]
+    width = max(config.data.max_length, max(len(p) + len(r) for p, r in zip(prompts, responses)))
+    return learned_prior.response_rows(prompts, responses, _round_up(width, 8), tok.pad_id)
+
+  def _global(self, rows: dict, index: np.ndarray) -> dict[str, jax.Array]:
+    """Global rows ``index`` (every process holds all rows) -> a sharded batch."""
+    env = self.env
+    per = len(index) // env.process_count
+    mine = index[env.process_index * per:(env.process_index + 1) * per]
+    return env.global_batch({k: v[mine] for k, v in rows.items()})
+
+  def _log_zeta(self, params, rows) -> np.ndarray:
+    bsz = self.env.config.train.prior_batch_size
+    n = len(rows["tokens"])
+    out = []
+    for start in range(0, n, bsz):
+      index = np.arange(start, start + bsz) % n  # the last chunk wraps around
+      out.append(eval_lib._gather(self.seq_logps(params, self._global(rows, index))))
+    return np.concatenate(out)[:n]
+
+  def fit(self, state: dict, round_in_stage: int, step_index: int) -> dict:
+    """One maximum-likelihood round of ``zeta_phi`` on fresh policy samples."""
+    env, t = self.env, self.env.config.train
+    t0 = time.perf_counter()
+    key = jax.random.fold_in(self.base_key, round_in_stage)
+    samples = eval_lib.sample(env, state["policy"], prior_prompts(env, round_in_stage),
+                              jax.random.fold_in(key, 0), temperature=1.0)
+    rows = self._rows(samples)
+    n_tokens = rows["response_mask"].sum(axis=1)
+    before = self._log_zeta(state["prior"], rows)
+    steps = t.prior_warmup_steps if round_in_stage == 0 else t.prior_steps_per_round
+    rng = np.random.default_rng([int(env.config.seed), self.round_index, round_in_stage])
+    n, bsz = len(samples.prompts), t.prior_batch_size
+    order = np.concatenate([rng.permutation(n) for _ in range(-(-steps * bsz // n) + 1)])
+    params, opt = state["prior"], state["prior_opt"]
+    for j in range(steps):
+      params, opt, _ = self.mle_step(params, opt, self._global(rows, order[j * bsz:(j + 1) * bsz]))
+    after = self._log_zeta(params, rows)
+    kl_before = samples.logps - before
+    kl_after = samples.logps - after
+    m = {"nll_per_token": float(-before.sum() / n_tokens.sum()),
+         "nll_per_token_fit": float(-after.sum() / n_tokens.sum()),
+         **eval_lib._summary("nll_per_sequence", -before),
+         **eval_lib._summary("kl_policy_prior", kl_before),
+         **eval_lib._summary("kl_policy_prior_fit", kl_after),
+         "mle_steps": steps, "samples": n,
+         "sample_length": float(samples.lengths.mean()),
+         "sample_finished_fraction": float(samples.finished.mean()),
+         "seconds": time.perf_counter() - t0}
+    env.writer.write("prior", step_index, m)
+    logging.info("prior round %d (step %d): %d samples, %d MLE steps in %.1f s; NLL/token "
+                 "%.3f -> %.3f; E_x KL(pi||zeta) %.2f +- %.2f -> %.2f", round_in_stage,
+                 step_index, n, steps, m["seconds"], m["nll_per_token"],
+                 m["nll_per_token_fit"], m["kl_policy_prior"], m["kl_policy_prior_se"],
+                 m["kl_policy_prior_fit"])
+    return dict(state, prior=params, prior_opt=opt)
+
+  # -- every learned prior: held-out losses and the collapse alarm ----------
+
+  def diagnose(self, state: dict, frozen: dict, step_index: int) -> dict:
+    sums: dict[str, float] = {}
+    for batch in self.heldout_batches:
+      for k, v in jax.device_get(self.heldout(state["policy"], state["prior"], frozen,
+                                              batch)).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    m = {k: v / len(self.heldout_batches) for k, v in sums.items()}
+    name = self.prior.name
+    gap = m[f"heldout/log_zeta_gap/{name}"] - m["heldout/log_zeta_gap/dpo"]
+    alarm = learned_prior.collapse_alarm(m[f"heldout/log_zeta_gap/{name}"],
+                                         m["heldout/log_zeta_gap/dpo"], self.collapse_margin)
+    m["collapse/gap_vs_reference"] = gap
+    m["collapse/alarm"] = float(alarm)
+    self.env.writer.write("prior", step_index, m)
+    fixed = "  ".join(f"{n} {m[f'heldout/loss/{n}']:.4f}" for n in FIXED_PRIORS)
+    logging.info("held-out MI-DPO loss at step %d: %s %.4f | fixed priors: %s", step_index,
+                 name, m[f"heldout/loss/{name}"], fixed)
+    if alarm:
+      logging.warning(
+          "collapse alarm at step %d: the learned prior's log zeta(y_w) - log zeta(y_l) on "
+          "held-out pairs is %.2f nats below the reference's (margin %.2f): prior mass is "
+          "moving to the rejected responses.", step_index, -gap, self.collapse_margin)
+    return m
 
 
 def sample_pairs(env: Env, params, name: str, round_index: int) -> str:
@@ -869,18 +1120,31 @@ def run_preference_round(env: Env, prior, frozen, init_policy, previous, round_i
 
   policy = jax.tree.map(jnp.copy, init_policy)
   policy_tx = _adamw(t.learning_rate, t.warmup_steps, t.steps, t.weight_decay, t.grad_clip)
-  prior_tx = _adamw(t.prior_learning_rate, t.warmup_steps, t.steps, t.prior_weight_decay,
-                    t.grad_clip)
+  update = prior.param_update
+  prior_tx = (_mle_tx(t) if update == "mle" else
+              _adamw(t.prior_learning_rate, t.warmup_steps, t.steps, t.prior_weight_decay,
+                     t.grad_clip))
   policy_opt = _init_opt(policy_tx, policy, env.mesh)
   example = it.first_batches(1)[0]
-  prior_params = init_prior_params(env, prior, ref_params, example)
-  prior_opt = _init_opt(prior_tx, prior_params, env.mesh) if prior_params is not None else None
+  prior_model = make_prior_model(env, prior)
+  if prior_model is not None:
+    prior_params = init_model_prior_params(env, prior, ref_params)
+  else:
+    prior_params = init_prior_params(env, prior, ref_params, example)
+  prior_opt = (_init_opt(prior_tx, prior_params, env.mesh)
+               if update in ("loss", "mle") else None)
   shard = {"policy": shardings_of(policy), "policy_opt": shardings_of(policy_opt),
            "prior": shardings_of(prior_params) if prior_params is not None else None,
            "prior_opt": shardings_of(prior_opt) if prior_opt is not None else None}
-  steps = make_preference_steps(env, prior, loss_config, policy_tx, prior_tx, shard)
+  steps = make_preference_steps(env, prior, loss_config, policy_tx, prior_tx, shard,
+                                prior_model=prior_model)
   base_key = jax.random.fold_in(jax.random.key(config.seed), 100 + round_index)
   k_pol, k_pri = t.policy_steps_per_round, t.prior_steps_per_round
+  diag_every = t.diagnostics_every
+  rounds = None
+  if update is not None and (update == "mle" or diag_every):
+    rounds = PriorRounds(env, prior, prior_model, loss_config, prior_tx, shard, round_index)
+  ema = learned_prior.ema_update(prior.decay) if update == "ema" else None
 
   def step(state, local, step_index):
     if reverse:
@@ -889,9 +1153,17 @@ def run_preference_round(env: Env, prior, frozen, init_policy, previous, round_i
       local = cache.add_to(local)
     batch = env.global_batch(_pair_arrays(local, fields))
     rng = jax.random.fold_in(base_key, step_index)
-    if state.get("prior") is None:
-      p, o, m = steps.policy(state["policy"], state["policy_opt"], None, frozen, batch, rng)
-      return dict(state, policy=p, policy_opt=o), m
+    if update == "mle" and step_index % k_pol == 0:
+      state = rounds.fit(state, step_index // k_pol, step_index)
+    if rounds is not None and diag_every and step_index % diag_every == 0:
+      rounds.diagnose(state, frozen, step_index)
+    if update in (None, "mle", "ema"):
+      p, o, m = steps.policy(state["policy"], state["policy_opt"], state["prior"], frozen,
+                             batch, rng)
+      state = dict(state, policy=p, policy_opt=o)
+      if ema is not None:
+        state["prior"] = ema(state["prior"], p)
+      return state, m
     if t.prior_update == "joint":
       p, o, q, qo, m = steps.joint(state["policy"], state["policy_opt"], state["prior"],
                                    state["prior_opt"], frozen, batch, rng)
@@ -913,6 +1185,8 @@ def run_preference_round(env: Env, prior, frozen, init_policy, previous, round_i
   spec = LoopSpec(stage, directory or preference_dir(env, round_index), t.steps, it, _tokens,
                   step)
   state = run_loop(env, spec, state)
+  if rounds is not None and diag_every:
+    rounds.diagnose(state, frozen, t.steps)
   return state["policy"], state["prior"]
 
 
@@ -945,6 +1219,22 @@ def train_contrastive_models(env: Env, ref_params) -> dict:
         directory=os.path.join(env.workdir, "tis", name), reverse=reverse,
         loss_config=loss_config)
   return models
+
+
+def baseline_dir(env: Env, name: str) -> str:
+  return os.path.join(env.workdir, "baselines", name)
+
+
+def run_baselines(env: Env, ref_params) -> dict[str, PyTree]:
+  """The policies of ``config.baselines``: each prior (at its default
+  hyperparameters) trained from the reference on the run's pairs, with the
+  same steps, optimiser, data order and seed as the run's own policy."""
+  out = {}
+  for name in env.config.baselines:
+    out[name], _ = run_preference_round(
+        env, priors.make_prior(name), {"reference": ref_params}, ref_params, None, 0,
+        stage=f"baseline/{name}", directory=baseline_dir(env, name))
+  return out
 
 
 def preference_dir(env: Env, round_index: Optional[int] = None) -> str:
@@ -988,14 +1278,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     reference = run_sft(env)
     policy, prior_params, frozen = reference, None, {"reference": reference}
+    baselines = {}
     if "preference" in stages:
       policy, prior_params, frozen = run_preference(env, reference)
+      baselines = run_baselines(env, reference)
     elif "eval" in stages and os.path.isdir(preference_dir(env)):
       policy, prior_params = restore_preference(env, reference)
+      baselines = {name: restore_params(env, baseline_dir(env, name), item="policy")
+                   for name in config.baselines}
     if "preference" in stages and config.model.hf_path:
       export_hf(env, policy)
     if "eval" in stages:
-      results = eval_lib.run_eval(env, policy, frozen, prior_params)
+      results = eval_lib.run_eval(env, policy, frozen, prior_params, baselines)
   finally:
     env.writer.close()
   return results

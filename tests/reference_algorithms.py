@@ -8,7 +8,8 @@ the per-pair loss ``[B]``.
 Batch keys: ``pol_w``, ``pol_l`` (policy logits ``[B, T, V]``), ``ref_w``,
 ``ref_l`` (reference logits), ``tgt_w``, ``tgt_l`` (targets), ``m_w``, ``m_l``
 (masks), and, where an algorithm needs them, ``prev_w``/``prev_l`` (previous
-round's logits, DICE), ``wt_w``/``wt_l`` (token weights, TIS-DPO),
+round's logits, DICE), ``zeta_w``/``zeta_l`` (a prior model's logits: 'mi',
+'ema'), ``wt_w``/``wt_l`` (token weights, TIS-DPO),
 ``mur_w``/``mur_l``/``muk_w``/``muk_l`` (SparsePO masks). ``sg_pol_w`` and
 ``sg_pol_l`` are copies of the policy logits that stand for ``detach()``: a
 finite-difference gradient perturbs ``pol_*`` and holds ``sg_pol_*`` fixed.
@@ -76,6 +77,14 @@ def dice(b, beta):
   """DICE: DPO with the previous round's policy as the reference."""
   logits = ((seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["prev_w"], b["tgt_w"], b["m_w"]))
             - (seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["prev_l"], b["tgt_l"], b["m_l"])))
+  return -log_sigmoid(beta * logits)
+
+
+def model_prior(b, beta):
+  """The paper's MI-DPO with a prior that is a language model zeta_phi (its
+  logits ``zeta_*``): log pi(y|x) - log zeta_phi(y) in place of DPO's ratio."""
+  logits = ((seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["zeta_w"], b["tgt_w"], b["m_w"]))
+            - (seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["zeta_l"], b["tgt_l"], b["m_l"])))
   return -log_sigmoid(beta * logits)
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from midpo import losses, priors, stats
+from midpo import learned_prior, losses, priors, stats
 
 X, Y, T = 3, 5, 4
 ALPHA = 1.0
@@ -171,6 +171,11 @@ def test_without_bounds_the_prior_collapses_and_the_alarm_shows_it():
     zeta_gap_f = float(out_f.metrics["prior/log_zeta_gap"])
     zeta_gap_b = float(out_b.metrics["prior/log_zeta_gap"])
     assert zeta_gap_f < zeta_gap_b - 3.0, (zeta_gap_f, zeta_gap_b)
+    # The trainer's alarm compares the gap with the reference's (DPO's prior):
+    # it fires for the free prior only.
+    ref_gap = float(_out(th_f, None, priors.make_prior("dpo"), pb).metrics["prior/log_zeta_gap"])
+    assert learned_prior.collapse_alarm(zeta_gap_f, ref_gap)
+    assert not learned_prior.collapse_alarm(zeta_gap_b, ref_gap)
     assert float(p_f["coefficients"][2]) > BOX["len_bounds"][1]  # c_len left the box
     # And the policy, no longer needed to fit the labels, learns less of the reward.
     r0 = _expected_reward(jnp.zeros(Y), pb)

@@ -54,6 +54,8 @@ def make_batch(seed=0):
     mu[rng.uniform(size=(B, t)) < 0.3] = 0.0  # sparse, as ReLU masks are
     b[f"mur_{side}"] = mu
     b[f"muk_{side}"] = rng.uniform(0.0, 2.0, (B, t))
+    # The logits of a prior that is a model ('mi', 'ema'): zeta_phi.
+    b[f"zeta_{side}"] = 2 * rng.standard_normal((B, t, V))
   return b
 
 
@@ -63,8 +65,9 @@ def midpo_side(b, side, pol):
   ts = stats.token_stats(pol, tgt, m, jnp.asarray(b[f"ref_{side}"]), kl_ref_policy=True,
                          kl_policy_ref=True, vocab_chunk=4)  # 11 = 2 * 4 + 3: remainder chunk
   prev = stats.token_logprobs(jnp.asarray(b[f"prev_{side}"]), tgt, m, vocab_chunk=4)
+  zeta = stats.token_logprobs(jnp.asarray(b[f"zeta_{side}"]), tgt, m, vocab_chunk=4)
   return stats.SequenceStats.from_token_stats(
-      ts, m, prev_logps=prev, token_weights=jnp.asarray(b[f"wt_{side}"]),
+      ts, m, prev_logps=prev, prior_logps=zeta, token_weights=jnp.asarray(b[f"wt_{side}"]),
       mask_reward=jnp.asarray(b[f"mur_{side}"]), mask_kl=jnp.asarray(b[f"muk_{side}"]))
 
 
@@ -107,6 +110,9 @@ CASES = [
     # c_len = -lam = -length_coef / alpha is R-DPO; c_kl = -1 is TDPO1.
     ("constrained_as_rdpo", "constrained", dict(len_bounds=(-1.0, 1.0), init=(1.0, 0.0, -0.5, 0.0)),
      dict(alpha=0.1), lambda b: ref.rdpo(b, 0.1, 0.05)),
+    # Priors that are models: DPO with log zeta_phi(y) in place of log pi_ref.
+    ("mi", "mi", {}, dict(alpha=0.1), lambda b: ref.model_prior(b, 0.1)),
+    ("ema", "ema", dict(decay=0.9), dict(alpha=0.1), lambda b: ref.model_prior(b, 0.1)),
     ("constrained_as_tdpo1", "constrained", dict(kl_bounds=(-1.0, 0.0), init=(1.0, 0.0, 0.0, -1.0)),
      dict(alpha=0.1), lambda b: ref.tdpo(b, 0.1, tdpo2=False)),
 ]
@@ -122,7 +128,7 @@ def test_prior_matches_original_algorithm(case):
   with jax.enable_x64(True):
     b = make_batch()
     prior = priors.make_prior(prior_name, **hp)
-    params = prior.init_params(None, None) if prior.has_params else None
+    params = prior.init_params(None, None) if prior.param_update == "loss" else None
     if params is not None:
       params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
     got, got_grads = midpo_loss(b, prior, losses.LossConfig(**cfg), prior_params=params)

@@ -15,7 +15,7 @@ from midpo.data import pipeline
 from tests import train_utils as tu
 
 ALGORITHMS = ("dpo", "dice", "hdpo", "rdpo", "simpo", "tdpo", "tis_dpo", "sparsepo",
-              "constrained_prior")
+              "constrained_prior", "joint_prior", "ema_prior")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,8 @@ def test_end_to_end_run_writes_results_logs_and_checkpoints(shared):
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_every_algorithm_config_runs(shared, tmp_path, name):
   extra = {"train.policy_steps_per_round": 2} if name == "constrained_prior" else {}
+  if name in ("joint_prior", "ema_prior"):
+    extra = dict(tu.MI_TINY)
   if name == "dpo":  # the README's protocol: pairs sampled from the reference
     extra["pairs_from"] = "reference"
   config = tu.tiny_config(name, **{
@@ -80,6 +82,8 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
     assert "grad_norm/policy" not in pref[2]
     c = [pref[-1][f"prior/c_{k}_chosen"] for k in ("ref", "pol", "len", "kl")]
     assert 0.0 <= c[0] <= 1.0 and 0.0 <= c[1] <= 0.5 and -0.5 <= c[2] <= 0.5 and c[3] == 0.0
+  if name in ("joint_prior", "ema_prior"):
+    _check_learned_prior_run(tmp_path, config, results)
   if name == "dpo":
     rows = [json.loads(l) for l in open(tmp_path / "pairs" / "reference_samples.jsonl")]
     assert len(rows) == 16 and all(len(r["response_ids"]) == 2 for r in rows)
@@ -97,6 +101,40 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
     assert {"tis/plus", "tis/minus"} <= stages
     for model in ("plus", "minus"):
       assert train.ckpt_lib.Checkpointer(str(tmp_path / "tis" / model)).latest_step() == 4
+
+
+def _check_learned_prior_run(workdir, config, results):
+  """The 'mi' prior's rounds and every learned prior's diagnostics were logged;
+  eval.json holds the reference, the DPO baseline and the policy."""
+  prior_rows = tu.read_metrics(str(workdir), "prior")
+  diag = [r for r in prior_rows if "collapse/alarm" in r]
+  # Held-out diagnostics every 2 steps and at the end: steps 0, 2, 4.
+  assert [r["step"] for r in diag] == [0, 2, 4]
+  for r in diag:
+    for fixed in train.FIXED_PRIORS + (config.prior.name,):
+      assert np.isfinite(r[f"heldout/loss/{fixed}"]), fixed
+    assert r["collapse/alarm"] in (0.0, 1.0)
+  # At step 0 the policy is the reference: DPO's logits are all 0.
+  assert diag[0]["heldout/loss/dpo"] == pytest.approx(np.log(2.0), abs=1e-6)
+  if config.prior.name == "mi":
+    fits = [r for r in prior_rows if "kl_policy_prior" in r]
+    assert [r["step"] for r in fits] == [0, 2]  # a round every 2 policy steps
+    assert [r["mle_steps"] for r in fits] == [3, 2]
+    for r in fits:
+      assert r["samples"] == 16
+      assert np.isfinite(r["kl_policy_prior"]) and r["kl_policy_prior_se"] > 0
+      # Maximum-likelihood steps lower the NLL of the samples they fit.
+      assert r["nll_per_token_fit"] < r["nll_per_token"]
+    step, params = tu.latest_params(workdir / "checkpoints", ("prior", "prior_opt"))
+    assert step == 4 and params["prior_opt"]  # zeta_phi's own optimiser state
+  table = results["table"]
+  assert [row["model"] for row in table] == ["reference", "dpo", config.prior.name]
+  for row in table:
+    for key in ("reward", "kl", "length"):
+      assert np.isfinite(row[key]) and np.isfinite(row[f"{key}_se"]), (row["model"], key)
+  assert table[1]["reward"] == results["baselines"]["dpo"]["reward"]
+  assert train.ckpt_lib.Checkpointer(str(workdir / "baselines" / "dpo")).latest_step() == 4
+  assert json.load(open(workdir / "eval.json"))["table"] == table
 
 
 def test_policy_and_prior_steps_touch_only_their_own_parameters(shared, tmp_path):
@@ -212,15 +250,21 @@ def test_command_line_errors_come_before_any_work(tmp_path):
   assert rc != 0 and "gamma" in out  # a typo in a key fails (locked config)
 
 
-@pytest.mark.parametrize("config_file", ["configs/dpo.py", "configs/constrained_prior.py"])
+@pytest.mark.parametrize("config_file", ["configs/dpo.py", "configs/constrained_prior.py",
+                                         "configs/joint_prior.py"])
 def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file):
   """Killed with SIGTERM mid-run and restarted == uninterrupted, bit for bit: the
-  policy, and for a learned prior its parameters, and both optimiser states."""
+  policy, and for a learned prior its parameters, and both optimiser states
+  (the 'mi' prior's rounds sample from the policy: their samples too)."""
   overrides = {"data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
                "stages": ("preference",), "train.steps": 16, "checkpoint_every": 5}
   items = ("policy", "policy_opt")
   if "constrained" in config_file:
     overrides["train.policy_steps_per_round"] = 2
+    items += ("prior", "prior_opt")
+  if "joint" in config_file:  # rounds start at steps 0, 3, 6, ...: not at checkpoints
+    overrides.update(tu.MI_TINY, **{"train.policy_steps_per_round": 3,
+                                    "train.diagnostics_every": 3, "baselines": ()})
     items += ("prior", "prior_opt")
   straight = tmp_path / "straight"
   rc, out = tu.run_main(config_file, str(straight), overrides)
@@ -249,8 +293,16 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file
   assert step_a == step_b == 16
   for item in items:
     assert tu.tree_equal(a[item], b[item]), item
-  if "prior" in items:  # the prior did train
+  if "constrained" in config_file:  # the prior did train
     assert not np.array_equal(np.asarray(a["prior"]["coefficients"]), [1.0, 0.0, 0.0, 0.0])
+  if "joint" in config_file:
+    # Every round's samples and fit, and the held-out diagnostics, agree too.
+    pa = {(r["step"], k): v for r in tu.read_metrics(str(straight), "prior") for k, v in r.items()
+          if k not in ("seconds", "stage", "step", "time")}
+    pb = {(r["step"], k): v for r in tu.read_metrics(str(killed), "prior") for k, v in r.items()
+          if k not in ("seconds", "stage", "step", "time")}
+    assert sorted({s for s, _ in pa}) == [0, 3, 6, 9, 12, 15, 16]
+    assert pa == pb
   ma = {r["step"]: r for r in tu.read_metrics(str(straight), "preference")}
   mb = {r["step"]: r for r in tu.read_metrics(str(killed), "preference")}
   assert sorted(ma) == sorted(mb) == list(range(1, 17))

@@ -31,6 +31,20 @@ TINY_OVERRIDES = {
 }
 
 
+# The 'mi' prior's rounds at the same scale: 2 policy steps per round, 16
+# samples, a few maximum-likelihood steps.
+MI_TINY = {
+    "train.policy_steps_per_round": 2,
+    "train.prior_samples": 16,
+    "train.prior_warmup_samples": 16,
+    "train.prior_batch_size": 8,
+    "train.prior_warmup_steps": 3,
+    "train.prior_steps_per_round": 2,
+    "train.prior_eval_pairs": 16,
+    "train.diagnostics_every": 2,
+}
+
+
 def apply_overrides(config, overrides):
   for key, value in overrides.items():
     *path, leaf = key.split(".")

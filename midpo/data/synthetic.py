@@ -266,7 +266,8 @@ def preference_probability(
 # ----------------------------------------------------------------------------------------------
 # Generation.
 
-SPLIT_CODES = {"sft": 1, "train": 2, "test": 3, "samples": 4}
+# 'prior': held-out prompts whose policy samples train the 'mi' prior.
+SPLIT_CODES = {"sft": 1, "train": 2, "test": 3, "samples": 4, "prior": 5}
 
 
 def example_rng(seed: int, split: str, index: int) -> np.random.Generator:

@@ -175,6 +175,13 @@ _CONFIGS: dict[str, ModelConfig] = {
         rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=1024,
         bos_token_id=257, eos_token_id=258, pad_token_id=256,
     ),
+    # Half of tiny: the default prior network zeta_phi of the 'mi' prior.
+    "micro": ModelConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=192, num_layers=2,
+        num_heads=2, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=1024,
+        bos_token_id=257, eos_token_id=258, pad_token_id=256,
+    ),
     # SmolLM2-135M-shaped.
     "smollm2-135m": ModelConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,

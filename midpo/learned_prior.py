@@ -1,0 +1,174 @@
+"""Priors that are language models: ``zeta_phi``, its maximum-likelihood update
+and its EMA proxy.
+
+The 'mi' prior (``priors.MutualInformation``) is a small language model over
+responses. The prior that minimises the mutual-information term
+``E_x KL(pi(.|x) || zeta)`` is the policy's marginal
+``zeta*(y) = sum_x p(x) pi(y|x)`` (the paper's Lemma 1), so its update is
+maximum likelihood of ``zeta_phi`` on responses sampled from the current
+policy: the expected log-likelihood ``E_x E_{y~pi} log zeta_phi(y)`` equals
+``-E_x KL(pi(.|x) || zeta_phi) - H(Y|X)``, and the entropy does not depend on
+``phi``. The trainer (``midpo.train``) alternates: at the start of every round
+it samples responses from the policy on fresh held-out prompts and takes
+maximum-likelihood steps of ``zeta_phi`` on them (:func:`make_mle_step`); then
+it takes policy steps on the MI-DPO loss with ``log zeta_phi`` frozen.
+
+``ResponseModel.token_logps`` scores the response tokens of ordinary
+preference rows ``[bos] prompt response [eos]``: the unconditional model reads
+``[bos] response [eos]``, compacted to the left on the device (so the same
+batches serve the policy and the prior), and its log-probs are put back at the
+rows' positions, aligned with the policy's.
+
+The 'ema' prior (``priors.EMA``) is the policy's own architecture with weights
+that follow the policy's as an exponential moving average (:func:`ema_update`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from midpo import stats
+
+PyTree = Any
+
+
+def compact_responses(tokens, response_mask, bos_id: int, pad_id: int):
+  """Rows ``[.. prompt response pad]`` -> ``[bos response pad]``, on the device.
+
+  The response (``response_mask == 1``) must be one contiguous span, as the
+  data pipeline writes it. Returns ``(tokens, attention_mask, target_mask,
+  start)``: the compacted ``[B, T]`` tokens and attention, the ``[B, T-1]``
+  mask of their response targets, and each row's first response position.
+  """
+  t = tokens.shape[1]
+  m = response_mask.astype(bool)
+  n = jnp.sum(m, axis=1)
+  start = jnp.argmax(m, axis=1)
+  pos = jnp.arange(t)[None, :]
+  src = jnp.clip(start[:, None] + pos - 1, 0, t - 1)
+  body = jnp.take_along_axis(tokens, src, axis=1)
+  valid = (pos >= 1) & (pos <= n[:, None])
+  out = jnp.where(pos == 0, bos_id, jnp.where(valid, body, pad_id)).astype(tokens.dtype)
+  attention = (pos <= n[:, None]).astype(jnp.int32)
+  return out, attention, valid[:, 1:].astype(jnp.float32), start
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseModel:
+  """``zeta_phi``: a Transformer (``graphdef``) scoring the responses of preference rows.
+
+  ``conditional=False`` (the 'mi' prior's default) reads ``[bos] response``
+  only; ``conditional=True`` reads the whole row, as the policy does.
+  """
+  graphdef: Any
+  conditional: bool
+  bos_id: int
+  pad_id: int
+  vocab_chunk: int = 4096
+
+  def token_logps(self, params, tokens, attention_mask, response_mask):
+    """``[B, T]`` rows -> ``[B, T-1]`` ``log zeta_phi`` of each response token,
+    aligned with the targets ``tokens[:, 1:]`` (0 elsewhere)."""
+    mask = response_mask[:, 1:].astype(jnp.float32)
+    model = nnx.merge(self.graphdef, params)
+    if self.conditional:
+      logits = model(tokens[:, :-1], attention_mask[:, :-1])
+      return stats.token_logprobs(logits, tokens[:, 1:], mask, vocab_chunk=self.vocab_chunk)
+    c_tokens, c_att, c_mask, start = compact_responses(tokens, response_mask, self.bos_id,
+                                                       self.pad_id)
+    logits = model(c_tokens[:, :-1], c_att[:, :-1])
+    lp = stats.token_logprobs(logits, c_tokens[:, 1:], c_mask, vocab_chunk=self.vocab_chunk)
+    # Row target i predicts tokens[i + 1]; the compacted target j predicts
+    # response token j, at row position start + j: so j = i - start + 1.
+    idx = jnp.clip(jnp.arange(mask.shape[1])[None, :] - start[:, None] + 1, 0,
+                   mask.shape[1] - 1)
+    return jnp.take_along_axis(lp, idx, axis=1) * mask
+
+  def sequence_logps(self, params, batch) -> jax.Array:
+    """``log zeta_phi(y)`` of each row's response, ``[B]``."""
+    lp = self.token_logps(params, batch["tokens"], batch["attention_mask"],
+                          batch["response_mask"])
+    return jnp.sum(lp, axis=-1)
+
+
+def nll(model: ResponseModel, params, batch) -> tuple[jax.Array, dict]:
+  """Token-mean negative log-likelihood of the responses in ``batch``
+  (rows weighted by ``batch['weights']`` when given: exact enumerations)."""
+  lp = model.token_logps(params, batch["tokens"], batch["attention_mask"],
+                         batch["response_mask"])
+  mask = batch["response_mask"][:, 1:].astype(jnp.float32)
+  w = batch.get("weights")
+  w = jnp.ones(lp.shape[:1], jnp.float32) if w is None else w.astype(jnp.float32)
+  seq = jnp.sum(lp, axis=-1)
+  n_tokens = jnp.sum(w * jnp.sum(mask, axis=-1))
+  loss = -jnp.sum(w * seq) / jnp.maximum(n_tokens, 1e-9)
+  return loss, {"nll_per_token": loss,
+                "nll_per_sequence": -jnp.sum(w * seq) / jnp.maximum(jnp.sum(w), 1e-9)}
+
+
+def make_mle_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
+                  param_shardings=None, opt_shardings=None) -> Callable:
+  """``step(params, opt, batch) -> (params, opt, metrics)``: one optax step of
+  ``loss_fn(params, batch) -> (loss, metrics)``, jitted, donating the prior's
+  parameters and optimiser state."""
+
+  def step(params, opt, batch):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    updates, opt = tx.update(grads, opt, params)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    return optax.apply_updates(params, updates), opt, metrics
+
+  out = None if param_shardings is None else (param_shardings, opt_shardings, None)
+  return jax.jit(step, donate_argnums=(0, 1), out_shardings=out)
+
+
+def ema_update(decay: float) -> Callable:
+  """``update(prior, policy) -> decay * prior + (1 - decay) * policy``, jitted,
+  donating the prior."""
+
+  def update(prior, policy):
+    return jax.tree.map(lambda a, b: (decay * a + (1.0 - decay) * b).astype(a.dtype), prior,
+                        policy)
+
+  return jax.jit(update, donate_argnums=(0,))
+
+
+def collapse_alarm(learned_gap: float, reference_gap: float, margin: float = 1.0) -> bool:
+  """The collapse alarm of a learned prior.
+
+  ``learned_gap`` is the mean over held-out pairs of
+  ``log zeta(y_w) - log zeta(y_l)`` under the learned prior, ``reference_gap``
+  the same under the reference (DPO's prior, which knows nothing of the
+  labels). A prior that lowers the loss by moving its mass to the rejected
+  responses drives the first below the second: the alarm fires when it is more
+  than ``margin`` nats below.
+  """
+  return bool(learned_gap - reference_gap < -margin)
+
+
+def response_rows(prompt_ids: list[list[int]], response_ids: list[list[int]], width: int,
+                  pad_id: int) -> dict[str, np.ndarray]:
+  """Preference-style rows ``[prompt response]`` (ids already with bos/eos),
+  right-padded to ``width``."""
+  n = len(prompt_ids)
+  tokens = np.full((n, width), pad_id, np.int32)
+  att = np.zeros((n, width), np.int32)
+  resp = np.zeros((n, width), np.int32)
+  for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+    if len(p) + len(r) > width:
+      raise ValueError(f"row {i}: {len(p)} prompt + {len(r)} response tokens exceed {width}")
+    tokens[i, :len(p) + len(r)] = p + r
+    att[i, :len(p) + len(r)] = 1
+    resp[i, len(p):len(p) + len(r)] = 1
+  return {"tokens": tokens, "attention_mask": att, "response_mask": resp}
+
+
+__all__ = ["ResponseModel", "collapse_alarm", "compact_responses", "ema_update", "make_mle_step", "nll",
+           "response_rows"]
