@@ -21,7 +21,7 @@ from midpo import analysis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("dpo", "dice", "hdpo", "rdpo", "simpo", "tdpo", "tis_dpo", "sparsepo",
-           "constrained_prior")
+           "constrained_prior", "joint_prior", "ema_prior")
 
 
 def main():

@@ -184,10 +184,12 @@ def init_params(env: Env, seed: int) -> PyTree:
   return nnx.to_pure_dict(nnx.state(model))
 
 
-def abstract_params(env: Env) -> PyTree:
+def abstract_params(env: Env, model_config=None) -> PyTree:
   """``ShapeDtypeStruct`` targets, with their shardings, of the model's parameters
-  (no array is created: for restoring checkpoints)."""
-  abstract = nnx.eval_shape(lambda: _new_model(env.model_config, env.mesh, 0))
+  (or of another model configuration's; no array is created: for restoring
+  checkpoints)."""
+  mc = model_config or env.model_config
+  abstract = nnx.eval_shape(lambda: _new_model(mc, env.mesh, 0))
   state = nnx.state(abstract)
   shardings = nnx.to_pure_dict(sharding.state_shardings(state, env.mesh))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -898,7 +900,7 @@ class PriorRounds:
          "sample_length": float(samples.lengths.mean()),
          "sample_finished_fraction": float(samples.finished.mean()),
          "seconds": time.perf_counter() - t0}
-    env.writer.write("prior", step_index, m)
+    env.writer.write("prior/mle", step_index, m)
     logging.info("prior round %d (step %d): %d samples, %d MLE steps in %.1f s; NLL/token "
                  "%.3f -> %.3f; E_x KL(pi||zeta) %.2f +- %.2f -> %.2f", round_in_stage,
                  step_index, n, steps, m["seconds"], m["nll_per_token"],
@@ -921,7 +923,7 @@ class PriorRounds:
                                          m["heldout/log_zeta_gap/dpo"], self.collapse_margin)
     m["collapse/gap_vs_reference"] = gap
     m["collapse/alarm"] = float(alarm)
-    self.env.writer.write("prior", step_index, m)
+    self.env.writer.write("prior/diagnostics", step_index, m)
     fixed = "  ".join(f"{n} {m[f'heldout/loss/{n}']:.4f}" for n in FIXED_PRIORS)
     logging.info("held-out MI-DPO loss at step %d: %s %.4f | fixed priors: %s", step_index,
                  name, m[f"heldout/loss/{name}"], fixed)
@@ -1252,9 +1254,18 @@ def restore_preference(env: Env, ref_params) -> tuple[PyTree, PyTree]:
   if step is None:
     raise FileNotFoundError(f"no preference checkpoint in {preference_dir(env)}; run the "
                             "'preference' stage first")
-  trees, _ = ckpt.restore(step, {"policy": ckpt_lib.abstract_like(ref_params)})
+  prior = config_lib.make_prior(env.config)
+  target = {"policy": ckpt_lib.abstract_like(ref_params)}
+  if prior.param_update == "mle":
+    target["prior"] = abstract_params(env, prior_network_config(env, prior))
+  elif prior.param_update == "ema":
+    target["prior"] = ckpt_lib.abstract_like(ref_params)
+  elif prior.param_update == "loss":
+    example = {"tokens": np.zeros((2, 2), np.int32)}  # the shapes do not depend on it
+    target["prior"] = ckpt_lib.abstract_like(init_prior_params(env, prior, ref_params, example))
+  trees, _ = ckpt.restore(step, target)
   ckpt.close()
-  return trees["policy"], None
+  return trees["policy"], trees.get("prior")
 
 
 # ---------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def test_bad_loss_config_names_the_key(kwargs, match):
 
 
 @pytest.mark.parametrize("name,hp,match", [
-    ("nope", {}, r"unknown prior 'nope'; registered priors: constrained, dice, dpo, hdpo"),
+    ("nope", {}, r"unknown prior 'nope'; registered priors: constrained, dice, dpo, ema, hdpo, mi"),
     ("simpo", dict(beta=2.0), r"prior 'simpo' has no hyperparameter\(s\) \['beta'\]"),
     ("hdpo", dict(eta=0.0), r"prior 'hdpo': eta must be > 0"),
     ("tdpo", dict(version=3), r"prior 'tdpo': version must be 1 or 2"),

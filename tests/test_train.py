@@ -106,8 +106,7 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
 def _check_learned_prior_run(workdir, config, results):
   """The 'mi' prior's rounds and every learned prior's diagnostics were logged;
   eval.json holds the reference, the DPO baseline and the policy."""
-  prior_rows = tu.read_metrics(str(workdir), "prior")
-  diag = [r for r in prior_rows if "collapse/alarm" in r]
+  diag = tu.read_metrics(str(workdir), "prior/diagnostics")
   # Held-out diagnostics every 2 steps and at the end: steps 0, 2, 4.
   assert [r["step"] for r in diag] == [0, 2, 4]
   for r in diag:
@@ -117,7 +116,7 @@ def _check_learned_prior_run(workdir, config, results):
   # At step 0 the policy is the reference: DPO's logits are all 0.
   assert diag[0]["heldout/loss/dpo"] == pytest.approx(np.log(2.0), abs=1e-6)
   if config.prior.name == "mi":
-    fits = [r for r in prior_rows if "kl_policy_prior" in r]
+    fits = tu.read_metrics(str(workdir), "prior/mle")
     assert [r["step"] for r in fits] == [0, 2]  # a round every 2 policy steps
     assert [r["mle_steps"] for r in fits] == [3, 2]
     for r in fits:
@@ -135,6 +134,12 @@ def _check_learned_prior_run(workdir, config, results):
   assert table[1]["reward"] == results["baselines"]["dpo"]["reward"]
   assert train.ckpt_lib.Checkpointer(str(workdir / "baselines" / "dpo")).latest_step() == 4
   assert json.load(open(workdir / "eval.json"))["table"] == table
+  # An eval-only run restores the policy, the prior's parameters and the
+  # baselines from the checkpoints: the same numbers.
+  again = train.train_and_evaluate(tu.apply_overrides(config.copy_and_resolve_references(), {
+      "stages": ("eval",)}), str(workdir))
+  assert again["table"] == table
+  assert again["implicit_reward_accuracy"] == results["implicit_reward_accuracy"]
 
 
 def test_policy_and_prior_steps_touch_only_their_own_parameters(shared, tmp_path):
@@ -228,6 +233,16 @@ def test_dice_pair_selection_is_length_regularised():
     ({"dice.offline_ratio": 1.0}, r"config.dice.offline_ratio: must be in \[0, 1\)"),
     ({"dice.labels": "judge"}, r"config.dice.labels: must be 'implicit' or 'reward'"),
     ({"data.bad_rows": "ignore"}, r"config.data.bad_rows"),
+    ({"prior.name": "mi", "prior.network": "huge"}, r"config.prior.network: Unknown model"),
+    ({"prior.name": "mi", "train.prior_batch_size": 512},
+     r"config.train.prior_batch_size: 512 is more than the 256 samples"),
+    ({"prior.name": "mi", "data.source": "files", "stages": ("sft", "preference"),
+      "pairs_from": "dataset"}, r"config.prior.name: prior 'mi' samples the policy"),
+    ({"prior.name": "ema", "prior.decay": 1.5}, r"config.prior: prior 'ema': decay must be"),
+    ({"baselines": ("dpo", "sparsepo")}, r"config.baselines: prior 'sparsepo' needs parameters"),
+    ({"baselines": ("dop",)}, r"config.baselines: unknown prior 'dop'"),
+    ({"train.collapse_margin": -1.0}, r"config.train.collapse_margin: must be >= 0"),
+    ({"train.diagnostics_every": -1}, r"config.train.diagnostics_every: must be a non-negative"),
 ])
 def test_wrong_configs_name_the_key(overrides, match):
   config = tu.apply_overrides(tu.tiny_config("dpo"), overrides)
@@ -297,11 +312,12 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file
     assert not np.array_equal(np.asarray(a["prior"]["coefficients"]), [1.0, 0.0, 0.0, 0.0])
   if "joint" in config_file:
     # Every round's samples and fit, and the held-out diagnostics, agree too.
-    pa = {(r["step"], k): v for r in tu.read_metrics(str(straight), "prior") for k, v in r.items()
-          if k not in ("seconds", "stage", "step", "time")}
-    pb = {(r["step"], k): v for r in tu.read_metrics(str(killed), "prior") for k, v in r.items()
-          if k not in ("seconds", "stage", "step", "time")}
-    assert sorted({s for s, _ in pa}) == [0, 3, 6, 9, 12, 15, 16]
+    rows = lambda w: {(r["stage"], r["step"], k): v for r in tu.read_metrics(str(w))
+                      if r["stage"].startswith("prior/") for k, v in r.items()
+                      if k not in ("seconds", "stage", "step")}
+    pa, pb = rows(straight), rows(killed)
+    assert sorted({s for st, s, _ in pa if st == "prior/mle"}) == [0, 3, 6, 9, 12, 15]
+    assert sorted({s for st, s, _ in pa if st == "prior/diagnostics"}) == [0, 3, 6, 9, 12, 15, 16]
     assert pa == pb
   ma = {r["step"]: r for r in tu.read_metrics(str(straight), "preference")}
   mb = {r["step"]: r for r in tu.read_metrics(str(killed), "preference")}
