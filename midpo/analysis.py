@@ -279,37 +279,49 @@ def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
   Columns are ``SUMMARY_COLUMNS``: the policy's true reward, KL, length and win
   rate with their standard errors, the reference's reward and length, and the
   implicit-reward accuracy, copied from ``eval.json``; NaN where a run has no
-  such number, and the reason in ``notes``.
+  such number, and the reason in ``notes``. A run that trained baselines
+  (``config.baselines``) adds a row ``<run> / <prior>`` for each.
   """
   rows = []
   for run in runs:
     ev = run.get("eval") or {}
     cfg = run.get("config") or {}
-    pol, ref = ev.get("policy") or {}, ev.get("reference") or {}
-    ira = ev.get("implicit_reward_accuracy") or {}
-    rows.append({
-        "run": run["name"],
-        "prior": prior_label(run),
-        "alpha": _num(_get(cfg, "loss", "alpha")),
-        "policy_reward": _num(pol.get("reward")),
-        "policy_reward_se": _num(pol.get("reward_se")),
-        "reference_reward": _num(ref.get("reward")),
-        "reference_reward_se": _num(ref.get("reward_se")),
-        "kl": _num(pol.get("kl")),
-        "kl_se": _num(pol.get("kl_se")),
-        "length": _num(pol.get("length")),
-        "length_se": _num(pol.get("length_se")),
-        "reference_length": _num(ref.get("length")),
-        "reference_length_se": _num(ref.get("length_se")),
-        "win_rate": _num(pol.get("win_rate")),
-        "win_rate_se": _num(pol.get("win_rate_se")),
-        "implicit_reward_accuracy": _num(ira.get("value")),
-        "implicit_reward_accuracy_se": _num(ira.get("se")),
-        "num_prompts": _num(ev.get("num_prompts")),
-        "notes": "; ".join(run.get("notes") or []),
-    })
+    rows.append(_summary_row(run["name"], prior_label(run), cfg, ev, ev.get("policy") or {},
+                             ev.get("implicit_reward_accuracy") or {},
+                             "; ".join(run.get("notes") or [])))
+    # Fixed priors trained in the same run (config.baselines): one row each.
+    for name, b in (ev.get("baselines") or {}).items():
+      rows.append(_summary_row(f"{run['name']} / {name}", f"{name} (baseline)", cfg, ev, b,
+                               b.get("implicit_reward_accuracy") or {},
+                               f"trained in run {run['name']!r}: same reference, pairs, steps "
+                               "and seed"))
   frame = pd.DataFrame(rows, columns=("run",) + SUMMARY_COLUMNS)
   return frame.set_index("run")
+
+
+def _summary_row(name, prior, cfg, ev, pol, ira, notes) -> dict:
+  ref = ev.get("reference") or {}
+  return {
+      "run": name,
+      "prior": prior,
+      "alpha": _num(_get(cfg, "loss", "alpha")),
+      "policy_reward": _num(pol.get("reward")),
+      "policy_reward_se": _num(pol.get("reward_se")),
+      "reference_reward": _num(ref.get("reward")),
+      "reference_reward_se": _num(ref.get("reward_se")),
+      "kl": _num(pol.get("kl")),
+      "kl_se": _num(pol.get("kl_se")),
+      "length": _num(pol.get("length")),
+      "length_se": _num(pol.get("length_se")),
+      "reference_length": _num(ref.get("length")),
+      "reference_length_se": _num(ref.get("length_se")),
+      "win_rate": _num(pol.get("win_rate")),
+      "win_rate_se": _num(pol.get("win_rate_se")),
+      "implicit_reward_accuracy": _num(ira.get("value")),
+      "implicit_reward_accuracy_se": _num(ira.get("se")),
+      "num_prompts": _num(ev.get("num_prompts")),
+      "notes": notes,
+  }
 
 
 def _pm(mean: float, se: float, digits: int) -> str:

@@ -121,6 +121,24 @@ def test_summary_table_numbers_are_eval_json_numbers(tmp_path):
   assert shown.loc["b", "prior"] == "dpo"
 
 
+def test_baselines_trained_in_a_run_are_rows_of_the_summary(tmp_path):
+  ev = json.loads(json.dumps(EVAL))
+  ev["prior"] = "mi"
+  ev["baselines"] = {"dpo": {"reward": 0.5, "reward_se": 0.1, "kl": 0.75, "kl_se": 0.05,
+                             "implicit_reward_accuracy": {"value": 0.625, "se": 0.125}}}
+  _write_run(tmp_path / "joint", eval_json=ev, config=_config("mi", alpha=0.1))
+  table = analysis.summary_table(analysis.load_runs([tmp_path / "joint"]))
+  assert list(table.index) == ["joint", "joint / dpo"]
+  b = table.loc["joint / dpo"]
+  assert b["prior"] == "dpo (baseline)" and b["alpha"] == 0.1
+  assert (b["policy_reward"], b["kl"], b["implicit_reward_accuracy"]) == (0.5, 0.75, 0.625)
+  # The reference is the run's: the same row for both.
+  assert b["reference_reward"] == table.loc["joint", "reference_reward"] == \
+      EVAL["reference"]["reward"]
+  assert np.isnan(b["win_rate"])  # not in this baseline's eval.json entry
+  assert table.loc["joint", "policy_reward"] == EVAL["policy"]["reward"]
+
+
 def test_missing_eval_json_gives_nan_row_and_note(tmp_path):
   _write_run(tmp_path / "done")
   _write_run(tmp_path / "unfinished", eval_json=None)
