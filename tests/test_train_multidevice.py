@@ -9,16 +9,23 @@ also reshards it onto the 8-device mesh.
 
 
 import numpy as np
+import pytest
 
 from tests import train_utils as tu
 
 
-def test_eight_devices_give_the_same_losses_as_one(tmp_path):
-  sft_dir = tmp_path / "sft_run"
-  rc, out = tu.run_main("configs/dpo.py", str(sft_dir),
-                        {"stages": ("sft",), "data.data_dir": str(tmp_path / "tfds")})
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+  """One SFT run (on one device) and its data, shared by the tests below."""
+  root = tmp_path_factory.mktemp("multidevice")
+  rc, out = tu.run_main("configs/dpo.py", str(root / "sft_run"),
+                        {"stages": ("sft",), "data.data_dir": str(root / "tfds")})
   assert rc == 0, out[-3000:]
-  common = {"data.data_dir": str(tmp_path / "tfds"), "sft.checkpoint": str(sft_dir / "sft"),
+  return {"data.data_dir": str(root / "tfds"), "sft.checkpoint": str(root / "sft_run" / "sft")}
+
+
+def test_eight_devices_give_the_same_losses_as_one(tmp_path, sft):
+  common = {**sft,
             "stages": ("preference",), "train.steps": 6, "train.warmup_steps": 0}
   rc, out1 = tu.run_main("configs/dpo.py", str(tmp_path / "one"), common)
   assert rc == 0, out1[-3000:]
@@ -40,3 +47,27 @@ def test_eight_devices_give_the_same_losses_as_one(tmp_path):
   import jax
   for x, y in zip(jax.tree.leaves(p1["policy"]), jax.tree.leaves(p8["policy"])):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+
+
+def test_mi_prior_rounds_on_eight_devices_match_one(tmp_path, sft):
+  """The 'mi' prior's rounds (sampling, maximum-likelihood steps of zeta_phi
+  sharded over fsdp, held-out diagnostics) on a (data=4, fsdp=2) mesh."""
+  common = {**sft, "stages": ("preference",), "train.steps": 4, "train.warmup_steps": 0,
+            "baselines": (), **tu.MI_TINY}
+  rc, out1 = tu.run_main("configs/joint_prior.py", str(tmp_path / "one"), common)
+  assert rc == 0, out1[-3000:]
+  rc, out8 = tu.run_main(
+      "configs/joint_prior.py", str(tmp_path / "eight"),
+      {**common, "mesh.data": 4, "mesh.fsdp": 2},
+      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert rc == 0, out8[-3000:]
+  for stage, keys in (("preference", ("loss", "rewards/margins")),
+                      ("prior/mle", ("nll_per_token", "nll_per_token_fit", "kl_policy_prior")),
+                      ("prior/diagnostics", ("heldout/loss/mi", "heldout/loss/dpo"))):
+    one = tu.read_metrics(str(tmp_path / "one"), stage)
+    eight = tu.read_metrics(str(tmp_path / "eight"), stage)
+    assert len(one) == len(eight) > 0, stage
+    for a, b in zip(one, eight):
+      for key in keys:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{stage} {key} {a['step']}")

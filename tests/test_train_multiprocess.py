@@ -4,9 +4,11 @@ model as one process with the same global batch, and get the same losses.
 Both runs cut the data into 2 shards (``data.num_shards=2``): the two-process
 run reads one shard per process (4 pairs each), the one-process run reads
 both (8 pairs), so every step's global batch is the same (see
-``midpo.batches``).
+``midpo.batches``). The run is the default one, scaled down: the 'mi' prior
+(its samples, maximum-likelihood rounds and diagnostics) and a DPO baseline.
 """
 
+import json
 import socket
 
 import numpy as np
@@ -27,8 +29,8 @@ def test_two_processes_match_one_process(tmp_path):
   assert rc == 0, out[-3000:]
   common = {"data.data_dir": data_dir, "sft.checkpoint": str(tmp_path / "sft_run" / "sft"),
             "stages": ("preference", "eval"), "train.steps": 6, "train.warmup_steps": 0,
-            "data.num_shards": 2, "checkpoint_every": 3}
-  rc, out1 = tu.run_main("configs/dpo.py", str(tmp_path / "one"), common)
+            "data.num_shards": 2, "checkpoint_every": 3, **tu.MI_TINY}
+  rc, out1 = tu.run_main("configs/joint_prior.py", str(tmp_path / "one"), common)
   assert rc == 0, out1[-3000:]
 
   port = _free_port()
@@ -36,22 +38,36 @@ def test_two_processes_match_one_process(tmp_path):
   for i in range(2):
     env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
            "JAX_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu"}
-    # data.batch_size counts pairs per process: 4 + 4 = the one-process run's 8.
-    procs.append(tu.run_main("configs/dpo.py", str(tmp_path / "two"),
-                             {**common, "data.batch_size": 4}, env=env, wait=False))
+    # Batch sizes count rows per process: 4 + 4 pairs = the one-process run's
+    # 8, and 8 + 8 sampled prompts its 16.
+    procs.append(tu.run_main("configs/joint_prior.py", str(tmp_path / "two"),
+                             {**common, "data.batch_size": 4, "eval.batch_size": 8},
+                             env=env, wait=False))
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   assert "process 0 of 2" in outs[0] and "process 1 of 2" in outs[1]
 
-  one = tu.read_metrics(str(tmp_path / "one"), "preference")
-  two = tu.read_metrics(str(tmp_path / "two"), "preference")
-  assert len(one) == len(two) == 6
-  for a, b in zip(one, two):
-    for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
-      np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-6,
-                                 err_msg=f"{key} at step {a['step']}")
-  assert one[-1]["loss"] != one[0]["loss"]
+  for stage, keys in (("preference", ("loss", "rewards/margins", "logps/chosen",
+                                       "logps/rejected")),
+                      ("baseline/dpo", ("loss", "rewards/margins")),
+                      ("prior/mle", ("nll_per_token", "nll_per_token_fit", "kl_policy_prior")),
+                      ("prior/diagnostics", ("heldout/loss/mi", "heldout/loss/tdpo"))):
+    one = tu.read_metrics(str(tmp_path / "one"), stage)
+    two = tu.read_metrics(str(tmp_path / "two"), stage)
+    assert len(one) == len(two) == {"prior/mle": 3, "prior/diagnostics": 4}.get(stage, 6)
+    for a, b in zip(one, two):
+      for key in keys:
+        np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-6,
+                                   err_msg=f"{stage} {key} at step {a['step']}")
+    assert one[-1][keys[0]] != one[0][keys[0]]
+  # The same samples on the same prompts: the same evaluation table.
+  t1 = json.load(open(tmp_path / "one" / "eval.json"))["table"]
+  t2 = json.load(open(tmp_path / "two" / "eval.json"))["table"]
+  assert [r["model"] for r in t1] == [r["model"] for r in t2] == ["reference", "dpo", "mi"]
+  for a, b in zip(t1, t2):
+    for key in ("reward", "kl", "length"):
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=a["model"])
   _, p1 = tu.latest_params(tmp_path / "one" / "checkpoints")
   _, p2 = tu.latest_params(tmp_path / "two" / "checkpoints")
   import jax
