@@ -577,9 +577,25 @@ class Constrained(Prior):
 # ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelPrior(Prior):
+  """Base of the priors that are language models: ``s = LP - log zeta_phi(y)``
+  from the token log-probs ``prior_logps`` of the prior's network, which the
+  trainer computes with the prior's parameters (``midpo.learned_prior``) and
+  updates as ``param_update`` says."""
+  requires: ClassVar[tuple[str, ...]] = ("prior_logps",)
+
+  @property
+  def has_params(self) -> bool:
+    return True
+
+  def score(self, stats, role, *, alpha, params=None, rng=None, train=False):
+    return PriorOutput(masked_sum(stats.logps - stats.prior_logps, stats.mask), {})
+
+
 @register_prior
 @dataclasses.dataclass(frozen=True)
-class MutualInformation(Prior):
+class MutualInformation(ModelPrior):
   """The mutual-information prior (the paper's Lemma 1): ``zeta_phi(y)``, a small
   language model over responses, tracks the policy's marginal
   ``sum_x p(x) pi(y|x)``, the prior that minimises ``E_x KL(pi(.|x) || zeta)``.
@@ -592,7 +608,6 @@ class MutualInformation(Prior):
   prompt too (then it tracks the policy itself rather than its marginal).
   """
   name: ClassVar[str] = "mi"
-  requires: ClassVar[tuple[str, ...]] = ("prior_logps",)
   network: str = "micro"
   conditional: bool = False
 
@@ -600,20 +615,13 @@ class MutualInformation(Prior):
     _require(bool(self.network), self.name, "network must name a model configuration")
 
   @property
-  def has_params(self) -> bool:
-    return True
-
-  @property
   def param_update(self) -> str:
     return "mle"
-
-  def score(self, stats, role, *, alpha, params=None, rng=None, train=False):
-    return PriorOutput(masked_sum(stats.logps - stats.prior_logps, stats.mask), {})
 
 
 @register_prior
 @dataclasses.dataclass(frozen=True)
-class EMA(Prior):
+class EMA(ModelPrior):
   """The cheap proxy of the mutual-information prior: ``zeta`` is the policy's
   own architecture with weights that are an exponential moving average of the
   policy's (as TR-DPO does for the reference), ``phi <- decay phi + (1 - decay)
@@ -623,15 +631,10 @@ class EMA(Prior):
   the policy with its own previous step.
   """
   name: ClassVar[str] = "ema"
-  requires: ClassVar[tuple[str, ...]] = ("prior_logps",)
   decay: float = 0.99
 
   def validate(self):
     _require(0.0 <= self.decay <= 1.0, self.name, f"decay must be in [0, 1]; got {self.decay}")
-
-  @property
-  def has_params(self) -> bool:
-    return True
 
   @property
   def param_update(self) -> str:
@@ -641,12 +644,9 @@ class EMA(Prior):
   def conditional(self) -> bool:
     return True
 
-  def score(self, stats, role, *, alpha, params=None, rng=None, train=False):
-    return PriorOutput(masked_sum(stats.logps - stats.prior_logps, stats.mask), {})
-
 
 __all__ = [
-    "Constrained", "EMA", "MutualInformation", "DICE", "DPO", "HDPO", "Prior", "PriorOutput", "RDPO", "ROLES", "SimPO", "SparsePO", "TDPO",
+    "Constrained", "EMA", "ModelPrior", "MutualInformation", "DICE", "DPO", "HDPO", "Prior", "PriorOutput", "RDPO", "ROLES", "SimPO", "SparsePO", "TDPO",
     "TISDPO", "apply_mask_head", "init_mask_head", "lengths", "make_prior", "masked_sum",
     "prior_class", "register_prior", "registered_priors",
 ]
