@@ -41,6 +41,12 @@ NO_SAMPLES_NOTE = "no eval_samples.jsonl: no sampled responses"
 
 # The learning curves plotted by default, besides every ``kl/*`` metric a stage logs.
 DEFAULT_CURVES = ("loss", "rewards/margins", "rewards/accuracies")
+# The learned priors' own stages: the 'mi' prior's rounds, and the held-out
+# diagnostics (plus every ``heldout/loss/*``: the learned and the fixed priors).
+PRIOR_STAGE_CURVES = {
+    "prior/mle": ("nll_per_token", "nll_per_token_fit", "kl_policy_prior"),
+    "prior/diagnostics": ("collapse/gap_vs_reference",),
+}
 
 SUMMARY_COLUMNS = (
     "prior", "alpha", "policy_reward", "policy_reward_se", "reference_reward",
@@ -417,12 +423,16 @@ def plot_curves(runs: Sequence[Mapping], stage: str,
   """Learning curves of ``stage``: a panel per metric, a line per run.
 
   ``metrics`` defaults to ``DEFAULT_CURVES`` plus every ``kl/*`` metric the
-  stage logged, keeping those that some run logged at this stage; metrics asked
-  for by name but logged by no run, and runs without this stage, are named in
-  the figure's footnote.
+  stage logged (for the learned priors' stages, ``PRIOR_STAGE_CURVES`` plus
+  every ``heldout/loss/*``), keeping those that some run logged at this stage;
+  metrics asked for by name but logged by no run, and runs without this stage,
+  are named in the figure's footnote.
   """
   notes = []
-  if metrics is None:
+  if metrics is None and stage in PRIOR_STAGE_CURVES:
+    wanted = _metric_names(runs, stage, "heldout/loss/") + list(PRIOR_STAGE_CURVES[stage])
+    present = [m for m in wanted if any(len(curve(r, m, stage)) for r in runs)]
+  elif metrics is None:
     wanted = list(DEFAULT_CURVES) + _metric_names(runs, stage, "kl/")
     present = [m for m in wanted if any(len(curve(r, m, stage)) for r in runs)]
   else:

@@ -316,10 +316,12 @@ def test_run_label_names_the_prior_unless_the_name_does(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-  """A DPO and a SimPO run with the tiny overrides, made in parallel (one core each)."""
+  """The default run (the 'mi' prior with a DPO baseline) and a SimPO run, with
+  the tiny overrides, made in parallel (one core each)."""
   root = tmp_path_factory.mktemp("notebook_runs")
-  procs = {name: tu.run_main(f"configs/{name}.py", str(root / name), {}, wait=False)
-           for name in ("dpo", "simpo")}
+  procs = {name: tu.run_main(f"configs/{name}.py", str(root / name),
+                             tu.MI_TINY if name == "joint_prior" else {}, wait=False)
+           for name in ("joint_prior", "simpo")}
   try:
     for name, proc in procs.items():
       out, _ = proc.communicate(timeout=600)
@@ -362,14 +364,17 @@ def test_notebook_runs_end_to_end(tiny_runs, tmp_path, monkeypatch):
   assert all(w in texts[0] for w in tiny_runs)          # WORKDIRS came from the environment
 
   summary_cell = next(t for c, t in zip(code, texts) if "format_summary" in c.source)
-  assert "simpo(gamma=0.5)" in summary_cell and "dpo" in summary_cell
+  assert "simpo(gamma=0.5)" in summary_cell and "dpo (baseline)" in summary_cell
   for run in tiny_runs:
     ev = json.load(open(os.path.join(run, "eval.json")))
     assert f"{ev['policy']['reward']:.3f} ± {ev['policy']['reward_se']:.3f}" in summary_cell
+  base = json.load(open(os.path.join(tiny_runs[0], "eval.json")))["baselines"]["dpo"]
+  assert f"{base['reward']:.3f} ± {base['reward_se']:.3f}" in summary_cell
 
   images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
-  # sft and preference curves, reward vs KL, prior statistics.
-  assert len(images) >= 4
+  # sft, preference, baseline/dpo, prior/mle and prior/diagnostics curves, reward
+  # vs KL, prior statistics.
+  assert len(images) >= 7
   samples_cell = next(t for c, t in zip(code, texts) if "samples_table" in c.source)
   first = json.loads(open(os.path.join(tiny_runs[0], "eval_samples.jsonl")).readline())
   assert first["prompt"] in samples_cell
@@ -377,6 +382,16 @@ def test_notebook_runs_end_to_end(tiny_runs, tmp_path, monkeypatch):
   assert "sft/ of this workdir" in checkpoints_cell
 
   # The same numbers straight from the module, for the record.
-  table = analysis.summary_table(analysis.load_runs(tiny_runs))
-  assert table["prior"].tolist() == ["dpo", "simpo(gamma=0.5)"]
-  assert table["notes"].tolist() == ["", ""]
+  runs = analysis.load_runs(tiny_runs)
+  table = analysis.summary_table(runs)
+  assert table["prior"].tolist() == ["mi(conditional=False, network=micro)", "dpo (baseline)",
+                                     "simpo(gamma=0.5)"]
+  assert table["notes"].tolist()[0::2] == ["", ""]
+  # The learned prior's own stages get their own default panels.
+  fig = analysis.plot_curves(runs, "prior/mle")
+  assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == [
+      "nll_per_token", "nll_per_token_fit", "kl_policy_prior"]
+  fig = analysis.plot_curves(runs, "prior/diagnostics")
+  titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+  assert {"heldout/loss/mi", "heldout/loss/dpo", "heldout/loss/simpo",
+          "collapse/gap_vs_reference"} <= set(titles)
