@@ -827,6 +827,12 @@ class PriorRounds:
       return out
 
     self.heldout = jax.jit(heldout)
+    self.heldout_batches = []
+    self.collapse_margin = t.collapse_margin
+    if config.data.source == "files" and not list(config.data.files.test_files):
+      logging.warning("no test files (config.data.files.test_files): the learned prior's "
+                      "held-out diagnostics are skipped")
+      return
     data_config = _data_config(env)
     data_config.shuffle = False
     it = make_batches(env, data_config, "test", mode="pairs")
@@ -837,7 +843,6 @@ class PriorRounds:
     fields_in = ("tokens", "attention_mask", "response_mask")
     self.heldout_batches = [env.global_batch(_pair_arrays(local, fields_in))
                             for local in it.first_batches(n)]
-    self.collapse_margin = t.collapse_margin
 
   # -- the 'mi' prior's maximum-likelihood round ---------------------------
 
@@ -911,6 +916,8 @@ class PriorRounds:
   # -- every learned prior: held-out losses and the collapse alarm ----------
 
   def diagnose(self, state: dict, frozen: dict, step_index: int) -> dict:
+    if not self.heldout_batches:
+      return {}
     sums: dict[str, float] = {}
     for batch in self.heldout_batches:
       for k, v in jax.device_get(self.heldout(state["policy"], state["prior"], frozen,

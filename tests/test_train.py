@@ -142,6 +142,28 @@ def _check_learned_prior_run(workdir, config, results):
   assert again["implicit_reward_accuracy"] == results["implicit_reward_accuracy"]
 
 
+def test_learned_prior_on_users_files_without_a_test_split(shared, tmp_path, caplog):
+  """Pairs from the user's files with no test files: the EMA prior trains, and its
+  held-out diagnostics are skipped with a warning, not silently."""
+  from midpo.data import synthetic
+  rows = []
+  for i in range(24):
+    _, prompt, a, b = synthetic.candidate_pair(0, "train", i)
+    rows.append({"prompt": prompt, "chosen": a, "rejected": b})
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = tu.tiny_config("ema_prior", **{
+      "sft.checkpoint": shared["sft"], "stages": ("preference",), "train.steps": 3,
+      "data.source": "files", "data.files.format": "trl_standard",
+      "data.files.train_files": [str(path)], "data.data_dir": str(tmp_path / "tfds"),
+      "train.diagnostics_every": 1, "baselines": ()})
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert "held-out diagnostics are skipped" in caplog.text
+  assert len(tu.read_metrics(str(tmp_path / "run"), "preference")) == 3
+  assert tu.read_metrics(str(tmp_path / "run"), "prior/diagnostics") == []
+
+
 def test_policy_and_prior_steps_touch_only_their_own_parameters(shared, tmp_path):
   config = tu.tiny_config("sparsepo", **{
       "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
