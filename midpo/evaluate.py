@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from midpo import config_lib, priors, stats
+from midpo import config_lib, learned_prior, priors, stats
 from midpo.data import synthetic
 from midpo.models.generate import generate as generate_fn
 
@@ -46,14 +46,26 @@ def _gather(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def prompt_ids(env, prompt: str) -> list[int]:
+  """A prompt's token ids as the data pipeline writes them (with BOS when ``add_bos``)."""
+  tok = env.tokenizer
+  ids = list(tok.encode(prompt))
+  if env.config.data.add_bos and tok.bos_id is not None:
+    ids = [tok.bos_id] + ids
+  return ids
+
+
+def sample_ids(env, samples: Samples) -> tuple[list[list[int]], list[list[int]]]:
+  """``(prompt ids, response ids)`` of each sample; a finished response ends with EOS."""
+  eos = env.tokenizer.eos_id
+  return ([prompt_ids(env, p) for p in samples.prompts],
+          [list(r) + ([eos] if done else []) for r, done in zip(samples.responses,
+                                                                  samples.finished)])
+
+
 def _encode_prompts(env, prompts: Sequence[str], width: int):
   tok = env.tokenizer
-  rows = []
-  for p in prompts:
-    ids = list(tok.encode(p))
-    if env.config.data.add_bos and tok.bos_id is not None:
-      ids = [tok.bos_id] + ids
-    rows.append(ids[-width:])
+  rows = [prompt_ids(env, p)[-width:] for p in prompts]
   tokens = np.full((len(rows), width), tok.pad_id, np.int32)
   mask = np.zeros((len(rows), width), np.int32)
   for i, ids in enumerate(rows):
@@ -108,13 +120,7 @@ def sequence_logps(env, params, samples: Samples) -> np.ndarray:
   tok = env.tokenizer
   model_fn = jax.jit(lambda p, t, a, m: jnp.sum(stats.token_logprobs(
       nnx.merge(env.graphdef, p)(t[:, :-1], a[:, :-1]), t[:, 1:], m[:, 1:]), axis=-1))
-  rows = []
-  for prompt, resp, done in zip(samples.prompts, samples.responses, samples.finished):
-    p_ids = list(tok.encode(prompt))
-    if env.config.data.add_bos and tok.bos_id is not None:
-      p_ids = [tok.bos_id] + p_ids
-    r_ids = list(resp) + ([tok.eos_id] if done else [])
-    rows.append((p_ids, r_ids))
+  rows = list(zip(*sample_ids(env, samples)))
   width = max(len(p) + len(r) for p, r in rows)
   out = []
   per_process = env.config.eval.batch_size
@@ -124,14 +130,9 @@ def sequence_logps(env, params, samples: Samples) -> np.ndarray:
     real = len(chunk)
     chunk = chunk + [chunk[0]] * (global_size - real)
     mine = chunk[env.process_index * per_process:(env.process_index + 1) * per_process]
-    t = np.full((len(mine), width), tok.pad_id, np.int32)
-    a = np.zeros_like(t)
-    m = np.zeros(t.shape, np.float32)
-    for i, (p, r) in enumerate(mine):
-      t[i, :len(p) + len(r)] = p + r
-      a[i, :len(p) + len(r)] = 1
-      m[i, len(p):len(p) + len(r)] = 1
-    g = env.global_batch({"t": t, "a": a, "m": m})
+    r = learned_prior.response_rows(*zip(*mine), width, tok.pad_id)
+    g = env.global_batch({"t": r["tokens"], "a": r["attention_mask"],
+                          "m": r["response_mask"].astype(np.float32)})
     out.append(_gather(model_fn(params, g["t"], g["a"], g["m"]))[:real])
   return np.concatenate(out)
 

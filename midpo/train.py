@@ -847,18 +847,11 @@ class PriorRounds:
   # -- the 'mi' prior's maximum-likelihood round ---------------------------
 
   def _rows(self, samples: eval_lib.Samples) -> dict[str, np.ndarray]:
-    tok = self.env.tokenizer
-    config = self.env.config
-    prompts = []
-    for p in samples.prompts:
-      ids = list(tok.encode(p))
-      if config.data.add_bos and tok.bos_id is not None:
-        ids = [tok.bos_id] + ids
-      prompts.append(ids)
-    responses = [list(r) + ([tok.eos_id] if done else [])
-                 for r, done in zip(samples.responses, samples.finished)]
-    width = max(config.data.max_length, max(len(p) + len(r) for p, r in zip(prompts, responses)))
-    return learned_prior.response_rows(prompts, responses, _round_up(width, 8), tok.pad_id)
+    prompts, responses = eval_lib.sample_ids(self.env, samples)
+    width = max(self.env.config.data.max_length,
+                max(len(p) + len(r) for p, r in zip(prompts, responses)))
+    return learned_prior.response_rows(prompts, responses, _round_up(width, 8),
+                                       self.env.tokenizer.pad_id)
 
   def _global(self, rows: dict, index: np.ndarray) -> dict[str, jax.Array]:
     """Global rows ``index`` (every process holds all rows) -> a sharded batch."""
