@@ -1,7 +1,8 @@
 """Shared base configuration: the known-reward task, a tiny model, a CPU-sized run.
 
 Part of the library (so config files work from any directory); ``configs/default.py``
-is this config as a file. Every algorithm config (``configs/<algorithm>.py``) starts from this one and
+is this config as a file. It imports ``midpo.algorithms``, so every published
+prior's hyperparameters and every algorithm's block are in it. Every algorithm config (``configs/<algorithm>.py``) starts from this one and
 sets its prior and loss as its paper would, scaled down for a CPU. Override
 anything on the command line, e.g.::
 
@@ -12,42 +13,58 @@ anything on the command line, e.g.::
 data and steps (for an accelerator).
 """
 
+import dataclasses
+import types
+import typing
+
 import ml_collections
 from ml_collections import config_dict
 
+from midpo import algorithms  # noqa: F401  (registers every published algorithm)
+from midpo.core import priors
 from midpo.data import pipeline
+from midpo.training import config as config_lib
+
+
+def _placeholder_type(cls, field: dataclasses.Field) -> type:
+  """The type of a prior's hyperparameter (``Optional[X]`` -> ``X``)."""
+  hint = typing.get_type_hints(cls)[field.name]
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+    hint = args[0]
+  return typing.get_origin(hint) or hint
+
+
+def prior_fields() -> dict[str, type]:
+  """Every registered prior's hyperparameters and their types, by name.
+
+  Raises:
+    ValueError: two priors give the same hyperparameter different types.
+  """
+  out: dict[str, tuple[type, str]] = {}
+  for name in priors.registered_priors():
+    cls = priors.prior_class(name)
+    for f in dataclasses.fields(cls):
+      t = _placeholder_type(cls, f)
+      if f.name in out and out[f.name][0] is not t:
+        raise ValueError(f"prior {name!r} declares {f.name}: {t.__name__}, prior "
+                         f"{out[f.name][1]!r} {out[f.name][0].__name__}")
+      out.setdefault(f.name, (t, name))
+  return {k: t for k, (t, _) in out.items()}
 
 
 def prior_config(name: str = "dpo", **hyperparameters) -> ml_collections.ConfigDict:
-  """``config.prior``: the union of every prior's hyperparameters.
+  """``config.prior``: the union of every registered prior's hyperparameters.
 
-  Only the fields the chosen prior defines are passed to it (``None`` means
-  the prior's own default), so ``--config.prior.name=simpo
-  --config.prior.gamma=1.0`` works from any config.
+  Each is a placeholder (``None``: the prior's own default); only the fields
+  the chosen prior defines are passed to it, so ``--config.prior.name=simpo
+  --config.prior.gamma=1.0`` works from any config, and so does a prior
+  registered outside midpo before the config is built.
   """
   p = ml_collections.ConfigDict()
   p.name = name
-  p.eta = config_dict.placeholder(float)             # hdpo
-  p.length_coef = config_dict.placeholder(float)     # rdpo
-  p.gamma = config_dict.placeholder(float)           # simpo
-  p.version = config_dict.placeholder(int)           # tdpo: 1 or 2
-  p.kl_coef = config_dict.placeholder(float)         # tdpo (v2), tis_dpo, sparsepo
-  p.token_level = config_dict.placeholder(bool)      # tis_dpo
-  p.mask_source = config_dict.placeholder(str)       # sparsepo: head | given
-  p.mask_on_reward = config_dict.placeholder(bool)   # sparsepo
-  p.mask_on_kl = config_dict.placeholder(bool)       # sparsepo
-  p.shared_head = config_dict.placeholder(bool)      # sparsepo
-  p.l1_reward = config_dict.placeholder(float)       # sparsepo
-  p.l1_kl = config_dict.placeholder(float)           # sparsepo
-  p.mask_dropout = config_dict.placeholder(float)    # sparsepo
-  p.ref_bounds = config_dict.placeholder(tuple)      # constrained: (low, high) of c_ref
-  p.pol_bounds = config_dict.placeholder(tuple)      # constrained
-  p.len_bounds = config_dict.placeholder(tuple)      # constrained
-  p.kl_bounds = config_dict.placeholder(tuple)       # constrained
-  p.init = config_dict.placeholder(tuple)            # constrained: (c_ref, c_pol, c_len, c_kl)
-  p.network = config_dict.placeholder(str)           # mi: model config of zeta_phi
-  p.conditional = config_dict.placeholder(bool)      # mi: zeta_phi reads the prompt too
-  p.decay = config_dict.placeholder(float)           # ema
+  for key, t in prior_fields().items():
+    setattr(p, key, config_dict.placeholder(t))
   for key, value in hyperparameters.items():
     setattr(p, key, value)
   return p
@@ -135,25 +152,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.collapse_margin = 1.0
 
   c.prior = prior_config("dpo")
-  # Rounds of preference training (DICE: each round's policy is the next
-  # round's prior and samples its pairs; other priors keep the reference).
-  c.rounds = 1
   # Priors trained in the same command, on the same pairs, budget and seed,
   # for comparison (e.g. ('dpo',)): each a row of eval.json's table.
   c.baselines = ()
-  # DICE's rounds r >= 1: samples_per_prompt responses from the previous
-  # policy, labelled by the implicit reward log pi_{r-1} - log pi_{r-2}
-  # ('implicit') or the known reward ('reward'), best vs worst after length
-  # regularisation, with offline pairs of round 0 mixed in at offline_ratio.
-  c.dice = ml_collections.ConfigDict({
-      "labels": "implicit", "samples_per_prompt": 4, "offline_ratio": 0.5})
-  # TIS-DPO's token weights: 'contrastive' (the paper's: two DPO models
-  # trained on the pairs and on the reversed pairs; loaded instead when their
-  # checkpoints are given) or 'oracle' (the synthetic task's true per-token
-  # reward, through data.token_weights='oracle').
-  c.tis = ml_collections.ConfigDict({
-      "weights": "contrastive", "transform": "threshold_and_scale",
-      "plus_checkpoint": "", "minus_checkpoint": ""})
+  # Algorithms' own blocks (config.dice, config.tis, ...), from their modules.
+  for block, defaults in config_lib.config_blocks().items():
+    c[block] = defaults()
   c.loss = ml_collections.ConfigDict({
       "alpha": 0.1, "link": "sigmoid", "label_smoothing": 0.0, "nll_weight": 0.0,
       "nll_normalization": "token"})
@@ -171,3 +175,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.max_checkpoints = 2
   c.log_every = 25
   return c
+

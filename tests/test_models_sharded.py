@@ -32,6 +32,7 @@ def _main():
   from jax.sharding import PartitionSpec as P
 
   from midpo.models import create_model, get_config, hf_checkpoint
+  from midpo.models.transformer import create_sharded_model as create_model_sharded
   from midpo.models import sharding as sh
   from midpo.models.generate import generate
 
@@ -116,7 +117,7 @@ def _main():
   # Created directly sharded (eval_shape, then a jitted init with
   # out_shardings): same shardings, same weights up to the last ulp (jitted
   # and eager random normals may round differently).
-  created = sh.create_sharded_model(config, mesh, seed=5)
+  created = create_model_sharded(config, mesh, seed=5)
   for name, spec in expected.items():
     arr = created.embed if name == "embed" else created.final_norm if name == "final_norm" else getattr(created.layers, name)
     assert arr[...].sharding.spec == spec, (name, arr[...].sharding.spec)
@@ -137,7 +138,7 @@ def _main():
   bad_rules = tuple((k, ("tensor", "data") if k == "kv_heads" else v)
                     for k, v in sh.DEFAULT_RULES)
   try:
-    sh.create_sharded_model(config, mesh, rules=bad_rules)
+    create_model_sharded(config, mesh, rules=bad_rules)
   except ValueError as e:
     assert "kv_heads" in str(e) and "not divisible" in str(e), e
   else:

@@ -18,9 +18,9 @@ from midpo.models.config import ModelConfig, RopeScaling, config_names, get_conf
 from midpo.models.generate import SampleOutput, generate, sample_logits
 from midpo.models.hf_checkpoint import (CheckpointError, config_from_hf, config_to_hf,
                                         load_hf_checkpoint, read_hf_config, save_hf_checkpoint)
-from midpo.models.sharding import (DEFAULT_RULES, batch_sharding, create_sharded_model,
-                                   logical_to_mesh, make_mesh, shard_model, state_shardings)
+from midpo.models.sharding import (DEFAULT_RULES, batch_sharding, logical_to_mesh, make_mesh,
+                                   shard_model, state_shardings)
 from midpo.models.tokenizer import (ByteTokenizer, HFTokenizer, Tokenizer, TokenizerError,
                                     check_fits, load_tokenizer)
-from midpo.models.transformer import (KVCache, Transformer, create_model,
+from midpo.models.transformer import (KVCache, Transformer, create_model, create_sharded_model,
                                       positions_from_mask)

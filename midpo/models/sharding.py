@@ -5,7 +5,7 @@ Every parameter carries logical names in its NNX `out_sharding` metadata
 'fsdp', tensor parallelism over 'tensor' and the batch over 'data' and 'fsdp':
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    model = create_sharded_model(config, mesh)        # never whole on one device
+    model = transformer.create_sharded_model(config, mesh)  # never whole on one device
     tokens = jax.device_put(tokens, batch_sharding(mesh))
 
 Rules are plain configuration: a tuple of (logical name, mesh axis | tuple of
@@ -120,21 +120,6 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> 
   state = nnx.state(model)
   state = jax.device_put(state, state_shardings(state, mesh, rules))
   nnx.update(model, state)
-  model.activation_sharding = (mesh, tuple(rules))
-  return model
-
-
-def create_sharded_model(config, mesh: Mesh, *, rules: Rules = DEFAULT_RULES, seed: int = 0):
-  """A randomly initialised Transformer created directly sharded: shapes from
-  `nnx.eval_shape`, shardings from the rules, then a jitted init with those
-  output shardings, so the full model never sits on one device."""
-  from midpo.models.transformer import Transformer
-
-  make = lambda: Transformer(config, rngs=nnx.Rngs(params=seed))
-  graphdef, abs_state = nnx.split(nnx.eval_shape(make))
-  shardings = state_shardings(abs_state, mesh, rules)
-  init = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)
-  model = nnx.merge(graphdef, init())
   model.activation_sharding = (mesh, tuple(rules))
   return model
 

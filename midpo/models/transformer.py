@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from midpo.models import sharding
 from midpo.models.config import ModelConfig
 
 # Logical axis names of every parameter (without the leading 'layers' axis for
@@ -295,9 +296,8 @@ class Transformer(nnx.Module):
     """Sharding constraint by logical names, when the model is on a mesh."""
     if self.activation_sharding is None:
       return x
-    from midpo.models.sharding import logical_to_mesh
     mesh, rules = self.activation_sharding
-    spec = logical_to_mesh(names, rules, mesh, what="activation")
+    spec = sharding.logical_to_mesh(names, rules, mesh, what="activation")
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
@@ -380,5 +380,20 @@ class Transformer(nnx.Module):
 
 def create_model(config: ModelConfig, *, seed: int = 0) -> Transformer:
   """A randomly initialised model on the default device (see
-  `midpo.models.sharding.create_sharded_model` for a mesh)."""
+  `create_sharded_model` for a mesh)."""
   return Transformer(config, rngs=nnx.Rngs(params=seed))
+
+
+def create_sharded_model(config: ModelConfig, mesh: jax.sharding.Mesh, *,
+                         rules: sharding.Rules = sharding.DEFAULT_RULES,
+                         seed: int = 0) -> Transformer:
+  """A randomly initialised Transformer created directly sharded: shapes from
+  `nnx.eval_shape`, shardings from the rules, then a jitted init with those
+  output shardings, so the full model never sits on one device."""
+  make = lambda: Transformer(config, rngs=nnx.Rngs(params=seed))
+  graphdef, abs_state = nnx.split(nnx.eval_shape(make))
+  shardings = sharding.state_shardings(abs_state, mesh, rules)
+  init = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)
+  model = nnx.merge(graphdef, init())
+  model.activation_sharding = (mesh, tuple(rules))
+  return model

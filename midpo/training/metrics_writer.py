@@ -20,7 +20,23 @@ def _scalar(v) -> float:
   return float(np.asarray(v))
 
 
+def flatten(d: Mapping[str, Any], sep: str = ".", *, scalars_only: bool = False,
+            prefix: str = "") -> dict[str, Any]:
+  """A nested dict -> ``{"a<sep>b": value}``; ``scalars_only`` keeps the
+  numbers (not booleans) and drops everything else."""
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(flatten(v, sep, scalars_only=scalars_only, prefix=key + sep))
+    elif not scalars_only or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+      out[key] = v
+  return out
+
+
 class MetricsWriter:
+  """Appends rows to ``<workdir>/metrics.jsonl`` and TensorBoard (no-op when
+  not ``enabled``: every process but 0)."""
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.enabled = enabled

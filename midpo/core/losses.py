@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from midpo import priors as priors_lib
-from midpo.stats import SequenceStats
+from midpo.core import priors as priors_lib
+from midpo.core.stats import SequenceStats
 
 Array = jax.Array
 
@@ -113,19 +113,18 @@ def _check_stats(stats: SequenceStats, side: str, prior: priors_lib.Prior) -> No
     raise ValueError(f"{side}.mask shape {stats.mask.shape} != {side}.logps shape "
                      f"{stats.logps.shape}")
   for name in prior.required_fields():
-    value = getattr(stats, name)
+    value = stats.get(name)
     if value is None:
       raise ValueError(f"prior {prior.name!r} needs SequenceStats.{name} for the {side} "
                        "responses, and it is None")
-  for f in dataclasses.fields(stats):
-    value = getattr(stats, f.name)
-    if value is None or f.name in ("logps", "mask"):
+  for name, value in stats.fields().items():
+    if name in ("logps", "mask"):
       continue
-    want = stats.logps.shape if f.name != "ref_hidden" else stats.logps.shape + (None, None)
+    want = stats.logps.shape if name != "ref_hidden" else stats.logps.shape + (None, None)
     got = value.shape
     if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
       shown = tuple("?" if w is None else w for w in want)
-      raise ValueError(f"{side}.{f.name} has shape {got}; expected {shown}")
+      raise ValueError(f"{side}.{name} has shape {got}; expected {shown}")
 
 
 def check_pairs(chosen: SequenceStats, rejected: SequenceStats,
@@ -201,7 +200,7 @@ def mi_dpo_loss(chosen: SequenceStats, rejected: SequenceStats,
   if chosen.batch_size != rejected.batch_size:
     raise ValueError(f"chosen and rejected batch sizes differ: {chosen.batch_size} vs "
                      f"{rejected.batch_size}")
-  if prior.param_update == "loss" and prior_params is None:
+  if prior.scores_with_params and prior_params is None:
     raise ValueError(f"prior {prior.name!r} has parameters: pass prior_params "
                      "(from prior.init_params)")
   if not any(_is_tracer(x) for x in jax.tree.leaves((chosen, rejected))):

@@ -1,5 +1,4 @@
-"""Priors that are language models: ``zeta_phi``, its maximum-likelihood update
-and its EMA proxy.
+"""Priors that are language models: ``zeta_phi`` and its maximum-likelihood step.
 
 The 'mi' prior (``priors.MutualInformation``) is a small language model over
 responses. The prior that minimises the mutual-information term
@@ -8,10 +7,10 @@ responses. The prior that minimises the mutual-information term
 maximum likelihood of ``zeta_phi`` on responses sampled from the current
 policy: the expected log-likelihood ``E_x E_{y~pi} log zeta_phi(y)`` equals
 ``-E_x KL(pi(.|x) || zeta_phi) - H(Y|X)``, and the entropy does not depend on
-``phi``. The trainer (``midpo.train``) alternates: at the start of every round
+``phi``. ``midpo.algorithms.mi.rounds`` alternates: at the start of every round
 it samples responses from the policy on fresh held-out prompts and takes
 maximum-likelihood steps of ``zeta_phi`` on them (:func:`make_mle_step`); then
-it takes policy steps on the MI-DPO loss with ``log zeta_phi`` frozen.
+the policy takes steps on the MI-DPO loss with ``log zeta_phi`` frozen.
 
 ``ResponseModel.token_logps`` scores the response tokens of ordinary
 preference rows ``[bos] prompt response [eos]``: the unconditional model reads
@@ -19,8 +18,8 @@ preference rows ``[bos] prompt response [eos]``: the unconditional model reads
 batches serve the policy and the prior), and its log-probs are put back at the
 rows' positions, aligned with the policy's.
 
-The 'ema' prior (``priors.EMA``) is the policy's own architecture with weights
-that follow the policy's as an exponential moving average (:func:`ema_update`).
+The 'ema' prior (``midpo.algorithms.ema``) scores with the same
+``ResponseModel`` over the policy's own architecture.
 """
 
 from __future__ import annotations
@@ -30,11 +29,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
-from midpo import stats
+from midpo.core import stats
 
 PyTree = Any
 
@@ -129,46 +127,4 @@ def make_mle_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
   return jax.jit(step, donate_argnums=(0, 1), out_shardings=out)
 
 
-def ema_update(decay: float) -> Callable:
-  """``update(prior, policy) -> decay * prior + (1 - decay) * policy``, jitted,
-  donating the prior."""
-
-  def update(prior, policy):
-    return jax.tree.map(lambda a, b: (decay * a + (1.0 - decay) * b).astype(a.dtype), prior,
-                        policy)
-
-  return jax.jit(update, donate_argnums=(0,))
-
-
-def collapse_alarm(learned_gap: float, reference_gap: float, margin: float = 1.0) -> bool:
-  """The collapse alarm of a learned prior.
-
-  ``learned_gap`` is the mean over held-out pairs of
-  ``log zeta(y_w) - log zeta(y_l)`` under the learned prior, ``reference_gap``
-  the same under the reference (DPO's prior, which knows nothing of the
-  labels). A prior that lowers the loss by moving its mass to the rejected
-  responses drives the first below the second: the alarm fires when it is more
-  than ``margin`` nats below.
-  """
-  return bool(learned_gap - reference_gap < -margin)
-
-
-def response_rows(prompt_ids: list[list[int]], response_ids: list[list[int]], width: int,
-                  pad_id: int) -> dict[str, np.ndarray]:
-  """Preference-style rows ``[prompt response]`` (ids already with bos/eos),
-  right-padded to ``width``."""
-  n = len(prompt_ids)
-  tokens = np.full((n, width), pad_id, np.int32)
-  att = np.zeros((n, width), np.int32)
-  resp = np.zeros((n, width), np.int32)
-  for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-    if len(p) + len(r) > width:
-      raise ValueError(f"row {i}: {len(p)} prompt + {len(r)} response tokens exceed {width}")
-    tokens[i, :len(p) + len(r)] = p + r
-    att[i, :len(p) + len(r)] = 1
-    resp[i, len(p):len(p) + len(r)] = 1
-  return {"tokens": tokens, "attention_mask": att, "response_mask": resp}
-
-
-__all__ = ["ResponseModel", "collapse_alarm", "compact_responses", "ema_update", "make_mle_step", "nll",
-           "response_rows"]
+__all__ = ["ResponseModel", "compact_responses", "make_mle_step", "nll"]

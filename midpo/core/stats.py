@@ -31,6 +31,7 @@ The reference is frozen: no gradient flows into the reference logits.
 from __future__ import annotations
 
 import functools
+import dataclasses
 from typing import NamedTuple, Optional
 
 import jax
@@ -271,6 +272,9 @@ class SequenceStats:
       input of SparsePO's learned mask head.
     prior_logps: token log-probs of a prior that is a model (``zeta_phi`` of
       the 'mi' and 'ema' priors), frozen in the policy's steps.
+    extras: any other per-token ``[B, T]`` input by name, for priors
+      registered outside midpo (filled by the trainer's input providers,
+      ``midpo.training.inputs``); read with ``get(name)``.
   """
   logps: Array
   mask: Array
@@ -283,11 +287,30 @@ class SequenceStats:
   mask_kl: Optional[Array] = None
   ref_hidden: Optional[Array] = None
   prior_logps: Optional[Array] = None
+  extras: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_token_stats(cls, ts: TokenStats, mask: Array, **extra) -> "SequenceStats":
+    """Statistics of ``ts``; ``extra`` fields that are not attributes of this
+    class go to ``extras``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    named = {k: v for k, v in extra.items() if k in known}
+    others = {k: v for k, v in extra.items() if k not in known}
     return cls(logps=ts.logps, mask=mask, ref_logps=ts.ref_logps,
-               kl_ref_policy=ts.kl_ref_policy, kl_policy_ref=ts.kl_policy_ref, **extra)
+               kl_ref_policy=ts.kl_ref_policy, kl_policy_ref=ts.kl_policy_ref,
+               extras=others, **named)
+
+  def get(self, name: str) -> Optional[Array]:
+    """The field ``name``: an attribute, else an entry of ``extras`` (None if absent)."""
+    if name != "extras" and name in self.__dataclass_fields__:
+      return getattr(self, name)
+    return self.extras.get(name)
+
+  def fields(self) -> dict[str, Array]:
+    """Every field that is set (attributes and ``extras``), by name."""
+    out = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "extras"}
+    out.update(self.extras)
+    return {k: v for k, v in out.items() if v is not None}
 
   @property
   def batch_size(self) -> int:

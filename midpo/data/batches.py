@@ -8,8 +8,12 @@ concatenation of every shard's batch in shard order, whatever ``P`` is. A run
 on one host with ``num_shards=S`` sees exactly the batches of a run on ``S``
 hosts, which is how a multi-host run is reproduced (and tested) on one machine.
 
-Rows keep the pipeline's layout (``[chosen rows; rejected rows]`` in pair mode);
-shards' batches are padded to a common length first.
+Pair mode converts the pipeline's ``[chosen rows; rejected rows]`` to the one
+layout every later stage uses, pair-major: each per-row array ``[2B, ...]``
+becomes ``[B, 2, ...]`` (``[:, 0]`` chosen, ``[:, 1]`` rejected;
+``to_pair_major``), so a pair's two responses stay together whatever the
+number of shards, processes or devices. Shards' batches are padded to a
+common length, then concatenated along the pairs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ def num_shards(config, process_count: int) -> int:
 
 
 class ShardedBatches:
+  """This process's batches of ``split``: ``next``, resumable state, epoch 0's
+  first batches, and every pair in order (``chunks``)."""
 
   def __init__(self, data_config, tokenizer, split: str, workdir, *, process_index: int,
                process_count: int, mode: str = "pairs"):
@@ -100,32 +106,43 @@ class ShardedBatches:
   # -- layout -------------------------------------------------------------------
 
   def combine(self, batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Shards' pipeline batches -> one batch (pair-major in pair mode)."""
+    if self.mode == "pairs":
+      batches = [to_pair_major(b) for b in batches]
     if len(batches) == 1:
       return batches[0]
-    t = max(b["tokens"].shape[1] for b in batches)
+    t = max(b["tokens"].shape[-1] for b in batches)
     batches = [pad_length(b, t, self.pad_id) for b in batches]
-    out = {}
-    for key in batches[0]:
-      parts = [np.asarray(b[key]) for b in batches]
-      rows = len(batches[0]["tokens"])
-      pairs = len(batches[0]["pair_index"])
-      if self.mode == "pairs" and parts[0].shape[0] == rows == 2 * pairs:
-        # [chosen; rejected] per shard -> [chosen of all; rejected of all].
-        half = [(p[:len(p) // 2], p[len(p) // 2:]) for p in parts]
-        out[key] = np.concatenate([h[0] for h in half] + [h[1] for h in half])
-      else:
-        out[key] = np.concatenate(parts)
-    return out
+    return {key: np.concatenate([np.asarray(b[key]) for b in batches]) for key in batches[0]}
 
 
-def pad_length(batch: dict[str, np.ndarray], t: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Right-pads every ``[rows, T]`` array to length ``t`` (tokens with ``pad_id``)."""
+def to_pair_major(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The pipeline's ``[chosen rows; rejected rows]`` -> pair-major ``[B, 2, ...]``.
+
+  Arrays with ``2B`` leading rows (``B = len(pair_index)``) are split into
+  their chosen and rejected halves and stacked on axis 1; per-pair arrays
+  (``pair_index``, ``[B]``) are kept.
+  """
+  b = len(batch["pair_index"])
   out = {}
   for key, value in batch.items():
     value = np.asarray(value)
-    if value.ndim == 2 and value.shape[1] < t and key in _TIME_KEYS:
+    if key != "pair_index" and value.ndim >= 1 and value.shape[0] == 2 * b:
+      value = np.stack([value[:b], value[b:]], axis=1)
+    out[key] = value
+  return out
+
+
+def pad_length(batch: dict[str, np.ndarray], t: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Right-pads the length axis (the last) of every per-token array to ``t``
+  (tokens with ``pad_id``, the rest with 0)."""
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.ndim >= 2 and value.shape[-1] < t and key in _TIME_KEYS:
       fill = pad_id if key == "tokens" else 0
-      value = np.pad(value, ((0, 0), (0, t - value.shape[1])), constant_values=fill)
+      pad = [(0, 0)] * (value.ndim - 1) + [(0, t - value.shape[-1])]
+      value = np.pad(value, pad, constant_values=fill)
     out[key] = value
   return out
 

@@ -1,0 +1,14 @@
+"""The mutual-information prior ('mi'): ``zeta_phi``, a small language model
+over responses, refit to the policy's samples in alternation with the policy.
+
+- ``prior``: ``ModelPrior`` (priors that are language models) and ``MutualInformation``.
+- ``response_model``: ``ResponseModel`` (scores the responses of preference
+  rows), its NLL and its jitted maximum-likelihood step.
+- ``rounds``: the ``prior_logps`` input, the refits (``MaximumLikelihood``)
+  and the config rules.
+"""
+
+from midpo.algorithms.mi import prior, response_model, rounds
+from midpo.algorithms.mi.prior import ModelPrior, MutualInformation
+
+__all__ = ["ModelPrior", "MutualInformation", "prior", "response_model", "rounds"]

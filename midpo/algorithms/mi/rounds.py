@@ -1,0 +1,228 @@
+"""The 'mi' prior's trainer side: its network, its input, its refits.
+
+Every ``train.policy_steps_per_round`` policy steps, a round starts: sample
+``train.prior_samples`` responses from the current policy (temperature 1) on
+fresh held-out prompts of the synthetic task's 'prior' split, then take
+``train.prior_steps_per_round`` maximum-likelihood steps of ``zeta_phi`` on
+them (the first round: ``train.prior_warmup_samples`` and
+``train.prior_warmup_steps``). Logged per round (stage ``prior/mle``): the
+prior's NLL on the fresh samples before and after the fit, and the
+Monte-Carlo ``E_x KL(pi(.|x) || zeta) = E[log pi(y|x) - log zeta(y)]`` before
+(an unbiased estimate for the prior the policy just trained with) and after.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from midpo import sampling
+from midpo.algorithms import diagnostics
+from midpo.algorithms.mi import response_model
+from midpo.algorithms.mi.prior import ModelPrior
+from midpo.data import synthetic
+from midpo.models import config as model_config_lib
+from midpo.training import config as config_lib
+from midpo.training import env as env_lib
+from midpo.training import inputs, optim, recipes
+
+PyTree = Any
+
+
+def network_config(env: env_lib.Env, prior) -> model_config_lib.ModelConfig:
+  """The model configuration of ``zeta_phi``: the named ``prior.network`` with
+  the policy's vocabulary and dtypes.
+
+  Raises:
+    ConfigError: ``prior.network`` names no model configuration.
+  """
+  mc = env.model_config
+  try:
+    base = model_config_lib.get_config(prior.network)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.prior.network: {e}") from None
+  return base.replace(vocab_size=mc.vocab_size, bos_token_id=mc.bos_token_id,
+                      eos_token_id=mc.eos_token_id, pad_token_id=mc.pad_token_id,
+                      dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat)
+
+
+def make_response_model(env: env_lib.Env, prior: ModelPrior) -> response_model.ResponseModel:
+  """The network that scores responses for a prior that is a model: the
+  policy's architecture for a conditional prior without a ``network`` of its
+  own ('ema'), else ``zeta_phi``."""
+  if getattr(prior, "network", None) is None:
+    graphdef = env.graphdef
+  else:
+    graphdef = env_lib.model_graphdef(network_config(env, prior), env.mesh)
+  tok = env.tokenizer
+  start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+  return response_model.ResponseModel(graphdef, bool(prior.conditional), bos_id=int(start),
+                                      pad_id=int(tok.pad_id),
+                                      vocab_chunk=env.config.train.vocab_chunk)
+
+
+@inputs.register_input("prior_logps")
+def prior_logps(env, prior) -> inputs.Provider:
+  """``prior_logps``: ``log zeta_phi`` of each response token under the
+  prior's network and parameters, frozen."""
+  model = make_response_model(env, prior)
+
+  def compute(ctx: inputs.InputContext):
+    r = ctx.rows
+    return jax.lax.stop_gradient(model.token_logps(ctx.prior_params, r["tokens"],
+                                                   r["attention_mask"], r["response_mask"]))
+
+  return inputs.Provider(compute)
+
+
+def prior_prompts(env: env_lib.Env, round_index: int) -> list[str]:
+  """Round ``r``'s held-out prompts: fresh each round, from the synthetic
+  task's 'prior' split (disjoint from the training and test prompts)."""
+  t = env.config.train
+  if round_index == 0:
+    start, n = 0, t.prior_warmup_samples
+  else:
+    start, n = t.prior_warmup_samples + (round_index - 1) * t.prior_samples, t.prior_samples
+  return synthetic.prompts(env.config.data.synthetic.seed, "prior", n, start=start)
+
+
+class MaximumLikelihood(recipes.PriorUpdate):
+  """``zeta_phi`` refit by maximum likelihood on the policy's samples at the
+  start of every round, its own Adam at a constant rate (it tracks a moving
+  target); the policy steps between the refits. With the learned-prior
+  diagnostics."""
+
+  def __init__(self):
+    super().__init__(monitor=diagnostics.make_monitor)
+
+  def optimizer(self, env):
+    t = env.config.train
+    return optim.constant_adamw(t.prior_learning_rate, t.prior_weight_decay, t.grad_clip)
+
+  def init_params(self, env, prior, ref_params, batches):
+    del ref_params, batches
+    key = jax.random.fold_in(jax.random.key(env.config.seed), 5)
+    seed = int(jax.random.randint(key, (), 0, 2**30))
+    return env_lib.init_params(env, seed, network_config(env, prior))
+
+  def restore_target(self, env, prior, ref_params):
+    del ref_params
+    return env_lib.abstract_params(env, network_config(env, prior))
+
+  def start(self, run):
+    env = run.env
+    self.env, self.round_index = env, run.round_index
+    self.model = make_response_model(env, run.prior)
+    self.base_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(env.config.seed), 6),
+                                       run.round_index)
+    self.mle_step = response_model.make_mle_step(
+        functools.partial(response_model.nll, self.model), run.prior_tx,
+        param_shardings=run.shard["prior"], opt_shardings=run.shard["prior_opt"])
+    self.seq_logps = jax.jit(self.model.sequence_logps)
+    super().start(run)
+
+  def before_step(self, run, state, step_index):
+    k = run.env.config.train.policy_steps_per_round
+    if step_index % k == 0:
+      state = self.fit(state, step_index // k, step_index)
+    return super().before_step(run, state, step_index)
+
+  # -- one maximum-likelihood round -------------------------------------------
+
+  def _rows(self, samples: sampling.Samples) -> dict[str, np.ndarray]:
+    prompts, responses = sampling.sample_ids(self.env, samples)
+    width = max(self.env.config.data.max_length,
+                max(len(p) + len(r) for p, r in zip(prompts, responses)))
+    return sampling.response_rows(prompts, responses, env_lib.round_up(width, 8),
+                                  self.env.tokenizer.pad_id)
+
+  def _global(self, rows: dict, index: np.ndarray) -> dict[str, jax.Array]:
+    """Global rows ``index`` (every process holds all rows) -> a sharded batch."""
+    env = self.env
+    per = len(index) // env.process_count
+    mine = index[env.process_index * per:(env.process_index + 1) * per]
+    return env.global_batch({k: v[mine] for k, v in rows.items()})
+
+  def _log_zeta(self, params, rows) -> np.ndarray:
+    bsz = self.env.config.train.prior_batch_size
+    n = len(rows["tokens"])
+    out = []
+    for start in range(0, n, bsz):
+      index = np.arange(start, start + bsz) % n  # the last chunk wraps around
+      out.append(env_lib.gather(self.seq_logps(params, self._global(rows, index))))
+    return np.concatenate(out)[:n]
+
+  def fit(self, state: dict, round_in_stage: int, step_index: int) -> dict:
+    """One maximum-likelihood round of ``zeta_phi`` on fresh policy samples."""
+    env, t = self.env, self.env.config.train
+    t0 = time.perf_counter()
+    key = jax.random.fold_in(self.base_key, round_in_stage)
+    samples = sampling.sample(env, state["policy"], prior_prompts(env, round_in_stage),
+                              jax.random.fold_in(key, 0), temperature=1.0)
+    rows = self._rows(samples)
+    n_tokens = rows["response_mask"].sum(axis=1)
+    before = self._log_zeta(state["prior"], rows)
+    steps = t.prior_warmup_steps if round_in_stage == 0 else t.prior_steps_per_round
+    rng = np.random.default_rng([int(env.config.seed), self.round_index, round_in_stage])
+    n, bsz = len(samples.prompts), t.prior_batch_size
+    order = np.concatenate([rng.permutation(n) for _ in range(-(-steps * bsz // n) + 1)])
+    params, opt = state["prior"], state["prior_opt"]
+    for j in range(steps):
+      params, opt, _ = self.mle_step(params, opt, self._global(rows, order[j * bsz:(j + 1) * bsz]))
+    after = self._log_zeta(params, rows)
+    kl_before = samples.logps - before
+    kl_after = samples.logps - after
+    m = {"nll_per_token": float(-before.sum() / n_tokens.sum()),
+         "nll_per_token_fit": float(-after.sum() / n_tokens.sum()),
+         **sampling.summary("nll_per_sequence", -before),
+         **sampling.summary("kl_policy_prior", kl_before),
+         **sampling.summary("kl_policy_prior_fit", kl_after),
+         "mle_steps": steps, "samples": n,
+         "sample_length": float(samples.lengths.mean()),
+         "sample_finished_fraction": float(samples.finished.mean()),
+         "seconds": time.perf_counter() - t0}
+    env.writer.write("prior/mle", step_index, m)
+    logging.info("prior round %d (step %d): %d samples, %d MLE steps in %.1f s; NLL/token "
+                 "%.3f -> %.3f; E_x KL(pi||zeta) %.2f +- %.2f -> %.2f", round_in_stage,
+                 step_index, n, steps, m["seconds"], m["nll_per_token"],
+                 m["nll_per_token_fit"], m["kl_policy_prior"], m["kl_policy_prior_se"],
+                 m["kl_policy_prior_fit"])
+    return dict(state, prior=params, prior_opt=opt)
+
+
+def validate_run(config, prior, batch_shards, process_count) -> None:
+  """The 'mi' prior's config rules."""
+  t = config.train
+  if config.data.source != "synthetic":
+    config_lib.fail("prior.name", "prior 'mi' samples the policy on the synthetic task's "
+                    "held-out prompts ('prior' split); with data.source='files' use 'ema' or "
+                    "'constrained'")
+  if t.policy_steps_per_round < 1:
+    config_lib.fail("train.policy_steps_per_round", "must be >= 1: the policy steps between "
+                    "two maximum-likelihood rounds of the 'mi' prior")
+  for key in ("prior_samples", "prior_warmup_samples", "prior_batch_size"):
+    if not isinstance(t[key], int) or t[key] < 1:
+      config_lib.fail(f"train.{key}", f"must be a positive int; got {t[key]!r}")
+  if not isinstance(t.prior_warmup_steps, int) or t.prior_warmup_steps < 0:
+    config_lib.fail("train.prior_warmup_steps",
+                    f"must be a non-negative int; got {t.prior_warmup_steps!r}")
+  for key in ("prior_samples", "prior_warmup_samples"):
+    if t.prior_batch_size > t[key]:
+      config_lib.fail("train.prior_batch_size", f"{t.prior_batch_size} is more than the "
+                      f"{t[key]} samples of a round (train.{key})")
+  try:
+    model_config_lib.get_config(prior.network)
+  except ValueError as e:
+    config_lib.fail("prior.network", str(e))
+  if t.prior_batch_size % (process_count * batch_shards):
+    config_lib.fail("train.prior_batch_size", f"{t.prior_batch_size} must divide over the "
+                    f"{process_count} processes and data x fsdp = {batch_shards} batch shards")
+
+
+recipes.register_recipe("mi", recipes.Recipe(update=lambda prior: MaximumLikelihood(),
+                                             validate=validate_run))

@@ -1,0 +1,202 @@
+"""Validation of a run's config, and the objects it describes.
+
+``validate(config)`` runs once at start and fails within seconds with an error
+that names the key and the allowed values, before any data is built or any
+model compiled. It checks the generic keys here; an algorithm's own rules
+(its recipe's ``validate``) and its config block's (``register_config_block``)
+live with the algorithm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from midpo.core import losses, priors
+from midpo.data import pipeline
+
+STAGES = ("sft", "preference", "eval")
+PAIRS_FROM = ("dataset", "reference")
+REFERENCE_MODES = ("online", "cached")
+PRIOR_UPDATES = ("joint", "alternate")
+
+
+class ConfigError(ValueError):
+  """A config value is wrong; the message names the key."""
+
+
+def fail(key: str, msg: str):
+  """Raises ``ConfigError("config.<key>: <msg>")``."""
+  raise ConfigError(f"config.{key}: {msg}")
+
+
+# name -> (defaults() -> ConfigDict, validate(config) -> None)
+_BLOCKS: dict[str, tuple[Any, Any]] = {}
+# Run after the generic rules: validate(config, prior, batch_shards, process_count).
+_RULES: list[Any] = []
+
+
+def register_config_block(name: str, defaults, validate=None) -> None:
+  """An algorithm's own block ``config.<name>`` (``defaults()`` builds it;
+  ``validate(config)``, checked on every run, raises ``ConfigError``).
+
+  Raises:
+    ValueError: the block is already registered.
+  """
+  if name in _BLOCKS:
+    raise ValueError(f"config block {name!r} is already registered")
+  _BLOCKS[name] = (defaults, validate)
+
+
+def config_blocks() -> dict[str, Any]:
+  """Every registered block's defaults factory, by name."""
+  return {name: defaults for name, (defaults, _) in _BLOCKS.items()}
+
+
+def register_rule(rule) -> None:
+  """A rule checked on every run after the generic ones:
+  ``rule(config, prior, batch_shards, process_count)`` raises ``ConfigError``."""
+  _RULES.append(rule)
+
+
+def make_prior(config) -> priors.Prior:
+  """``config.prior`` -> a Prior; only the fields the prior defines are passed."""
+  name = config.prior.name
+  try:
+    cls = priors.prior_class(name)
+  except ValueError as e:
+    fail("prior.name", str(e))
+  fields = {f.name for f in dataclasses.fields(cls)}
+  hp = {k: v for k, v in config.prior.items() if k != "name" and v is not None}
+  unused = sorted(set(hp) - fields)
+  if unused:
+    fail(f"prior.{unused[0]}", f"is set but prior {name!r} has no such hyperparameter "
+          f"(it takes {sorted(fields) or 'none'})")
+  try:
+    return priors.make_prior(name, **hp)
+  except ValueError as e:
+    fail("prior", str(e))
+
+
+def make_loss_config(config) -> losses.LossConfig:
+  try:
+    return losses.LossConfig(**dict(config.loss))
+  except (ValueError, TypeError) as e:
+    fail("loss", str(e))
+
+
+def mesh_shape(config, num_devices: int) -> dict[str, int]:
+  """Resolves ``-1`` axes; the product must equal the device count."""
+  shape = {k: int(config.mesh[k]) for k in ("data", "fsdp", "tensor")}
+  free = [k for k, v in shape.items() if v == -1]
+  if len(free) > 1:
+    fail("mesh", f"at most one axis may be -1; got {shape}")
+  for k, v in shape.items():
+    if v == 0 or v < -1:
+      fail(f"mesh.{k}", f"must be a positive size or -1; got {v}")
+  fixed = 1
+  for v in shape.values():
+    if v != -1:
+      fixed *= v
+  if free:
+    if num_devices % fixed:
+      fail("mesh", f"{shape} cannot fill {num_devices} devices ({num_devices} is not a "
+            f"multiple of {fixed})")
+    shape[free[0]] = num_devices // fixed
+  total = shape["data"] * shape["fsdp"] * shape["tensor"]
+  if total != num_devices:
+    fail("mesh", f"data x fsdp x tensor = {total} does not match the {num_devices} devices")
+  return shape
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             process_count: int | None = None) -> None:
+  """Checks every key (the generic ones, the registered blocks' and rules').
+
+  Raises:
+    ConfigError: naming the first wrong key and what it allows.
+  """
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  stages = tuple(config.stages)
+  for s in stages:
+    if s not in STAGES:
+      fail("stages", f"unknown stage {s!r}; allowed: {STAGES}")
+  if list(stages) != sorted(stages, key=STAGES.index):
+    fail("stages", f"stages run in the order {STAGES}; got {stages}")
+  if config.pairs_from not in PAIRS_FROM:
+    fail("pairs_from", f"must be one of {PAIRS_FROM}; got {config.pairs_from!r}")
+  if config.pairs_from == "reference" and config.data.source != "synthetic":
+    fail("pairs_from", "'reference' pairs are labelled by the synthetic task's known reward; "
+          "use 'dataset' with data.source='files'")
+  if "eval" in stages and config.data.source != "synthetic":
+    fail("stages", "the 'eval' stage samples the synthetic task's held-out prompts and scores "
+          "them with its known reward; with data.source='files' leave it out")
+  if config.train.reference not in REFERENCE_MODES:
+    fail("train.reference", f"must be one of {REFERENCE_MODES}; got {config.train.reference!r}")
+  if config.train.prior_update not in PRIOR_UPDATES:
+    fail("train.prior_update",
+          f"must be one of {PRIOR_UPDATES}; got {config.train.prior_update!r}")
+  for key in ("sft.steps", "train.steps", "train.policy_steps_per_round",
+              "train.prior_steps_per_round", "checkpoint_every", "log_every",
+              "max_checkpoints", "eval.num_prompts", "eval.batch_size", "eval.max_new_tokens"):
+    section, name = key.split(".") if "." in key else (None, key)
+    value = config[section][name] if section else config[name]
+    zero_ok = key.endswith("steps") or key.endswith("_every")
+    if not isinstance(value, int) or value < (0 if zero_ok else 1):
+      fail(key, f"must be a {'non-negative' if zero_ok else 'positive'} int; "
+            f"got {value!r}")
+  for key in ("sft.learning_rate", "train.learning_rate", "train.prior_learning_rate"):
+    section, name = key.split(".")
+    if not config[section][name] > 0:
+      fail(key, f"must be > 0; got {config[section][name]}")
+  if config.model.hf_path and not os.path.isdir(config.model.hf_path):
+    fail("model.hf_path", f"{config.model.hf_path!r} is not a directory")
+  if config.sft.checkpoint and not os.path.isdir(config.sft.checkpoint):
+    fail("sft.checkpoint", f"{config.sft.checkpoint!r} is not a directory")
+  if "sft" not in stages and "preference" in stages and not (
+      config.sft.checkpoint or config.model.hf_path):
+    fail("stages", "without the 'sft' stage, set sft.checkpoint or model.hf_path for the "
+          "reference")
+  data = config.data.copy_and_resolve_references()
+  if not data.data_dir:
+    data.data_dir = "<workdir>/tfds"  # the trainer's default
+  try:
+    pipeline.validate_config(data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  prior = make_prior(config)
+  make_loss_config(config)
+  if config.train.reference == "cached" and any(
+      f in prior.required_fields() for f in ("kl_ref_policy", "kl_policy_ref", "ref_hidden")):
+    fail("train.reference", f"prior {prior.name!r} needs the reference's full distribution at "
+          "every token; use 'online'")
+  for name in config.baselines:
+    if name not in priors.registered_priors():
+      fail("baselines", f"unknown prior {name!r}; registered: {priors.registered_priors()}")
+  for _, check in _BLOCKS.values():
+    if check is not None:
+      check(config)
+  shards = config.data.get("num_shards", 0)
+  if not isinstance(shards, int) or shards < 0:
+    fail("data.num_shards", f"must be an int >= 0; got {shards!r}")
+  if shards and shards % process_count:
+    fail("data.num_shards", f"{shards} is not a multiple of the {process_count} processes")
+  if shards and config.data.batch_size % (shards // process_count):
+    fail("data.batch_size", f"{config.data.batch_size} pairs per process do not split over "
+          f"{shards // process_count} shards per process")
+  shape = mesh_shape(config, num_devices)
+  batch_shards = shape["data"] * shape["fsdp"]
+  global_pairs = config.data.batch_size * process_count
+  if global_pairs % batch_shards:
+    fail("data.batch_size", f"{global_pairs} pairs per step ({config.data.batch_size} per "
+          f"process x {process_count} processes) do not divide over the mesh's "
+          f"data x fsdp = {batch_shards} batch shards")
+  if config.eval.batch_size * process_count % batch_shards:
+    fail("eval.batch_size", f"must divide over data x fsdp = {batch_shards} batch shards")
+  for rule in _RULES:
+    rule(config, prior, batch_shards, process_count)

@@ -1,0 +1,262 @@
+"""The run's environment: mesh, tokenizer, model definition, batch placement.
+
+``make_env(config, workdir)`` validates the config and builds an ``Env``: the
+device mesh from ``config.mesh``, the tokenizer, the model configuration and
+its NNX graph definition, the metrics writer and the SIGTERM flag. Every
+later stage takes the ``Env``; parameters are plain pytrees merged with
+``env.graphdef`` inside jitted functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from midpo.data import batches as batches_lib
+from midpo.data import synthetic
+from midpo.models import config as model_config_lib
+from midpo.models import hf_checkpoint, sharding
+from midpo.models import tokenizer as tokenizer_lib
+from midpo.models import transformer
+from midpo.training import checkpoint as ckpt_lib
+from midpo.training import config as config_lib
+from midpo.training import metrics_writer
+
+PyTree = Any
+
+
+class SigtermFlag:
+  """Set by SIGTERM; the loops check it between steps."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def install(self) -> None:
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after the current step.")
+    self.received = True
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+@dataclasses.dataclass
+class Env:
+  """What every stage of a run shares."""
+  config: Any
+  workdir: str
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+  model_config: model_config_lib.ModelConfig
+  graphdef: Any
+  writer: metrics_writer.MetricsWriter
+  sigterm: SigtermFlag
+
+  @property
+  def process_index(self) -> int:
+    return jax.process_index()
+
+  @property
+  def process_count(self) -> int:
+    return jax.process_count()
+
+  @property
+  def batch_sharding(self) -> jax.sharding.NamedSharding:
+    """The leading (batch) axis over ``data`` x ``fsdp``, the rest replicated."""
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows -> one global array per key, sharded over the batch.
+
+    With several processes, arrays with a length axis (the last) are first
+    padded to the longest of any process, so that shapes agree.
+    """
+    if self.process_count > 1:
+      lengths = [np.asarray(v).shape[-1] for v in local.values() if np.ndim(v) >= 2]
+      if lengths:
+        t = int(np.max(multihost_utils.process_allgather(np.array(max(lengths)))))
+        local = {k: pad_last(np.asarray(v), t) if np.ndim(v) >= 2 else v
+                 for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local.items()}
+
+  def model(self, params: PyTree) -> nnx.Module:
+    """The policy architecture with ``params``."""
+    return nnx.merge(self.graphdef, params)
+
+  def batches(self, data_config, split: str, mode: str) -> batches_lib.ShardedBatches:
+    """This process's share of ``split`` (see ``midpo.data.batches``)."""
+    return batches_lib.ShardedBatches(data_config, self.tokenizer, split, self.workdir,
+                                      process_index=self.process_index,
+                                      process_count=self.process_count, mode=mode)
+
+  def data_config(self, **synthetic_overrides):
+    """``config.data`` with its defaults resolved (``data_dir`` under the
+    workdir) and ``synthetic_overrides`` applied to its ``synthetic`` block."""
+    c = self.config.data.copy_and_resolve_references()
+    if not c.data_dir:
+      c.data_dir = os.path.join(self.workdir, "tfds")
+    for k, v in synthetic_overrides.items():
+      setattr(c.synthetic, k, v)
+    return c
+
+  def max_over_processes(self, n: int) -> int:
+    """The largest ``n`` of any process (``n`` itself with one process)."""
+    if self.process_count > 1:
+      return int(np.max(multihost_utils.process_allgather(np.array(n))))
+    return n
+
+  def min_over_processes(self, n: int) -> int:
+    """The smallest ``n`` of any process (``n`` itself with one process)."""
+    if self.process_count > 1:
+      return int(np.min(multihost_utils.process_allgather(np.array(n))))
+    return n
+
+
+def pad_last(x: np.ndarray, t: int) -> np.ndarray:
+  """Right-pads the last axis of ``x`` with zeros to length ``t``."""
+  pad = [(0, 0)] * (x.ndim - 1) + [(0, t - x.shape[-1])]
+  return np.pad(x, pad) if x.shape[-1] < t else x
+
+
+def round_up(x: int, m: int) -> int:
+  """The smallest multiple of ``m`` that is >= ``x``."""
+  return -(-x // m) * m
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """A global array on every process's host, whole (the rows of every process)."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, rows = set(), []
+  for s in shards:
+    key = (s.index[0].start, s.index[0].stop)
+    if key not in seen:
+      seen.add(key)
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows)
+
+
+def make_tokenizer(config):
+  """``config.tokenizer``: 'synthetic', 'byte' or a directory with tokenizer.json."""
+  if config.tokenizer == "synthetic":
+    return synthetic.SyntheticTokenizer()
+  return tokenizer_lib.load_tokenizer(config.tokenizer)
+
+
+def make_model_config(config, tok) -> model_config_lib.ModelConfig:
+  """The policy's model configuration: a local HF checkpoint's, or the named
+  built-in one with the tokenizer's vocabulary (rounded up to a multiple of 8)."""
+  overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                   remat=config.model.remat)
+  if config.model.hf_path:
+    mc = hf_checkpoint.read_hf_config(config.model.hf_path, **overrides)
+  else:
+    try:
+      base = model_config_lib.get_config(config.model.name)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.model.name: {e}") from None
+    mc = base.replace(vocab_size=round_up(tok.vocab_size, 8), bos_token_id=tok.bos_id,
+                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **overrides)
+  tokenizer_lib.check_fits(tok, mc.vocab_size)
+  return mc
+
+
+def make_env(config, workdir: str) -> Env:
+  """Validates ``config`` and builds the run's ``Env`` (raises ``ConfigError``)."""
+  config_lib.validate(config)
+  shape = config_lib.mesh_shape(config, jax.device_count())
+  mesh = sharding.make_mesh(**shape)
+  tok = make_tokenizer(config)
+  mc = make_model_config(config, tok)
+  graphdef = model_graphdef(mc, mesh)
+  writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  return Env(config, workdir, mesh, tok, mc, graphdef, writer, SigtermFlag())
+
+
+def _abstract_model(mc, mesh) -> transformer.Transformer:
+  def make():
+    model = transformer.Transformer(mc, rngs=nnx.Rngs(params=0))
+    model.activation_sharding = (mesh, tuple(sharding.DEFAULT_RULES))
+    return model
+  return nnx.eval_shape(make)
+
+
+def model_graphdef(mc: model_config_lib.ModelConfig, mesh: jax.sharding.Mesh):
+  """The NNX graph definition of a Transformer with ``mc`` on ``mesh`` (no array is created)."""
+  return nnx.graphdef(_abstract_model(mc, mesh))
+
+
+def init_params(env: Env, seed: int, model_config=None) -> PyTree:
+  """Randomly initialised parameters (of the policy's model, or of
+  ``model_config``), created directly sharded."""
+  model = transformer.create_sharded_model(model_config or env.model_config, env.mesh,
+                                           seed=seed)
+  return nnx.to_pure_dict(nnx.state(model))
+
+
+def abstract_params(env: Env, model_config=None) -> PyTree:
+  """``ShapeDtypeStruct`` targets, with their shardings, of the model's parameters
+  (or of another model configuration's; no array is created: for restoring
+  checkpoints)."""
+  state = nnx.state(_abstract_model(model_config or env.model_config, env.mesh))
+  shardings = nnx.to_pure_dict(sharding.state_shardings(state, env.mesh))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nnx.to_pure_dict(state), shardings)
+
+
+def load_hf_params(env: Env) -> PyTree:
+  """The parameters of the local Hugging Face checkpoint ``config.model.hf_path``."""
+  c = env.config.model
+  model = hf_checkpoint.load_hf_checkpoint(c.hf_path, mesh=env.mesh, dtype=c.dtype,
+                                           param_dtype=c.param_dtype, remat=c.remat)
+  return nnx.to_pure_dict(nnx.state(model))
+
+
+def restore_params(env: Env, directory: str, item: str = "params",
+                   target: Optional[PyTree] = None) -> PyTree:
+  """Parameters ``item`` of the latest checkpoint in a midpo stage directory
+  (the policy's shapes unless ``target`` is given).
+
+  Raises:
+    FileNotFoundError: the directory holds no checkpoint.
+  """
+  ckpt = ckpt_lib.Checkpointer(directory)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  trees, _ = ckpt.restore(step, {item: abstract_params(env) if target is None else target})
+  ckpt.close()
+  return trees[item]
+
+
+def shardings_of(tree: PyTree) -> PyTree:
+  """The sharding of every array of ``tree``."""
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def replicated(env: Env, tree: PyTree) -> PyTree:
+  """``tree`` placed whole on every device of the mesh."""
+  return jax.device_put(tree, sharding.replicated(env.mesh))

@@ -1,0 +1,224 @@
+"""Preference pairs in the step: their statistics, the loss, the jitted steps.
+
+Batches of pairs are pair-major from the data pipeline to the loss
+(``midpo.data.batches``): ``tokens``, ``attention_mask``, ``response_mask``
+(and any per-token input) are ``[B, 2, T]``, ``[:, 0]`` chosen and ``[:, 1]``
+rejected. Inside the step the ``2B`` rows are run as one batch (flattened
+pair-major) and split back into the chosen and the rejected ``SequenceStats``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from midpo.core import losses, priors, stats
+from midpo.training import inputs as inputs_lib
+
+PyTree = Any
+ROW_FIELDS = ("tokens", "attention_mask", "response_mask")
+
+
+def to_rows(x_Bx2xT: jax.Array) -> jax.Array:
+  """Pair-major ``[B, 2, ...]`` -> rows ``[2B, ...]`` (chosen, rejected, chosen, ...)."""
+  return x_Bx2xT.reshape((-1,) + x_Bx2xT.shape[2:])
+
+
+def split_roles(rows: Any) -> tuple[Any, Any]:
+  """A pytree of ``[2B, ...]`` rows -> its chosen and rejected ``[B, ...]`` halves."""
+  pairs = jax.tree.map(lambda x: x.reshape((-1, 2) + x.shape[1:]), rows)
+  return jax.tree.map(lambda x: x[:, 0], pairs), jax.tree.map(lambda x: x[:, 1], pairs)
+
+
+def select(local: dict, fields) -> dict[str, np.ndarray]:
+  """The named arrays of a host batch."""
+  return {k: np.asarray(local[k]) for k in fields}
+
+
+def swap_roles(local: dict) -> dict:
+  """A pair-major host batch with chosen and rejected swapped (training on
+  the reversed preferences)."""
+  b = len(local["pair_index"])
+  return {k: (np.asarray(v)[:, ::-1] if np.ndim(v) >= 2 and np.shape(v)[:2] == (b, 2) else v)
+          for k, v in local.items()}
+
+
+def make_pair_stats(env, fields, *, prior: Optional[priors.Prior] = None,
+                    reference: Optional[str] = None) -> Callable:
+  """``stats(policy, prior_params, frozen, batch) -> (chosen, rejected)``
+  ``SequenceStats`` with ``fields`` (a prior's, or several priors' union).
+
+  ``frozen`` holds the frozen models' parameters by name (``reference``, and
+  whatever the providers read). The policy's and the reference's statistics
+  come from one fused pass (the reference's forward is skipped when no field
+  reads it, and replaced by the batch's ``ref_logps`` when ``reference`` is
+  'cached'); every other field from its provider (``midpo.training.inputs``),
+  built for ``prior``.
+  """
+  graphdef = env.graphdef
+  fields = set(fields)
+  reference = reference or env.config.train.reference
+  uses_reference = bool(fields & set(priors.REFERENCE_FIELDS))
+  online = reference == "online" and uses_reference
+  cached = reference == "cached" and uses_reference
+  klr = "kl_ref_policy" in fields
+  klp = "kl_policy_ref" in fields
+  want_hidden = "ref_hidden" in fields
+  chunk = env.config.train.vocab_chunk
+  providers = inputs_lib.providers_for(env, prior, sorted(fields))
+
+  def stats_fn(policy_params, prior_params, frozen, batch):
+    tokens, att = to_rows(batch["tokens"]), to_rows(batch["attention_mask"])
+    inputs, targets, in_mask = tokens[:, :-1], tokens[:, 1:], att[:, :-1]
+    resp = to_rows(batch["response_mask"])
+    mask = resp[:, 1:].astype(jnp.float32)
+    logits = nnx.merge(graphdef, policy_params)(inputs, in_mask)
+    ref_logits = hidden = None
+    if online:
+      ref_model = nnx.merge(graphdef, frozen["reference"])
+      if want_hidden:
+        ref_logits, hidden = ref_model(inputs, in_mask, return_hidden_states=True)
+        hidden = jax.lax.stop_gradient(hidden)
+      else:
+        ref_logits = ref_model(inputs, in_mask)
+    ts = stats.token_stats(logits, targets, mask, ref_logits, kl_ref_policy=klr,
+                           kl_policy_ref=klp, vocab_chunk=chunk)
+    ref_logps = None
+    if cached:
+      ref_logps = jnp.where(mask > 0, to_rows(batch["ref_logps"])[:, 1:], 0.0)
+    extra = {}
+    if providers:
+      ctx = inputs_lib.InputContext(
+          graphdef=graphdef, vocab_chunk=chunk, frozen=frozen, prior_params=prior_params,
+          batch=batch, rows={"tokens": tokens, "attention_mask": att, "response_mask": resp},
+          inputs_BxT=inputs, targets_BxT=targets, input_mask_BxT=in_mask, mask_BxT=mask,
+          role_B=inputs_lib.role_of_rows(batch["tokens"].shape[0]))
+      extra = {name: p.compute(ctx) for name, p in providers.items()}
+    if want_hidden:
+      extra["ref_hidden"] = hidden
+    seq = stats.SequenceStats.from_token_stats(ts, mask, **extra)
+    if cached:
+      seq = dataclasses.replace(seq, ref_logps=ref_logps)
+    return split_roles(seq)
+
+  return stats_fn
+
+
+def pair_fields(env, prior: priors.Prior, *, reference: Optional[str] = None) -> tuple[str, ...]:
+  """The host batch arrays a step under ``prior`` reads: the rows, what its
+  providers read, and ``ref_logps`` when the reference is cached."""
+  fields = list(ROW_FIELDS)
+  providers = inputs_lib.providers_for(env, prior, prior.required_fields())
+  fields += [f for f in inputs_lib.batch_fields(providers) if f not in fields]
+  if (reference or env.config.train.reference) == "cached" and prior.uses_reference:
+    fields.append("ref_logps")
+  return tuple(fields)
+
+
+def make_pair_loss(env, prior: priors.Prior, loss_config: losses.LossConfig, *,
+                   reference: Optional[str] = None) -> Callable:
+  """``loss(policy, prior_params, frozen, batch, rng, train) -> (loss, (metrics, logits))``
+  with the MI-DPO loss (``midpo.core.losses``) under ``prior``; ``logits`` is
+  ``z = alpha (s_w - s_l)``, ``[B]``."""
+  stats_fn = make_pair_stats(env, prior.required_fields(), prior=prior, reference=reference)
+
+  def loss_fn(policy_params, prior_params, frozen, batch, rng, train):
+    chosen, rejected = stats_fn(policy_params, prior_params, frozen, batch)
+    out = losses.mi_dpo_loss(chosen, rejected, prior, loss_config, prior_params=prior_params,
+                             rng=rng, train=train)
+    return out.loss, (out.metrics, out.logits)
+
+  return loss_fn
+
+
+@dataclasses.dataclass
+class PreferenceSteps:
+  """The jitted steps; each donates only the state it updates.
+
+  Attributes:
+    policy: ``(policy, policy_opt, prior_params, frozen, batch, rng) ->
+      (policy, policy_opt, metrics)``.
+    prior: ``(prior_params, prior_opt, policy, frozen, batch, rng) ->
+      (prior_params, prior_opt, metrics)``, for priors trained on the loss.
+    joint: both at once, ``(policy, policy_opt, prior_params, prior_opt,
+      frozen, batch, rng) -> (..., metrics)``, for priors trained on the loss.
+  """
+  policy: Callable
+  prior: Optional[Callable]
+  joint: Optional[Callable]
+
+
+def make_preference_steps(env, prior: priors.Prior, loss_config: losses.LossConfig,
+                          policy_tx: optax.GradientTransformation,
+                          prior_tx: Optional[optax.GradientTransformation], shard: dict, *,
+                          prior_on_loss: bool = False) -> PreferenceSteps:
+  """The jitted preference steps of ``prior``; ``shard`` holds the output
+  shardings of ``policy``, ``policy_opt``, ``prior`` and ``prior_opt``.
+  ``prior_on_loss`` also builds the prior's and the joint step (the prior's
+  parameters trained on the loss with ``prior_tx``, projected by
+  ``prior.project``)."""
+  loss_fn = make_pair_loss(env, prior, loss_config)
+
+  def policy_step(policy, policy_opt, prior_params, frozen, batch, rng):
+    (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        policy, prior_params, frozen, batch, rng, True)
+    updates, policy_opt = policy_tx.update(grads, policy_opt, policy)
+    metrics = dict(metrics, **{"grad_norm/policy": optax.tree.norm(grads)})
+    return optax.apply_updates(policy, updates), policy_opt, metrics
+
+  def prior_step(prior_params, prior_opt, policy, frozen, batch, rng):
+    (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+        policy, prior_params, frozen, batch, rng, True)
+    updates, prior_opt = prior_tx.update(grads, prior_opt, prior_params)
+    metrics = dict(metrics, **{"grad_norm/prior": optax.tree.norm(grads)})
+    return prior.project(optax.apply_updates(prior_params, updates)), prior_opt, metrics
+
+  def joint_step(policy, policy_opt, prior_params, prior_opt, frozen, batch, rng):
+    (_, (metrics, _)), (g_pol, g_pri) = jax.value_and_grad(loss_fn, argnums=(0, 1),
+                                                           has_aux=True)(
+        policy, prior_params, frozen, batch, rng, True)
+    up, policy_opt = policy_tx.update(g_pol, policy_opt, policy)
+    up_p, prior_opt = prior_tx.update(g_pri, prior_opt, prior_params)
+    metrics = dict(metrics, **{"grad_norm/policy": optax.tree.norm(g_pol),
+                               "grad_norm/prior": optax.tree.norm(g_pri)})
+    return (optax.apply_updates(policy, up), policy_opt,
+            prior.project(optax.apply_updates(prior_params, up_p)), prior_opt, metrics)
+
+  s = shard
+  steps = PreferenceSteps(
+      policy=jax.jit(policy_step, donate_argnums=(0, 1),
+                     out_shardings=(s["policy"], s["policy_opt"], None)),
+      prior=None, joint=None)
+  if prior_on_loss:
+    steps.prior = jax.jit(prior_step, donate_argnums=(0, 1),
+                          out_shardings=(s["prior"], s["prior_opt"], None))
+    steps.joint = jax.jit(joint_step, donate_argnums=(0, 1, 2, 3),
+                          out_shardings=(s["policy"], s["policy_opt"], s["prior"],
+                                         s["prior_opt"], None))
+  return steps
+
+
+class PairEvaluator:
+  """The MI-DPO loss and logits of a fixed policy on pair batches, jitted once
+  per (prior, reference mode): ``evaluate(policy, prior_params, frozen, batch)
+  -> (loss, logits_B)``."""
+
+  def __init__(self, env, prior: priors.Prior, loss_config: losses.LossConfig, *,
+               reference: Optional[str] = None):
+    loss_fn = make_pair_loss(env, prior, loss_config, reference=reference)
+
+    def evaluate(policy, prior_params, frozen, batch):
+      loss, (_, logits) = loss_fn(policy, prior_params, frozen, batch, None, False)
+      return loss, logits
+
+    self.fields = pair_fields(env, prior, reference=reference)
+    self._fn = jax.jit(evaluate)
+
+  def __call__(self, policy, prior_params, frozen, batch):
+    return self._fn(policy, prior_params, frozen, batch)

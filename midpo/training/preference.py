@@ -1,0 +1,185 @@
+"""The preference stage: the generic round runner, baselines and restore.
+
+``run_preference(env, ref_params, pairs)`` runs the prior's procedure
+(``midpo.training.recipes``): its auxiliary models, then each round, a loop
+of steps whose prior parameters move as the prior's update says. Policy and
+prior parameters are separate pytrees with separate optax states and
+separately jitted steps, each donating only what it updates.
+
+``pairs`` is the run's pair source: overrides of ``config.data.synthetic``
+(``{}`` for the dataset's own pairs; ``samples_path`` for pairs sampled from
+the reference).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from midpo.core import losses, priors
+from midpo.training import checkpoint as ckpt_lib
+from midpo.training import config as config_lib
+from midpo.training import env as env_lib
+from midpo.training import loop, optim
+from midpo.training import pairs as pairs_lib
+from midpo.training import recipes
+from midpo.training.reference_cache import ReferenceCache
+
+PyTree = Any
+
+
+def preference_dir(env: env_lib.Env, round_index: Optional[int] = None) -> str:
+  """``<workdir>/checkpoints`` (one round) or ``<workdir>/checkpoints/round<r>``
+  (the last round when ``round_index`` is None)."""
+  n = num_rounds(env)
+  if round_index is None:
+    round_index = n - 1
+  base = os.path.join(env.workdir, "checkpoints")
+  return base if n == 1 else os.path.join(base, f"round{round_index}")
+
+
+def num_rounds(env: env_lib.Env) -> int:
+  """The number of rounds of the run's prior's procedure."""
+  prior = config_lib.make_prior(env.config)
+  return recipes.recipe_for(prior).procedure.num_rounds(env.config)
+
+
+def baseline_dir(env: env_lib.Env, name: str) -> str:
+  """Checkpoints of the baseline ``name``."""
+  return os.path.join(env.workdir, "baselines", name)
+
+
+def run_preference_round(env: env_lib.Env, prior: priors.Prior, frozen: dict,
+                         init_policy: PyTree, round_index: int, *, pairs: dict, stage: str,
+                         directory: str, swap_roles: bool = False,
+                         loss_config: Optional[losses.LossConfig] = None
+                         ) -> tuple[PyTree, PyTree]:
+  """One round of preference training of ``init_policy`` under ``prior``.
+
+  ``frozen`` holds the frozen models' parameters (``reference`` and what the
+  prior's inputs read); ``pairs`` the round's pair source; ``swap_roles``
+  trains on the reversed preferences; ``stage`` and ``directory`` name its
+  logs and checkpoints. Returns the policy and the prior's parameters.
+  """
+  config = env.config
+  ref_params = frozen["reference"]
+  t = config.train
+  loss_config = loss_config or config_lib.make_loss_config(config)
+  it = env.batches(env.data_config(**pairs), "train", mode="pairs")
+  fields = pairs_lib.pair_fields(env, prior)
+  cache = None
+  if "ref_logps" in fields:
+    t0 = time.perf_counter()
+    cache = ReferenceCache(env, it, ref_params)
+    logging.info("cached the reference log-probs of %d pairs in %.1f s", len(cache),
+                 time.perf_counter() - t0)
+
+  update = recipes.recipe_for(prior).make_update(prior)
+  policy = jax.tree.map(jnp.copy, init_policy)
+  policy_tx = optim.adamw(t.learning_rate, t.warmup_steps, t.steps, t.weight_decay, t.grad_clip)
+  prior_tx = update.optimizer(env)
+  policy_opt = optim.init_opt(policy_tx, policy, env.mesh)
+  prior_params = update.init_params(env, prior, ref_params, it)
+  prior_opt = optim.init_opt(prior_tx, prior_params, env.mesh) if prior_tx is not None else None
+  shard = {"policy": env_lib.shardings_of(policy),
+           "policy_opt": env_lib.shardings_of(policy_opt),
+           "prior": env_lib.shardings_of(prior_params) if prior_params is not None else None,
+           "prior_opt": env_lib.shardings_of(prior_opt) if prior_opt is not None else None}
+  steps = pairs_lib.make_preference_steps(env, prior, loss_config, policy_tx, prior_tx, shard,
+                                          prior_on_loss=update.on_loss)
+  run = recipes.RoundRun(env, prior, loss_config, frozen, steps, shard, prior_tx, round_index,
+                         t.steps)
+  update.start(run)
+  base_key = jax.random.fold_in(jax.random.key(config.seed), 100 + round_index)
+
+  def step(state, local, step_index):
+    if cache is not None:
+      local = cache.add_to(local)
+    if swap_roles:  # after the cache, so that the reference's log-probs swap too
+      local = pairs_lib.swap_roles(local)
+    batch = env.global_batch(pairs_lib.select(local, fields))
+    rng = jax.random.fold_in(base_key, step_index)
+    state = update.before_step(run, state, step_index)
+    return update.step(run, state, batch, rng, step_index)
+
+  # The frozen models are never updated and never checkpointed: the reference
+  # is the SFT checkpoint, the others are their own stages' checkpoints.
+  state = {"policy": policy, "policy_opt": policy_opt, "prior": prior_params,
+           "prior_opt": prior_opt}
+  spec = loop.LoopSpec(stage, directory, t.steps, it, loop.count_tokens, step)
+  state = loop.run_loop(env, spec, state)
+  update.finish(run, state)
+  return state["policy"], state["prior"]
+
+
+def run_preference(env: env_lib.Env, ref_params: PyTree,
+                   pairs: dict) -> tuple[PyTree, PyTree, dict]:
+  """Every round of the run's prior's procedure, from the reference.
+
+  Returns the final policy, its prior's parameters and the frozen models of
+  the last round (what its prior reads).
+  """
+  config = env.config
+  prior = config_lib.make_prior(config)
+  procedure = recipes.recipe_for(prior).procedure
+  n = procedure.num_rounds(config)
+  auxiliary = procedure.auxiliary_models(env, ref_params, pairs)
+  policy, prior_params, previous, older = ref_params, None, None, ref_params
+  frozen = {"reference": ref_params}
+  for r in range(n):
+    frozen = dict({"reference": ref_params}, **procedure.frozen_models(r, ref_params, previous),
+                  **auxiliary)
+    round_pairs = procedure.round_pairs(env, r, pairs, previous=previous, older=older)
+    policy, prior_params = run_preference_round(
+        env, prior, frozen, policy, r, pairs=round_pairs,
+        stage="preference" if n == 1 else f"preference/round{r}",
+        directory=preference_dir(env, r))
+    if previous is not None:
+      older = previous
+    previous = policy
+  return policy, prior_params, frozen
+
+
+def run_baselines(env: env_lib.Env, ref_params: PyTree, pairs: dict) -> dict[str, PyTree]:
+  """The policies of ``config.baselines``: each prior (at its default
+  hyperparameters) trained from the reference on the run's pairs, with the
+  same steps, optimiser, data order and seed as the run's own policy."""
+  out = {}
+  for name in env.config.baselines:
+    out[name], _ = run_preference_round(
+        env, priors.make_prior(name), {"reference": ref_params}, ref_params, 0, pairs=pairs,
+        stage=f"baseline/{name}", directory=baseline_dir(env, name))
+  return out
+
+
+def restore_preference(env: env_lib.Env, ref_params: PyTree) -> tuple[PyTree, PyTree]:
+  """The policy (and prior) of the latest preference checkpoint of this workdir.
+
+  Raises:
+    FileNotFoundError: the workdir has no preference checkpoint.
+  """
+  ckpt = ckpt_lib.Checkpointer(preference_dir(env))
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no preference checkpoint in {preference_dir(env)}; run the "
+                            "'preference' stage first")
+  prior = config_lib.make_prior(env.config)
+  target = {"policy": ckpt_lib.abstract_like(ref_params)}
+  prior_target = recipes.recipe_for(prior).make_update(prior).restore_target(env, prior,
+                                                                             ref_params)
+  if prior_target is not None:
+    target["prior"] = prior_target
+  trees, _ = ckpt.restore(step, target)
+  ckpt.close()
+  return trees["policy"], trees.get("prior")
+
+
+def restore_baselines(env: env_lib.Env) -> dict[str, PyTree]:
+  """The policies of ``config.baselines`` from their checkpoints."""
+  return {name: env_lib.restore_params(env, baseline_dir(env, name), item="policy")
+          for name in env.config.baselines}

@@ -1,0 +1,68 @@
+"""The SFT stage: the reference (and initial policy) by maximum likelihood."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from midpo.core import stats
+from midpo.training import env as env_lib
+from midpo.training import loop, optim
+
+PyTree = Any
+SFT_FIELDS = ("tokens", "attention_mask", "response_mask")
+
+
+def sft_loss(graphdef, params: PyTree, batch: dict) -> tuple[jax.Array, dict]:
+  """Token-mean NLL (nats per token) of the response tokens of ``[B, T]`` rows."""
+  tokens, att = batch["tokens"], batch["attention_mask"]
+  mask = batch["response_mask"][:, 1:].astype(jnp.float32)
+  logits = nnx.merge(graphdef, params)(tokens[:, :-1], att[:, :-1])
+  lp = stats.token_logprobs(logits, tokens[:, 1:], mask)
+  n = jnp.maximum(jnp.sum(mask), 1.0)
+  loss = -jnp.sum(lp) / n
+  return loss, {"loss": loss, "tokens": jnp.sum(mask)}
+
+
+def run_sft(env: env_lib.Env) -> PyTree:
+  """The reference's parameters: ``config.sft.checkpoint``'s, the HF
+  checkpoint's, or trained here on the SFT split (``<workdir>/sft``)."""
+  config = env.config
+  if config.sft.checkpoint:
+    return env_lib.restore_params(env, config.sft.checkpoint)
+  if config.model.hf_path:
+    return env_lib.load_hf_params(env)
+  it = env.batches(env.data_config(), "sft", mode="sft")
+  params = env_lib.init_params(env, config.seed)
+  tx = optim.adamw(config.sft.learning_rate, config.sft.warmup_steps, config.sft.steps,
+                   config.sft.weight_decay, 1.0)
+  opt = optim.init_opt(tx, params, env.mesh)
+  graphdef = env.graphdef
+
+  def update(params, opt, batch):
+    (_, metrics), grads = jax.value_and_grad(functools.partial(sft_loss, graphdef),
+                                             has_aux=True)(params, batch)
+    updates, opt = tx.update(grads, opt, params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return optax.apply_updates(params, updates), opt, metrics
+
+  jitted = jax.jit(update, donate_argnums=(0, 1),
+                   out_shardings=(env_lib.shardings_of(params), env_lib.shardings_of(opt), None))
+
+  def step(state, local, step_index):
+    del step_index
+    batch = env.global_batch({k: np.asarray(local[k]) for k in SFT_FIELDS})
+    p, o, m = jitted(state["params"], state["opt"], batch)
+    return {"params": p, "opt": o}, m
+
+  spec = loop.LoopSpec("sft", os.path.join(env.workdir, "sft"), config.sft.steps, it,
+                       loop.count_tokens, step)
+  state = loop.run_loop(env, spec, {"params": params, "opt": opt})
+  return state["params"]
