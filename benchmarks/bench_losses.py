@@ -25,7 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from midpo import losses, priors, stats
+from midpo import algorithms
+from midpo.core import losses, stats
 
 CASES = [
     ("dpo", {}, {}),
@@ -100,7 +101,7 @@ def main():
 
   steps, levels = {}, {}
   for name, hp, cfg in CASES:
-    prior = priors.make_prior(name, **hp)
+    prior = algorithms.make_prior(name, **hp)
     step = make_step(prior, losses.LossConfig(**cfg), args.vocab_chunk)
     jax.block_until_ready(step(logits, batch))  # compile
     steps[case_name(name, hp)] = step

@@ -24,7 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax
 import numpy as np
 
-from midpo import config_lib, train
+from midpo import algorithms  # noqa: F401  (registers every published algorithm)
+from midpo.training import config as config_lib
+from midpo.training import env as env_lib
+from midpo.training import optim, pairs
+from midpo.training.reference_cache import ReferenceCache
 
 
 def main():
@@ -50,28 +54,27 @@ def main():
   results = {}
   for mode in ("online", "cached"):
     config.train.reference = mode
-    env = train.make_env(config, os.path.join(workdir, mode))
+    env = env_lib.make_env(config, os.path.join(workdir, mode))
     prior = config_lib.make_prior(config)
     loss_config = config_lib.make_loss_config(config)
-    ref = train.init_params(env, 0)
-    data_config = train._data_config(env)
-    it = train.make_batches(env, data_config, "train", mode="pairs")
-    fields = train.pair_fields(prior, config)
+    ref = env_lib.init_params(env, 0)
+    it = env.batches(env.data_config(), "train", mode="pairs")
+    fields = pairs.pair_fields(env, prior)
     t0 = time.perf_counter()
-    cache = train.ReferenceCache(env, it, ref) if mode == "cached" else None
+    cache = ReferenceCache(env, it, ref) if mode == "cached" else None
     cache_seconds = time.perf_counter() - t0
-    tx = train._adamw(1e-4, 0, 1000, 0.0, 1.0)
+    tx = optim.adamw(1e-4, 0, 1000, 0.0, 1.0)
     policy = jax.tree.map(lambda x: x.copy(), ref)
-    opt = train._init_opt(tx, policy, env.mesh)
-    shard = {"policy": train.shardings_of(policy), "policy_opt": train.shardings_of(opt),
+    opt = optim.init_opt(tx, policy, env.mesh)
+    shard = {"policy": env_lib.shardings_of(policy), "policy_opt": env_lib.shardings_of(opt),
              "prior": None, "prior_opt": None}
-    steps = train.make_preference_steps(env, prior, loss_config, tx, tx, shard)
+    steps = pairs.make_preference_steps(env, prior, loss_config, tx, None, shard)
     frozen = {"reference": ref}
     batches = []
     for local in it.first_batches(args.steps_per_round):
       if cache is not None:
         local = cache.add_to(local)
-      batches.append((env.global_batch(train._pair_arrays(local, fields)),
+      batches.append((env.global_batch(pairs.select(local, fields)),
                       int(local["attention_mask"].sum())))
     rng = jax.random.key(0)
     for b, _ in batches:  # compile every bucket shape

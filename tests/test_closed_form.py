@@ -16,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from midpo import losses, priors, stats
+from midpo import algorithms
+from midpo.core import losses, stats
 
 X, Y, T = 3, 5, 4
 ALPHA = 0.5
@@ -89,10 +90,10 @@ def _target_logits(prior, pb):
 
 
 @pytest.mark.parametrize("prior", [
-    priors.make_prior("dpo"),
-    priors.make_prior("rdpo", length_coef=0.3),
-    priors.make_prior("dice"),
-    priors.make_prior("hdpo", eta=0.8),
+    algorithms.make_prior("dpo"),
+    algorithms.make_prior("rdpo", length_coef=0.3),
+    algorithms.make_prior("dice"),
+    algorithms.make_prior("hdpo", eta=0.8),
 ], ids=lambda p: p.name)
 def test_gradient_descent_reaches_the_closed_form_optimum(prior):
   with jax.enable_x64(True):

@@ -4,7 +4,7 @@ A policy that cannot depend on the prompt (``pi(y)``, 5 responses) is trained
 on the exact expected MI-DPO loss over all ordered pairs of 3 prompts'
 responses, labelled by Bradley-Terry from a known reward; the reference does
 depend on the prompt, so the prior changes what the policy can reach. The
-prior is ``midpo.priors.Constrained`` (a bounded 4-coefficient family),
+prior is ``midpo.algorithms.Constrained`` (a bounded 4-coefficient family),
 updated by its own optimiser in alternation with the policy, as the trainer
 does.
 
@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from midpo import learned_prior, losses, priors, stats
+from midpo import algorithms
+from midpo.algorithms import diagnostics
+from midpo.core import losses, stats
 
 X, Y, T = 3, 5, 4
 ALPHA = 1.0
@@ -117,7 +119,7 @@ BOX = dict(ref_bounds=(0.0, 1.0), pol_bounds=(0.0, 0.5), len_bounds=(-0.5, 0.5),
 def test_joint_minimisation_is_no_worse_than_every_fixed_prior_and_stays_in_the_box():
   with jax.enable_x64(True):
     pb = _problem()
-    prior = priors.make_prior("constrained", **BOX)
+    prior = algorithms.make_prior("constrained", **BOX)
     theta, params, trace = _alternate(prior, pb)
     joint = float(_loss(theta, params, prior, pb))
     grid = [(r, p, l, 0.0) for r, p, l in
@@ -154,8 +156,8 @@ def test_without_bounds_the_prior_collapses_and_the_alarm_shows_it():
   with jax.enable_x64(True):
     pb = _finite_problem()
     assert np.mean(pb["length"][pb["ws"]] < pb["length"][pb["ls"]]) > 0.6
-    bounded = priors.make_prior("constrained", **BOX)
-    free = priors.make_prior("constrained", ref_bounds=(-math.inf, math.inf),
+    bounded = algorithms.make_prior("constrained", **BOX)
+    free = algorithms.make_prior("constrained", ref_bounds=(-math.inf, math.inf),
                              pol_bounds=(-math.inf, math.inf), len_bounds=(-math.inf, math.inf),
                              kl_bounds=(0.0, 0.0), init=(1.0, 0.0, 0.0, 0.0))
     th_b, p_b, _ = _alternate(bounded, pb, rounds=100)
@@ -173,9 +175,9 @@ def test_without_bounds_the_prior_collapses_and_the_alarm_shows_it():
     assert zeta_gap_f < zeta_gap_b - 3.0, (zeta_gap_f, zeta_gap_b)
     # The trainer's alarm compares the gap with the reference's (DPO's prior):
     # it fires for the free prior only.
-    ref_gap = float(_out(th_f, None, priors.make_prior("dpo"), pb).metrics["prior/log_zeta_gap"])
-    assert learned_prior.collapse_alarm(zeta_gap_f, ref_gap)
-    assert not learned_prior.collapse_alarm(zeta_gap_b, ref_gap)
+    ref_gap = float(_out(th_f, None, algorithms.make_prior("dpo"), pb).metrics["prior/log_zeta_gap"])
+    assert diagnostics.collapse_alarm(zeta_gap_f, ref_gap)
+    assert not diagnostics.collapse_alarm(zeta_gap_b, ref_gap)
     assert float(p_f["coefficients"][2]) > BOX["len_bounds"][1]  # c_len left the box
     # And the policy, no longer needed to fit the labels, learns less of the reward.
     r0 = _expected_reward(jnp.zeros(Y), pb)

@@ -7,8 +7,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from midpo import checkpoint as ckpt_lib
-from midpo import metrics_writer, train
+from midpo.training import checkpoint as ckpt_lib
+from midpo.training import env as env_lib
+from midpo.training import loop, metrics_writer
 
 
 class CountingIterator:
@@ -33,7 +34,7 @@ def _env(tmp_path):
                                       "log_every": 1})
   return types.SimpleNamespace(
       config=config, writer=metrics_writer.MetricsWriter(str(tmp_path), enabled=True),
-      sigterm=train._SigtermFlag(), process_count=1, process_index=0)
+      sigterm=env_lib.SigtermFlag(), process_count=1, process_index=0)
 
 
 def _spec(env, tmp_path, total, on_step=None, loss=None):
@@ -44,8 +45,8 @@ def _spec(env, tmp_path, total, on_step=None, loss=None):
     value = x if loss is None else loss(index)
     return {"params": {"x": x}}, {"loss": value}
 
-  return train.LoopSpec("toy", str(tmp_path / "ckpt"), total, CountingIterator(),
-                        train._tokens, step)
+  return loop.LoopSpec("toy", str(tmp_path / "ckpt"), total, CountingIterator(),
+                        loop.count_tokens, step)
 
 
 def test_sigterm_right_after_a_periodic_checkpoint_exits_cleanly_and_resumes(tmp_path):
@@ -55,12 +56,12 @@ def test_sigterm_right_after_a_periodic_checkpoint_exits_cleanly_and_resumes(tmp
     if index == 4:  # step 5 completes, the periodic checkpoint 5 is saved, then we stop
       env.sigterm.received = True
 
-  with pytest.raises(train.Preempted) as exc:
-    train.run_loop(env, _spec(env, tmp_path, 12, on_step=flag), {"params": {"x": jnp.zeros(())}})
+  with pytest.raises(loop.Preempted) as exc:
+    loop.run_loop(env, _spec(env, tmp_path, 12, on_step=flag), {"params": {"x": jnp.zeros(())}})
   assert exc.value.step == 5 and exc.value.code == 143
   assert ckpt_lib.Checkpointer(str(tmp_path / "ckpt")).latest_step() == 5
   env.sigterm.received = False
-  state = train.run_loop(env, _spec(env, tmp_path, 12), {"params": {"x": jnp.zeros(())}})
+  state = loop.run_loop(env, _spec(env, tmp_path, 12), {"params": {"x": jnp.zeros(())}})
   # Batches 1..12 were each consumed once: the data position was restored too.
   assert float(state["params"]["x"]) == sum(range(1, 13))
 
@@ -72,12 +73,12 @@ def test_sigterm_between_checkpoints_saves_at_the_current_step(tmp_path):
     if index == 6:
       env.sigterm.received = True
 
-  with pytest.raises(train.Preempted) as exc:
-    train.run_loop(env, _spec(env, tmp_path, 12, on_step=flag), {"params": {"x": jnp.zeros(())}})
+  with pytest.raises(loop.Preempted) as exc:
+    loop.run_loop(env, _spec(env, tmp_path, 12, on_step=flag), {"params": {"x": jnp.zeros(())}})
   assert exc.value.step == 7
   assert ckpt_lib.Checkpointer(str(tmp_path / "ckpt")).all_steps() == [5, 7]
   env.sigterm.received = False
-  state = train.run_loop(env, _spec(env, tmp_path, 12), {"params": {"x": jnp.zeros(())}})
+  state = loop.run_loop(env, _spec(env, tmp_path, 12), {"params": {"x": jnp.zeros(())}})
   assert float(state["params"]["x"]) == sum(range(1, 13))
 
 
@@ -87,5 +88,5 @@ def test_non_finite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_pa
   with pytest.raises(FloatingPointError,
                      match=r"toy: non-finite loss \(nan\) at step 7; the last good checkpoint "
                            r"is step 5"):
-    train.run_loop(env, _spec(env, tmp_path, 12, loss=loss), {"params": {"x": jnp.zeros(())}})
+    loop.run_loop(env, _spec(env, tmp_path, 12, loss=loss), {"params": {"x": jnp.zeros(())}})
   assert ckpt_lib.Checkpointer(str(tmp_path / "ckpt")).latest_step() == 5

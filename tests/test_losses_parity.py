@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from midpo import losses, priors, stats
+from midpo import algorithms
+from midpo.core import losses, stats
 from tests import reference_algorithms as ref
 
 B, TW, TL, V = 3, 7, 6, 11
@@ -119,7 +120,7 @@ CASES = [
 
 
 def test_every_registered_prior_has_a_parity_case():
-  assert {c[1] for c in CASES} == set(priors.registered_priors())
+  assert {c[1] for c in CASES} == set(algorithms.registered_priors())
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -127,8 +128,8 @@ def test_prior_matches_original_algorithm(case):
   _, prior_name, hp, cfg, reference = case
   with jax.enable_x64(True):
     b = make_batch()
-    prior = priors.make_prior(prior_name, **hp)
-    params = prior.init_params(None, None) if prior.param_update == "loss" else None
+    prior = algorithms.make_prior(prior_name, **hp)
+    params = prior.init_params(None, None) if prior.scores_with_params else None
     if params is not None:
       params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
     got, got_grads = midpo_loss(b, prior, losses.LossConfig(**cfg), prior_params=params)
@@ -153,9 +154,9 @@ def test_tdpo2_stop_gradient_is_on_the_chosen_kl_only():
   """TDPO2 differs from TDPO1-with-coefficient exactly by sg(d_w)."""
   with jax.enable_x64(True):
     b = make_batch(1)
-    _, g2 = midpo_loss(b, priors.make_prior("tdpo", version=2, kl_coef=1.0),
+    _, g2 = midpo_loss(b, algorithms.make_prior("tdpo", version=2, kl_coef=1.0),
                        losses.LossConfig(alpha=0.1))
-    _, g1 = midpo_loss(b, priors.make_prior("tdpo", version=1), losses.LossConfig(alpha=0.1))
+    _, g1 = midpo_loss(b, algorithms.make_prior("tdpo", version=1), losses.LossConfig(alpha=0.1))
   # Same value (kl_coef 1), same rejected gradient, different chosen gradient.
   np.testing.assert_allclose(g2["pol_l"], g1["pol_l"], rtol=1e-10, atol=1e-14)
   assert np.abs(g2["pol_w"] - g1["pol_w"]).max() > 1e-6
@@ -167,7 +168,7 @@ def test_sparsepo_learned_mask_head_matches_released_architecture():
     rng = np.random.default_rng(3)
     L, D = 3, 8
     hid = {s: rng.standard_normal((B, t, L, D)) for s, t in (("w", TW), ("l", TL))}
-    prior = priors.make_prior("sparsepo", mask_source="head", l1_reward=0.01, l1_kl=0.02)
+    prior = algorithms.make_prior("sparsepo", mask_source="head", l1_reward=0.01, l1_kl=0.02)
     example = dataclasses.replace(midpo_side(b, "w", jnp.asarray(b["pol_w"])),
                                   ref_hidden=jnp.asarray(hid["w"]))
     params = prior.init_params(jax.random.PRNGKey(0), example)
@@ -177,7 +178,7 @@ def test_sparsepo_learned_mask_head_matches_released_architecture():
     np_params = {k: np.asarray(v) for k, v in params["shared"].items()}
     for s in ("w", "l"):
       mu = ref.sparsepo_mask_head(hid[s], **np_params)
-      got = priors.apply_mask_head(params["shared"], jnp.asarray(hid[s]))
+      got = algorithms.apply_mask_head(params["shared"], jnp.asarray(hid[s]))
       np.testing.assert_allclose(np.asarray(got), mu, rtol=1e-9, atol=1e-12)
       assert (mu == 0).any() and (mu > 0).any()
       b[f"mur_{s}"] = b[f"muk_{s}"] = mu

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from midpo import losses, priors, stats, token_weights
+from midpo import algorithms
+from midpo.algorithms.tis_dpo import weights as token_weights
+from midpo.core import losses, stats
 
 B, T, V = 4, 6, 9
 
@@ -49,7 +51,7 @@ def test_swapping_chosen_and_rejected_negates_the_logit(name, hp):
   b = _random_side(jax.random.PRNGKey(1))
   sa = _stats(*a, **_full_extra(a[3]))
   sb = _stats(*b, **_full_extra(b[3]))
-  prior = priors.make_prior(name, **hp)
+  prior = algorithms.make_prior(name, **hp)
   z_ab = losses.mi_dpo_loss(sa, sb, prior).logits
   z_ba = losses.mi_dpo_loss(sb, sa, prior).logits
   assert np.abs(np.asarray(z_ab)).max() > 1e-3
@@ -59,7 +61,7 @@ def test_swapping_chosen_and_rejected_negates_the_logit(name, hp):
 def test_simpo_margin_breaks_the_symmetry_by_exactly_two_gamma():
   a, b = _random_side(jax.random.PRNGKey(0)), _random_side(jax.random.PRNGKey(1))
   sa, sb = _stats(*a), _stats(*b)
-  prior = priors.make_prior("simpo", gamma=0.7)
+  prior = algorithms.make_prior("simpo", gamma=0.7)
   z_ab = losses.mi_dpo_loss(sa, sb, prior, losses.LossConfig(alpha=2.0)).logits
   z_ba = losses.mi_dpo_loss(sb, sa, prior, losses.LossConfig(alpha=2.0)).logits
   np.testing.assert_allclose(np.asarray(z_ab + z_ba), -1.4, rtol=1e-5)
@@ -94,12 +96,12 @@ def test_tis_dpo_with_unit_weights_is_dpo():
   mk = lambda side, w: (lambda p: _stats(p, side[1], side[2], side[3],
                                          token_weights=w * side[3]))
   v_dpo, g_dpo = _grad_pair("dpo", mk(a, 1.0), mk(b, 1.0), a[0], b[0])
-  v_tis, g_tis = _grad_pair(priors.make_prior("tis_dpo"), mk(a, 1.0), mk(b, 1.0), a[0], b[0])
+  v_tis, g_tis = _grad_pair(algorithms.make_prior("tis_dpo"), mk(a, 1.0), mk(b, 1.0), a[0], b[0])
   np.testing.assert_allclose(float(v_tis), float(v_dpo), rtol=1e-6)
   for x, y in zip(g_tis, g_dpo):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-8)
   # Non-unit weights change it.
-  v_w, _ = _grad_pair(priors.make_prior("tis_dpo"), mk(a, 1.3), mk(b, 0.7), a[0], b[0])
+  v_w, _ = _grad_pair(algorithms.make_prior("tis_dpo"), mk(a, 1.3), mk(b, 0.7), a[0], b[0])
   assert abs(float(v_w) - float(v_dpo)) > 1e-4
 
 
@@ -107,7 +109,7 @@ def test_sparsepo_with_unit_masks_and_no_kl_is_dpo():
   a, b = _random_side(jax.random.PRNGKey(6)), _random_side(jax.random.PRNGKey(7))
   mk = lambda side: (lambda p: _stats(p, side[1], side[2], side[3], mask_reward=side[3],
                                       mask_kl=side[3]))
-  prior = priors.make_prior("sparsepo", mask_source="given", kl_coef=0.0)
+  prior = algorithms.make_prior("sparsepo", mask_source="given", kl_coef=0.0)
   v_dpo, g_dpo = _grad_pair("dpo", mk(a), mk(b), a[0], b[0])
   v_sp, g_sp = _grad_pair(prior, mk(a), mk(b), a[0], b[0])
   np.testing.assert_allclose(float(v_sp), float(v_dpo), rtol=1e-6)
@@ -119,7 +121,7 @@ def test_hdpo_with_eta_one_is_dpo_and_rdpo_with_zero_length_coef_is_dpo():
   a, b = _random_side(jax.random.PRNGKey(8)), _random_side(jax.random.PRNGKey(9))
   sa, sb = _stats(*a), _stats(*b)
   want = float(losses.mi_dpo_loss(sa, sb, "dpo").loss)
-  for prior in (priors.make_prior("hdpo", eta=1.0), priors.make_prior("rdpo", length_coef=0.0)):
+  for prior in (algorithms.make_prior("hdpo", eta=1.0), algorithms.make_prior("rdpo", length_coef=0.0)):
     np.testing.assert_allclose(float(losses.mi_dpo_loss(sa, sb, prior).loss), want, rtol=1e-6)
 
 
@@ -130,7 +132,7 @@ def test_simpo_needs_no_reference_at_all():
   assert sa.ref_logps is None
   out = losses.mi_dpo_loss(sa, sb, "simpo", losses.LossConfig(alpha=2.0))
   assert np.isfinite(float(out.loss))
-  assert not priors.make_prior("simpo").uses_reference
+  assert not algorithms.make_prior("simpo").uses_reference
   with pytest.raises(ValueError, match=r"prior 'dpo' needs SequenceStats.ref_logps"):
     losses.mi_dpo_loss(sa, sb, "dpo")
 
@@ -157,7 +159,7 @@ def test_sparsepo_reports_mask_sparsity():
   half = a[3] * (jnp.arange(T)[None] % 2)
   sa = _stats(*a, mask_reward=half, mask_kl=a[3])
   sb = _stats(*b, mask_reward=b[3], mask_kl=b[3])
-  out = losses.mi_dpo_loss(sa, sb, priors.make_prior("sparsepo", mask_source="given"))
+  out = losses.mi_dpo_loss(sa, sb, algorithms.make_prior("sparsepo", mask_source="given"))
   frac = float(out.metrics["prior/mask_reward_zero_frac_chosen"])
   want = float(jnp.mean(jnp.sum((a[3] > 0) & (half == 0), -1) / jnp.sum(a[3], -1)))
   np.testing.assert_allclose(frac, want, rtol=1e-6)
@@ -209,7 +211,7 @@ def test_bad_loss_config_names_the_key(kwargs, match):
 ])
 def test_bad_prior_names_the_hyperparameter(name, hp, match):
   with pytest.raises(ValueError, match=match):
-    priors.make_prior(name, **hp)
+    algorithms.make_prior(name, **hp)
 
 
 def test_unknown_prior_name_in_the_loss_is_an_error():

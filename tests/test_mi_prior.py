@@ -18,7 +18,8 @@ import optax
 import pytest
 from flax import nnx
 
-from midpo import learned_prior
+from midpo import algorithms, sampling
+from midpo.algorithms.mi import response_model
 from midpo.models.config import get_config
 from midpo.models.transformer import Transformer
 
@@ -61,7 +62,7 @@ def test_tabular_mi_update_converges_to_the_marginal_and_never_increases_the_kl(
     # Plain gradient steps with a step below 1 / L (the softmax cross-entropy's
     # curvature is at most 1): each step is a descent step of the objective,
     # which is E_x KL(pi || zeta) minus a constant.
-    step = learned_prior.make_mle_step(loss_fn, optax.sgd(1.0))
+    step = response_model.make_mle_step(loss_fn, optax.sgd(1.0))
     params = {"logits": jnp.zeros(num_y, jnp.float64)}
     opt = optax.sgd(1.0).init(params)
     kls = [_expected_kl(p_x, pi, np.asarray(jax.nn.softmax(params["logits"])))]
@@ -95,7 +96,7 @@ def _network(conditional=False):
                       eos_token_id=EOS, pad_token_id=PAD)
   model = Transformer(config, rngs=nnx.Rngs(params=0))
   graphdef, state = nnx.split(model)
-  return (learned_prior.ResponseModel(graphdef, conditional, bos_id=BOS, pad_id=PAD),
+  return (response_model.ResponseModel(graphdef, conditional, bos_id=BOS, pad_id=PAD),
           nnx.to_pure_dict(state))
 
 
@@ -107,7 +108,7 @@ def _rows(prompt_lengths=None):
     for y in RESPONSES:
       prompts.append([BOS, x] + extra)
       responses.append(y + [EOS])
-  return learned_prior.response_rows(prompts, responses, 10, PAD)
+  return sampling.response_rows(prompts, responses, 10, PAD)
 
 
 def test_prior_network_mle_on_an_exact_enumeration_reaches_the_marginal():
@@ -118,7 +119,7 @@ def test_prior_network_mle_on_an_exact_enumeration_reaches_the_marginal():
   model, params = _network()
   tx = optax.adam(1e-2)
   opt = tx.init(params)
-  step = learned_prior.make_mle_step(lambda p, b: learned_prior.nll(model, p, b), tx)
+  step = response_model.make_mle_step(lambda p, b: response_model.nll(model, p, b), tx)
   seq = jax.jit(model.sequence_logps)
   one_x = {k: v[:len(RESPONSES)] for k, v in batch.items() if k != "weights"}
 
@@ -174,7 +175,7 @@ def test_token_logps_are_aligned_with_the_rows_whatever_the_prompt_length(condit
 def test_ema_update_moves_the_prior_towards_the_policy():
   prior = {"w": jnp.zeros(3)}
   policy = {"w": jnp.ones(3)}
-  update = learned_prior.ema_update(0.9)
+  update = algorithms.ema.ema_update(0.9)
   prior = update(prior, policy)
   np.testing.assert_allclose(np.asarray(prior["w"]), 0.1, rtol=1e-6)
   prior = update(prior, policy)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from midpo import stats
+from midpo.core import stats
 
 
 def _inputs(key, b=3, t=7, v=50, dtype=jnp.float32):

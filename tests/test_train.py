@@ -10,8 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from midpo import config_lib, train
-from midpo.data import pipeline
+from midpo import algorithms, train
+from midpo.algorithms import diagnostics
+from midpo.training import checkpoint as ckpt_lib
+from midpo.training import config as config_lib
+from midpo.training import env as env_lib
+from midpo.training import optim, pairs, preference, recipes, sft
 from tests import train_utils as tu
 
 ALGORITHMS = ("dpo", "dice", "hdpo", "rdpo", "simpo", "tdpo", "tis_dpo", "sparsepo",
@@ -54,7 +58,7 @@ def test_end_to_end_run_writes_results_logs_and_checkpoints(shared):
   assert json.load(open(os.path.join(w, "hparams.json")))["prior.name"] == "dpo"
   assert os.path.exists(os.path.join(w, "data_report.json"))
   assert os.path.exists(os.path.join(w, "eval_samples.jsonl"))
-  assert 10 in train.ckpt_lib.Checkpointer(os.path.join(w, "checkpoints")).all_steps()
+  assert 10 in ckpt_lib.Checkpointer(os.path.join(w, "checkpoints")).all_steps()
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
@@ -70,7 +74,7 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results["prior"] == config.prior.name
   assert np.isfinite(results["policy"]["reward"])
-  rounds = config.rounds
+  rounds = config.dice.rounds
   pref = [r for r in tu.read_metrics(str(tmp_path)) if r["stage"].startswith("preference")]
   assert len(pref) == 4 * rounds
   assert all(np.isfinite(r["loss"]) for r in pref)
@@ -100,7 +104,7 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
     stages = {r["stage"] for r in tu.read_metrics(str(tmp_path))}
     assert {"tis/plus", "tis/minus"} <= stages
     for model in ("plus", "minus"):
-      assert train.ckpt_lib.Checkpointer(str(tmp_path / "tis" / model)).latest_step() == 4
+      assert ckpt_lib.Checkpointer(str(tmp_path / "tis" / model)).latest_step() == 4
 
 
 def _check_learned_prior_run(workdir, config, results):
@@ -110,7 +114,7 @@ def _check_learned_prior_run(workdir, config, results):
   # Held-out diagnostics every 2 steps and at the end: steps 0, 2, 4.
   assert [r["step"] for r in diag] == [0, 2, 4]
   for r in diag:
-    for fixed in train.FIXED_PRIORS + (config.prior.name,):
+    for fixed in diagnostics.FIXED_PRIORS + (config.prior.name,):
       assert np.isfinite(r[f"heldout/loss/{fixed}"]), fixed
     assert r["collapse/alarm"] in (0.0, 1.0)
   # At step 0 the policy is the reference: DPO's logits are all 0.
@@ -132,7 +136,7 @@ def _check_learned_prior_run(workdir, config, results):
     for key in ("reward", "kl", "length"):
       assert np.isfinite(row[key]) and np.isfinite(row[f"{key}_se"]), (row["model"], key)
   assert table[1]["reward"] == results["baselines"]["dpo"]["reward"]
-  assert train.ckpt_lib.Checkpointer(str(workdir / "baselines" / "dpo")).latest_step() == 4
+  assert ckpt_lib.Checkpointer(str(workdir / "baselines" / "dpo")).latest_step() == 4
   assert json.load(open(workdir / "eval.json"))["table"] == table
   # An eval-only run restores the policy, the prior's parameters and the
   # baselines from the checkpoints: the same numbers.
@@ -168,26 +172,28 @@ def test_policy_and_prior_steps_touch_only_their_own_parameters(shared, tmp_path
   config = tu.tiny_config("sparsepo", **{
       "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
       "stages": ("preference",), "train.prior_update": "alternate"})
-  env = train.make_env(config, str(tmp_path))
-  reference = train.run_sft(env)
+  env = env_lib.make_env(config, str(tmp_path))
+  reference = sft.run_sft(env)
   reference_before = jax.device_get(reference)
   prior = config_lib.make_prior(config)
-  it = pipeline.make_iterator(train._data_config(env), env.tokenizer, "train", None,
-                                    mode="pairs")
-  local = it.make_batch(it.epoch_plan(0)[0])
-  fields = train.pair_fields(prior, config)
-  batch = env.global_batch(train._pair_arrays(local, fields))
+  it = env.batches(env.data_config(), "train", mode="pairs")
+  local = it.first_batches(1)[0]
+  batch = env.global_batch(pairs.select(local, pairs.pair_fields(env, prior)))
   policy = jax.tree.map(np.copy, reference_before)
   policy = jax.device_put(policy)
-  prior_params = train.init_prior_params(env, prior, reference, local)
+  update = recipes.recipe_for(prior).make_update(prior)
+  assert update.on_loss
+  prior_params = update.init_params(env, prior, reference, it)
   # A live head, so that the prior's gradient is not zero.
   prior_params["shared"]["mix"] = abs(prior_params["shared"]["mix"])
-  tx = train._adamw(1e-2, 0, 10, 0.0, 1.0)
+  tx = optim.adamw(1e-2, 0, 10, 0.0, 1.0)
   policy_opt, prior_opt = tx.init(policy), tx.init(prior_params)
-  shard = {"policy": train.shardings_of(policy), "policy_opt": train.shardings_of(policy_opt),
-           "prior": train.shardings_of(prior_params), "prior_opt": train.shardings_of(prior_opt)}
-  steps = train.make_preference_steps(env, prior, config_lib.make_loss_config(config), tx, tx,
-                                      shard)
+  shard = {"policy": env_lib.shardings_of(policy),
+           "policy_opt": env_lib.shardings_of(policy_opt),
+           "prior": env_lib.shardings_of(prior_params),
+           "prior_opt": env_lib.shardings_of(prior_opt)}
+  steps = pairs.make_preference_steps(env, prior, config_lib.make_loss_config(config), tx, tx,
+                                      shard, prior_on_loss=True)
   frozen = {"reference": reference}
   rng = jax.random.key(0)
 
@@ -211,10 +217,10 @@ def test_reference_is_never_modified_by_training(shared, tmp_path):
   config = tu.tiny_config("tdpo", **{
       "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
       "stages": ("preference",)})
-  env = train.make_env(config, str(tmp_path))
-  reference = train.run_sft(env)
+  env = env_lib.make_env(config, str(tmp_path))
+  reference = sft.run_sft(env)
   before = jax.device_get(reference)
-  policy, _, frozen = train.run_preference(env, reference)
+  policy, _, frozen = preference.run_preference(env, reference, train.run_pairs(env, reference))
   assert tu.tree_equal(jax.device_get(frozen["reference"]), before)
   assert not tu.tree_equal(jax.device_get(policy), before)
 
@@ -227,7 +233,7 @@ def test_dice_pair_selection_is_length_regularised():
   hi0, lo0 = scores.argmax(1), scores.argmin(1)
   rows = np.arange(200)
   gap0 = abs(lengths[rows, hi0].mean() - lengths[rows, lo0].mean())
-  hi, lo, a = train.select_pairs(scores, lengths)
+  hi, lo, a = algorithms.dice.select_pairs(scores, lengths)
   gap = abs(lengths[rows, hi].mean() - lengths[rows, lo].mean())
   assert a > 0 and gap < 0.25 * gap0
   reg = scores - a * lengths
@@ -235,7 +241,7 @@ def test_dice_pair_selection_is_length_regularised():
   np.testing.assert_array_equal(lo, reg.argmin(1))
   # Without a length effect nothing is regularised away.
   flat = rng.normal(0, 1, lengths.shape)
-  _, _, a_flat = train.select_pairs(flat, np.full_like(lengths, 10.0))
+  _, _, a_flat = algorithms.dice.select_pairs(flat, np.full_like(lengths, 10.0))
   assert a_flat == 0.0
 
 

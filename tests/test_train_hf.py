@@ -11,6 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from midpo import train  # noqa: E402
+from midpo.training import env as env_lib  # noqa: E402
+from midpo.training import preference, sft  # noqa: E402
 from tests import train_utils as tu  # noqa: E402
 
 
@@ -31,9 +33,9 @@ def test_train_from_hf_checkpoint_and_export(tmp_path):
   export = workdir / "hf_export"
   assert (export / "config.json").exists()
 
-  env = train.make_env(config, str(workdir))
-  reference = train.run_sft(env)  # = the HF checkpoint
-  policy, _ = train.restore_preference(env, reference)
+  env = env_lib.make_env(config, str(workdir))
+  reference = sft.run_sft(env)  # = the HF checkpoint
+  policy, _ = preference.restore_preference(env, reference)
   tokens = np.random.default_rng(0).integers(3, 144, (2, 11)).astype(np.int32)
   mask = np.ones_like(tokens)
   ours = np.asarray(env.model(policy)(jnp.asarray(tokens), jnp.asarray(mask)))

@@ -34,7 +34,8 @@ import jax.numpy as jnp  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
-from midpo import losses, priors, stats  # noqa: E402
+from midpo import algorithms
+from midpo.core import losses, stats  # noqa: E402
 
 V, B, T = 48, 3, 10
 
@@ -126,7 +127,7 @@ def test_dpo_matches_trl_value_and_parameter_gradients(dpo_setup, loss_type, trl
   with torch.no_grad():
     ref_logits = reference(**model_inputs).logits.numpy()
   ours, metrics, grad_logits = _midpo_dpo_loss(logits.detach().numpy(), ref_logits, inputs,
-                                                priors.make_prior("dpo"),
+                                                algorithms.make_prior("dpo"),
                                                 losses.LossConfig(**ours_kw))
   logits.backward(torch.from_numpy(grad_logits.copy()))
   our_grads = [p.grad.detach().clone() for p in policy.parameters()]
@@ -175,7 +176,7 @@ def test_simpo_matches_trl_cpo_simpo(label_smoothing):
     lp = stats.token_logprobs(lg[:, :-1], targets, mask, vocab_chunk=16)
     side = lambda sl: stats.SequenceStats(logps=lp[sl], mask=mask[sl])  # no reference at all
     return losses.mi_dpo_loss(side(slice(0, B)), side(slice(B, 2 * B)),
-                              priors.make_prior("simpo", gamma=gamma),
+                              algorithms.make_prior("simpo", gamma=gamma),
                               losses.LossConfig(alpha=beta, label_smoothing=label_smoothing)).loss
 
   ours, grad = jax.value_and_grad(loss_fn)(jnp.asarray(logits_np))

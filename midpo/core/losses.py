@@ -5,7 +5,7 @@
     loss  = link(z) [+ prior penalty] [+ nll_weight * NLL(y_w)]
 
 ``alpha`` is every original algorithm's ``beta`` and is applied here, once. The
-prior (``midpo.priors``) gives ``s``; the link and the regularisers are options
+prior (``midpo.core.priors``) gives ``s``; the link and the regularisers are options
 orthogonal to the prior, as TRL users expect them:
 
 * ``sigmoid``: ``-(1-eps) log s(z) - eps log s(-z)`` (DPO; with

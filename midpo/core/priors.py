@@ -1,6 +1,6 @@
 """Priors ``zeta``: every published DPO variant as one function of a sequence.
 
-The MI-DPO loss (see ``midpo.losses``) is
+The MI-DPO loss (see ``midpo.core.losses``) is
 
     h(y) = alpha * (LP(y) - log zeta(y))
     loss = -log sigmoid(h(y_w) - h(y_l))
@@ -131,7 +131,7 @@ class Prior:
   @property
   def has_params(self) -> bool:
     """Whether the prior has parameters of its own (how they move is the
-    algorithm's choice: ``midpo.training.updates``)."""
+    algorithm's choice: ``midpo.training.recipes``)."""
     return False
 
   @property

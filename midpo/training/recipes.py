@@ -262,8 +262,8 @@ def _check_recipes(config, prior: priors.Prior, batch_shards: int, process_count
     baseline = priors.make_prior(name)
     if baseline.has_params or recipe_for(baseline).custom_procedure:
       config_lib.fail("baselines", f"prior {name!r} needs parameters or models of its own; "
-                      "baselines are fixed priors that train on the run's pairs alone (e.g. "
-                      "'dpo', 'simpo')")
+                      "baselines are fixed priors that train on the run's pairs alone (such as "
+                      "'dpo')")
   recipe = recipe_for(prior)
   if recipe.validate is not None:
     recipe.validate(config, prior, batch_shards, process_count)

@@ -79,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
 def validate_config(config) -> None:
   tis = config.tis
   if tis.weights not in WEIGHT_SOURCES:
-    config_lib.fail("tis.weights", f"must be one of {WEIGHT_SOURCES}; got {tis.weights!r}")
+    config_lib.fail("tis.weights", f"must be 'contrastive' or 'oracle'; got {tis.weights!r}")
   if tis.transform not in weights_lib.TRANSFORMS:
     config_lib.fail("tis.transform", f"must be one of {weights_lib.TRANSFORMS}; got "
                     f"{tis.transform!r}")
