@@ -133,31 +133,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.prior_steps_per_round = 1
   c.train.prior_learning_rate = 1e-3
   c.train.prior_weight_decay = 0.0
-  # The 'mi' prior: each round (policy_steps_per_round policy steps) starts
-  # with prior_samples responses sampled from the policy on fresh held-out
-  # prompts, then prior_steps_per_round maximum-likelihood steps of zeta_phi
-  # on batches of prior_batch_size of them. The first round fits the
-  # reference's marginal from scratch: prior_warmup_samples responses,
-  # prior_warmup_steps steps.
-  c.train.prior_samples = 256
-  c.train.prior_batch_size = 64
-  c.train.prior_warmup_samples = 2048
-  c.train.prior_warmup_steps = 100
-  # Every learned prior: held-out diagnostics every diagnostics_every policy
-  # steps (0: off), on prior_eval_pairs test pairs; the collapse alarm fires
-  # when the prior's log zeta(y_w) - log zeta(y_l) falls collapse_margin nats
-  # below the reference's.
-  c.train.diagnostics_every = 25
-  c.train.prior_eval_pairs = 128
-  c.train.collapse_margin = 1.0
 
   c.prior = prior_config("dpo")
   # Priors trained in the same command, on the same pairs, budget and seed,
   # for comparison (e.g. ('dpo',)): each a row of eval.json's table.
   c.baselines = ()
-  # Algorithms' own blocks (config.dice, config.tis, ...), from their modules.
+  # Algorithms' own keys, from their modules: blocks of their own
+  # (config.dice, config.tis) and keys of the train block (the 'mi' prior's
+  # rounds, the learned priors' diagnostics).
   for block, defaults in config_lib.config_blocks().items():
-    c[block] = defaults()
+    if block in c:
+      c[block].update(defaults())
+    else:
+      c[block] = defaults()
   c.loss = ml_collections.ConfigDict({
       "alpha": 0.1, "link": "sigmoid", "label_smoothing": 0.0, "nll_weight": 0.0,
       "nll_normalization": "token"})

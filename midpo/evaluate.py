@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,13 +35,12 @@ from midpo.training import pairs as pairs_lib
 
 
 
-def implicit_reward_accuracy(env, policy, frozen: dict, prior_params, prior=None, *,
-                             evaluator: Optional[pairs_lib.PairEvaluator] = None) -> dict:
+def implicit_reward_accuracy(env, policy, frozen: dict, prior_params, prior=None) -> dict:
   """On held-out labelled pairs: the fraction with a positive MI-DPO logit
   under ``prior`` (the config's by default) with its standard error, and the
   mean MI-DPO loss. A prior whose parameters or frozen models this run does
-  not have is skipped, with the reason. ``evaluator`` reuses a compiled
-  evaluator of the same prior."""
+  not have is skipped, with the reason. The evaluation step (the trainer's
+  pair loss) is compiled once per run and prior."""
   config = env.config
   prior = prior or config_lib.make_prior(config)
   if prior.has_params and prior_params is None:
@@ -56,8 +55,10 @@ def implicit_reward_accuracy(env, policy, frozen: dict, prior_params, prior=None
   data_config = env.data_config()
   data_config.shuffle = False
   it = env.batches(data_config, "test", mode="pairs")
-  evaluator = evaluator or pairs_lib.PairEvaluator(env, prior, config_lib.make_loss_config(config),
-                                                   reference="online")
+  loss_config = config_lib.make_loss_config(config)
+  evaluator = env.compiled(
+      ("pair_evaluator", prior, loss_config, "online"),
+      lambda: pairs_lib.PairEvaluator(env, prior, loss_config, reference="online"))
   per_step = config.data.batch_size * env.process_count
   n_batches = min(it.num_epoch_batches(), max(1, -(-config.eval.num_pairs // per_step)))
   n_batches = env.min_over_processes(n_batches)  # every process runs the same steps

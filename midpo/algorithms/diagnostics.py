@@ -14,6 +14,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import logging
 
 from midpo.core import losses, priors
@@ -134,9 +135,17 @@ def monitored_update(prior: priors.Prior) -> recipes.PriorUpdate:
   return recipes.LossGradient(monitor=make_monitor)
 
 
-def validate_config(config, prior, batch_shards, process_count) -> None:
+def default_config() -> ml_collections.ConfigDict:
+  """The diagnostics' keys of ``config.train``: every ``diagnostics_every``
+  policy steps (0: off), on ``prior_eval_pairs`` test pairs; the collapse
+  alarm fires when the prior's ``log zeta(y_w) - log zeta(y_l)`` falls
+  ``collapse_margin`` nats below the reference's."""
+  return ml_collections.ConfigDict({
+      "diagnostics_every": 25, "prior_eval_pairs": 128, "collapse_margin": 1.0})
+
+
+def validate_config(config) -> None:
   """The diagnostics' keys (checked on every run)."""
-  del prior, batch_shards, process_count
   t = config.train
   if not isinstance(t.diagnostics_every, int) or t.diagnostics_every < 0:
     config_lib.fail("train.diagnostics_every",
@@ -148,4 +157,4 @@ def validate_config(config, prior, batch_shards, process_count) -> None:
     config_lib.fail("train.collapse_margin", f"must be >= 0; got {t.collapse_margin}")
 
 
-config_lib.register_rule(validate_config)
+config_lib.register_config_block("train", default_config, validate_config)

@@ -56,8 +56,10 @@ def apply_mask_head(params: dict, hidden_BxTxLxD: Array, *, dropout: float = 0.0
   h = hidden_BxTxLxD.astype(jnp.promote_types(hidden_BxTxLxD.dtype, jnp.float32))
   mean = jnp.mean(h, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
-  h = (h - mean) * jax.lax.rsqrt(var + eps) * params["ln_scale"] + params["ln_bias"]
-  per_layer_BxTxL = jax.nn.relu(jnp.einsum("btld,ld->btl", h, params["w"]) + params["b"])
+  scale_D, bias_D = params["ln_scale"][None, None, None, :], params["ln_bias"][None, None, None, :]
+  h = (h - mean) * jax.lax.rsqrt(var + eps) * scale_D + bias_D
+  per_layer_BxTxL = jax.nn.relu(jnp.einsum("btld,ld->btl", h, params["w"])
+                                + params["b"][None, None, :])
   drop = train and dropout > 0
   if drop:
     if rng is None:

@@ -145,7 +145,8 @@ def rope_inv_freq(c: ModelConfig) -> np.ndarray:
 
 
 def _rope_tables(c: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(c))
+  inv_freq = jnp.asarray(rope_inv_freq(c)).reshape((1,) * positions.ndim + (-1,))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
   return jnp.cos(freqs), jnp.sin(freqs)  # [B, T, Dh/2] float32
 
 
@@ -158,10 +159,15 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return out.astype(x.dtype)
 
 
+def _lead(w: jax.Array, ndim: int) -> jax.Array:
+  """``w`` with leading unit axes up to ``ndim`` (explicit broadcasting)."""
+  return w.reshape((1,) * (ndim - w.ndim) + w.shape)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return y.astype(x.dtype) * weight.astype(x.dtype)
+  return y.astype(x.dtype) * _lead(weight.astype(x.dtype), x.ndim)
 
 
 def _attention(c: ModelConfig, q, k, v, mask, key_lengths=None):
@@ -198,7 +204,8 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
   k = jnp.einsum("btd,dhk->bthk", h, w("k"))
   v = jnp.einsum("btd,dhk->bthk", h, w("v"))
   if c.qkv_bias:
-    q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
+    q, k, v = (q + _lead(w("q_bias"), 4), k + _lead(w("k_bias"), 4),
+               v + _lead(w("v_bias"), 4))
   q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
   q = constrain(q, ("batch", "length", "act_heads", None))
   k = constrain(k, ("batch", "length", "act_kv_heads", None))
@@ -214,17 +221,17 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
   attn = _attention(c, q, k, v, mask, key_lengths)
   out = jnp.einsum("bthk,hkd->btd", attn, w("o"))
   if c.o_bias:
-    out = out + w("o_bias")
+    out = out + _lead(w("o_bias"), 3)
   x = x + out
   h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
   gate = jnp.einsum("btd,df->btf", h, w("gate"))
   up = jnp.einsum("btd,df->btf", h, w("up"))
   if c.mlp_bias:
-    gate, up = gate + w("gate_bias"), up + w("up_bias")
+    gate, up = gate + _lead(w("gate_bias"), 3), up + _lead(w("up_bias"), 3)
   act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
   down = jnp.einsum("btf,fd->btd", act, w("down"))
   if c.mlp_bias:
-    down = down + w("down_bias")
+    down = down + _lead(w("down_bias"), 3)
   return constrain(x + down, ("batch", "length", "act_embed")), cache
 
 

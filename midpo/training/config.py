@@ -41,14 +41,32 @@ _RULES: list[Any] = []
 
 
 def register_config_block(name: str, defaults, validate=None) -> None:
-  """An algorithm's own block ``config.<name>`` (``defaults()`` builds it;
-  ``validate(config)``, checked on every run, raises ``ConfigError``).
+  """An algorithm's own block ``config.<name>``, or its keys of an existing
+  block (``config.train``): ``defaults()`` builds them; ``validate(config)``,
+  checked on every run, raises ``ConfigError``. ``name`` may be registered
+  once per algorithm module: a second registration of the same name adds keys.
 
   Raises:
-    ValueError: the block is already registered.
+    ValueError: a key is registered twice.
   """
   if name in _BLOCKS:
-    raise ValueError(f"config block {name!r} is already registered")
+    old_defaults, old_validate = _BLOCKS[name]
+    clash = set(old_defaults()) & set(defaults())
+    if clash:
+      raise ValueError(f"config.{name} keys {sorted(clash)} are already registered")
+
+    def merged():
+      c = old_defaults()
+      c.update(defaults())
+      return c
+
+    def both(config):
+      for check in (old_validate, validate):
+        if check is not None:
+          check(config)
+
+    _BLOCKS[name] = (merged, both)
+    return
   _BLOCKS[name] = (defaults, validate)
 
 

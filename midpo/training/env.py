@@ -65,6 +65,16 @@ class Env:
   graphdef: Any
   writer: metrics_writer.MetricsWriter
   sigterm: SigtermFlag
+  # Compiled functions of this run by key (``compiled``), so that each is
+  # built once per run whatever the number of calls.
+  jit_cache: dict = dataclasses.field(default_factory=dict)
+
+  def compiled(self, key, build):
+    """``build()``'s result for ``key`` (a hashable description of what it
+    computes), built on the first call only."""
+    if key not in self.jit_cache:
+      self.jit_cache[key] = build()
+    return self.jit_cache[key]
 
   @property
   def process_index(self) -> int:

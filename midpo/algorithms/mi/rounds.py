@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -195,6 +196,14 @@ class MaximumLikelihood(recipes.PriorUpdate):
     return dict(state, prior=params, prior_opt=opt)
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """The 'mi' prior's keys of ``config.train`` (see the module docstring):
+  samples and maximum-likelihood steps of each round, and of the first."""
+  return ml_collections.ConfigDict({
+      "prior_samples": 256, "prior_batch_size": 64, "prior_warmup_samples": 2048,
+      "prior_warmup_steps": 100})
+
+
 def validate_run(config, prior, batch_shards, process_count) -> None:
   """The 'mi' prior's config rules."""
   t = config.train
@@ -224,5 +233,6 @@ def validate_run(config, prior, batch_shards, process_count) -> None:
                     f"{process_count} processes and data x fsdp = {batch_shards} batch shards")
 
 
+config_lib.register_config_block("train", default_config)
 recipes.register_recipe("mi", recipes.Recipe(update=lambda prior: MaximumLikelihood(),
                                              validate=validate_run))

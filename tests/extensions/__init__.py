@@ -1,0 +1,1 @@
+"""Algorithms registered outside the ``midpo`` package, as a user's own would be."""
