@@ -386,7 +386,8 @@ def tokenize_split(
 # The iterator.
 
 
-def _round_up(x: int, m: int) -> int:
+def round_up(x: int, m: int) -> int:
+  """The smallest multiple of ``m`` that is >= ``x``."""
   return -(-x // m) * m
 
 
@@ -444,7 +445,7 @@ class PreferenceBatchIterator:
         self._key, np.arange(1, self.num_buckets + 1) / self.num_buckets, method="higher"
       )
       self._bounds = np.array(
-        sorted({min(self.max_length, _round_up(int(q), self.pad_to_multiple)) for q in qs}),
+        sorted({min(self.max_length, round_up(int(q), self.pad_to_multiple)) for q in qs}),
         np.int64,
       )
     self._fingerprint = hashlib.sha256(
@@ -494,7 +495,7 @@ class PreferenceBatchIterator:
       return self.max_length
     longest = int(self._key[idx].max())
     if self._bounds is None:
-      return min(self.max_length, _round_up(longest, self.pad_to_multiple))
+      return min(self.max_length, round_up(longest, self.pad_to_multiple))
     return int(self._bounds[np.searchsorted(self._bounds, longest)])
 
   # -- state ------------------------------------------------------------------------------

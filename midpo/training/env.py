@@ -21,7 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from midpo.data import batches as batches_lib
-from midpo.data import synthetic
+from midpo.data import pipeline, synthetic
 from midpo.models import config as model_config_lib
 from midpo.models import hf_checkpoint, sharding
 from midpo.models import tokenizer as tokenizer_lib
@@ -143,11 +143,6 @@ def pad_last(x: np.ndarray, t: int) -> np.ndarray:
   return np.pad(x, pad) if x.shape[-1] < t else x
 
 
-def round_up(x: int, m: int) -> int:
-  """The smallest multiple of ``m`` that is >= ``x``."""
-  return -(-x // m) * m
-
-
 def gather(x: jax.Array) -> np.ndarray:
   """A global array on every process's host, whole (the rows of every process)."""
   if jax.process_count() > 1:
@@ -188,7 +183,7 @@ def make_model_config(config, tok) -> model_config_lib.ModelConfig:
       base = model_config_lib.get_config(config.model.name)
     except ValueError as e:
       raise config_lib.ConfigError(f"config.model.name: {e}") from None
-    mc = base.replace(vocab_size=round_up(tok.vocab_size, 8), bos_token_id=tok.bos_id,
+    mc = base.replace(vocab_size=pipeline.round_up(tok.vocab_size, 8), bos_token_id=tok.bos_id,
                       eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **overrides)
   tokenizer_lib.check_fits(tok, mc.vocab_size)
   return mc

@@ -16,7 +16,6 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from midpo.training import checkpoint as ckpt_lib
 
@@ -154,8 +153,7 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
 def _should_stop(env) -> bool:
   """SIGTERM on any process stops every process at the same step."""
   if env.process_count > 1:
-    flags = multihost_utils.process_allgather(np.array(env.sigterm.received, np.int32))
-    return bool(np.max(flags))
+    return bool(env.max_over_processes(int(env.sigterm.received)))
   return env.sigterm.received
 
 

@@ -26,7 +26,7 @@ from midpo import sampling
 from midpo.algorithms import diagnostics
 from midpo.algorithms.mi import response_model
 from midpo.algorithms.mi.prior import ModelPrior
-from midpo.data import synthetic
+from midpo.data import pipeline, synthetic
 from midpo.models import config as model_config_lib
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
@@ -139,7 +139,7 @@ class MaximumLikelihood(recipes.PriorUpdate):
     prompts, responses = sampling.sample_ids(self.env, samples)
     width = max(self.env.config.data.max_length,
                 max(len(p) + len(r) for p, r in zip(prompts, responses)))
-    return sampling.response_rows(prompts, responses, env_lib.round_up(width, 8),
+    return sampling.response_rows(prompts, responses, pipeline.round_up(width, 8),
                                   self.env.tokenizer.pad_id)
 
   def _global(self, rows: dict, index: np.ndarray) -> dict[str, jax.Array]:
