@@ -144,11 +144,12 @@ def test_trl_conversational_rendered_through_chat_template(tmp_path):
   tok = ChatByteTokenizer()
   it = pipeline.make_iterator(c, tok, "train", str(tmp_path / "work"))
   batch = next(it)
-  assert batch["tokens"].shape == (4, 160)
+  assert batch["tokens"].shape == (2, 2, 160)  # pair-major
   rows_text = {}
-  for row in range(4):
-    toks, resp = batch["tokens"][row], batch["response_mask"][row].astype(bool)
-    real = batch["attention_mask"][row].astype(bool)
+  for row in range(4):  # row = side * 2 + pair
+    at = (row % 2, row // 2)
+    toks, resp = batch["tokens"][at], batch["response_mask"][at].astype(bool)
+    real = batch["attention_mask"][at].astype(bool)
     assert toks[0] == tok.bos_id
     rows_text[row] = (tok.decode(toks[real & ~resp][1:]), tok.decode(toks[resp][:-1]))
     assert toks[resp][-1] == tok.eos_id
@@ -197,5 +198,5 @@ def test_ultrafeedback_binarized_keeps_scores(tmp_path):
   batch = next(pipeline.make_iterator(c, ChatByteTokenizer(), "train", None))
   order = list(batch["pair_index"])
   np.testing.assert_array_equal(
-    batch["score"], [[9.0, 8.0][i] for i in order] + [[2.5, 8.0][i] for i in order]
+    batch["score"], [[[9.0, 8.0][i], [2.5, 8.0][i]] for i in order]
   )

@@ -41,7 +41,7 @@ def test_batch_layout_and_masks(cfg, tmp_path):
   b = c.batch_size
   for _ in range(3):
     batch = next(it)
-    t = batch["tokens"].shape[1]
+    t = batch["tokens"].shape[-1]
     assert set(batch) == {
       "tokens",
       "attention_mask",
@@ -51,12 +51,12 @@ def test_batch_layout_and_masks(cfg, tmp_path):
       "reward",
     }
     for k in ("tokens", "attention_mask", "response_mask"):
-      assert batch[k].shape == (2 * b, t) and batch[k].dtype == np.int32
+      assert batch[k].shape == (b, 2, t) and batch[k].dtype == np.int32  # pair-major
     assert batch["token_weights"].dtype == np.float32
-    assert batch["reward"].shape == (2 * b,) and batch["pair_index"].shape == (b,)
+    assert batch["reward"].shape == (b, 2) and batch["pair_index"].shape == (b,)
     for j, pi in enumerate(batch["pair_index"]):
       ex = tfds_builders.decode_example(src[int(pi)])
-      for row, side in ((j, "chosen"), (b + j, "rejected")):
+      for row, side in (((j, 0), "chosen"), ((j, 1), "rejected")):
         toks = batch["tokens"][row]
         attn = batch["attention_mask"][row].astype(bool)
         resp = batch["response_mask"][row].astype(bool)
@@ -74,11 +74,11 @@ def test_batch_layout_and_masks(cfg, tmp_path):
         np.testing.assert_allclose(batch["token_weights"][row][resp], np.append(expect, 1.0))
         assert (batch["token_weights"][row][~resp] == 0).all()
       # Same prompt on both rows of the pair.
-      pc = batch["tokens"][j][
-        ~batch["response_mask"][j].astype(bool) & batch["attention_mask"][j].astype(bool)
+      pc = batch["tokens"][j, 0][
+        ~batch["response_mask"][j, 0].astype(bool) & batch["attention_mask"][j, 0].astype(bool)
       ]
-      pr = batch["tokens"][b + j][
-        ~batch["response_mask"][b + j].astype(bool) & batch["attention_mask"][b + j].astype(bool)
+      pr = batch["tokens"][j, 1][
+        ~batch["response_mask"][j, 1].astype(bool) & batch["attention_mask"][j, 1].astype(bool)
       ]
       np.testing.assert_array_equal(pc, pr)
 

@@ -8,12 +8,10 @@ concatenation of every shard's batch in shard order, whatever ``P`` is. A run
 on one host with ``num_shards=S`` sees exactly the batches of a run on ``S``
 hosts, which is how a multi-host run is reproduced (and tested) on one machine.
 
-Pair mode converts the pipeline's ``[chosen rows; rejected rows]`` to the one
-layout every later stage uses, pair-major: each per-row array ``[2B, ...]``
-becomes ``[B, 2, ...]`` (``[:, 0]`` chosen, ``[:, 1]`` rejected;
-``to_pair_major``), so a pair's two responses stay together whatever the
-number of shards, processes or devices. Shards' batches are padded to a
-common length, then concatenated along the pairs.
+Batches keep the pipeline's layout: pair-major ``[B, 2, T]`` in pair mode
+(``[:, 0]`` chosen, ``[:, 1]`` rejected), so a pair's two responses stay
+together whatever the number of shards, processes or devices. Shards'
+batches are padded to a common length, then concatenated along the pairs.
 """
 
 from __future__ import annotations
@@ -24,10 +22,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from midpo.data import pipeline
-
-
-def num_shards(config, process_count: int) -> int:
-  return int(config.data.num_shards) or process_count
 
 
 class ShardedBatches:
@@ -106,31 +100,13 @@ class ShardedBatches:
   # -- layout -------------------------------------------------------------------
 
   def combine(self, batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Shards' pipeline batches -> one batch (pair-major in pair mode)."""
-    if self.mode == "pairs":
-      batches = [to_pair_major(b) for b in batches]
+    """Shards' batches -> one batch: padded to a common length, concatenated
+    along the pairs (rows in SFT mode)."""
     if len(batches) == 1:
       return batches[0]
     t = max(b["tokens"].shape[-1] for b in batches)
     batches = [pad_length(b, t, self.pad_id) for b in batches]
     return {key: np.concatenate([np.asarray(b[key]) for b in batches]) for key in batches[0]}
-
-
-def to_pair_major(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """The pipeline's ``[chosen rows; rejected rows]`` -> pair-major ``[B, 2, ...]``.
-
-  Arrays with ``2B`` leading rows (``B = len(pair_index)``) are split into
-  their chosen and rejected halves and stacked on axis 1; per-pair arrays
-  (``pair_index``, ``[B]``) are kept.
-  """
-  b = len(batch["pair_index"])
-  out = {}
-  for key, value in batch.items():
-    value = np.asarray(value)
-    if key != "pair_index" and value.ndim >= 1 and value.shape[0] == 2 * b:
-      value = np.stack([value[:b], value[b:]], axis=1)
-    out[key] = value
-  return out
 
 
 def pad_length(batch: dict[str, np.ndarray], t: int, pad_id: int) -> dict[str, np.ndarray]:

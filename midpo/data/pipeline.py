@@ -4,20 +4,20 @@ Entry point: :func:`make_iterator` (``config.data`` -> :class:`PreferenceBatchIt
 the TFDS dataset if needed, tokenises this process's share of a split, and writes
 ``data_report.json`` (schema in ``report.py``) into the run's workdir.
 
-Batch layout (numpy; ``B = batch_size`` pairs per process, ``T`` the batch's length)::
+Batch layout (numpy; ``B = batch_size`` pairs per process, ``T`` the batch's length), pair-major
+from here to the loss: ``[:, 0]`` is the chosen response of each pair, ``[:, 1]`` the rejected::
 
-    tokens          int32   [2B, T]  rows 0..B-1: [bos] prompt chosen [eos];
-                                     rows B..2B-1: the same prompts with the rejected responses;
-                                     right-padded with pad_id
-    attention_mask  int32   [2B, T]  1 on real tokens
-    response_mask   int32   [2B, T]  1 on response tokens (incl. eos): the positions whose token
-                                     is predicted and scored (the trainer shifts by one itself)
-    token_weights   float32 [2B, T]  only with token_weights='oracle': TIS-DPO weights of response
-                                     tokens from the synthetic task's per-token reward (the eos
-                                     gets the weight of reward 0, i.e. 1.0), 0 off the response
-    pair_index      int32   [B]      example position in the TFDS split (same for both rows)
-    reward          float32 [2B]     synthetic task only: r*(x, y) of each row
-    score           float32 [2B]     files datasets whose every pair has scores (UltraFeedback)
+    tokens          int32   [B, 2, T]  [bos] prompt response [eos], right-padded with pad_id
+    attention_mask  int32   [B, 2, T]  1 on real tokens
+    response_mask   int32   [B, 2, T]  1 on response tokens (incl. eos): the positions whose
+                                       token is predicted and scored (the trainer shifts by one)
+    token_weights   float32 [B, 2, T]  only with token_weights='oracle': TIS-DPO weights of
+                                       response tokens from the synthetic task's per-token
+                                       reward (the eos gets the weight of reward 0, i.e. 1.0),
+                                       0 off the response
+    pair_index      int32   [B]        example position in the TFDS split
+    reward          float32 [B, 2]     synthetic task only: r*(x, y) of each response
+    score           float32 [B, 2]     files datasets whose every pair has scores (UltraFeedback)
 
 ``mode='sft'`` gives ``tokens``, ``attention_mask``, ``response_mask`` (and ``pair_index``,
 ``reward``/``score``, ``token_weights``) of shape ``[B, T]``, with the chosen response only.
@@ -545,28 +545,29 @@ class PreferenceBatchIterator:
     return self.make_batch(idx)
 
   def make_batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The batch of pair positions ``idx``: pair-major ``[B, 2, T]`` rows in
+    pair mode, ``[B, T]`` in SFT mode (see the module docstring)."""
     p, b = self.pairs, len(idx)
     t = self._batch_length(idx)
     sides = (("chosen", p.chosen, p.chosen_weights),)
     if self.mode == "pairs":
       sides += (("rejected", p.rejected, p.rejected_weights),)
-    rows = b * len(sides)
-    tokens = np.full((rows, t), self.pad_id, np.int32)
-    attn = np.zeros((rows, t), np.int32)
-    resp = np.zeros((rows, t), np.int32)
-    weights = np.zeros((rows, t), np.float32) if p.chosen_weights is not None else None
+    shape = (b, len(sides), t)
+    tokens = np.full(shape, self.pad_id, np.int32)
+    attn = np.zeros(shape, np.int32)
+    resp = np.zeros(shape, np.int32)
+    weights = np.zeros(shape, np.float32) if p.chosen_weights is not None else None
     for s, (_, seqs, ws) in enumerate(sides):
       for j, k in enumerate(idx):
-        row = s * b + j
         head = np.concatenate([p.prefix, p.prompt[k]])
         y = seqs[k]
         n0, n1 = len(head), len(head) + len(y)
-        tokens[row, :n0] = head
-        tokens[row, n0:n1] = y
-        attn[row, :n1] = 1
-        resp[row, n0:n1] = 1
+        tokens[j, s, :n0] = head
+        tokens[j, s, n0:n1] = y
+        attn[j, s, :n1] = 1
+        resp[j, s, n0:n1] = 1
         if weights is not None:
-          weights[row, n0:n1] = ws[k]
+          weights[j, s, n0:n1] = ws[k]
     out = {
       "tokens": tokens,
       "attention_mask": attn,
@@ -577,8 +578,9 @@ class PreferenceBatchIterator:
       out["token_weights"] = weights
     for name, arr in (("reward", p.reward), ("score", p.score)):
       if arr is not None:
-        cols = [arr[idx, s] for s in range(len(sides))]
-        out[name] = np.concatenate(cols).astype(np.float32)
+        out[name] = np.asarray(arr[idx, :len(sides)], np.float32)
+    if self.mode != "pairs":  # SFT rows: [B, T]
+      out = {k: (v[:, 0] if k != "pair_index" else v) for k, v in out.items()}
     return out
 
   # -- statistics -------------------------------------------------------------------------
