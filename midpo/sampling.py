@@ -23,7 +23,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from midpo.core import stats
-from midpo.data import synthetic, tfds_builders
+from midpo.data import samples_file, synthetic
 from midpo.models.generate import generate as generate_fn
 from midpo.training import env as env_lib
 
@@ -181,7 +181,7 @@ def write_samples(env, path: str, prompts, responses, extra: dict) -> str:
   """Process 0 writes a samples file atomically; every process waits for it."""
   if env.process_index == 0:
     tmp = path + ".tmp"
-    tfds_builders.write_samples_file(tmp, prompts, responses, extra=extra)
+    samples_file.write_samples_file(tmp, prompts, responses, extra=extra)
     os.replace(tmp, path)
   multihost_utils.sync_global_devices(f"samples {os.path.basename(path)}")
   return path

@@ -188,3 +188,12 @@ def test_the_checks_can_fail(tmp_path):
   assert ("midpo.train", False, 1) in found and ("midpo.core.x", True, 3) in found
   assert _private_uses(src, known) == [f"{src}:4: train._private"]
   assert layer("midpo.train") > layer("midpo.training.loop") > layer("midpo.core.stats")
+
+
+MAX_LINES = 450  # "about 400": split a module before it grows past this
+
+
+def test_no_module_is_too_long():
+  long = {module_name(p): n for p in PACKAGE.rglob("*.py")
+          if (n := len(p.read_text().splitlines())) > MAX_LINES}
+  assert not long, f"modules over {MAX_LINES} lines (split them): {long}"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from midpo.data import report as report_lib
+from midpo.data import samples_file
 from midpo.data import synthetic
 from midpo.data import tfds_builders
 
@@ -160,7 +161,7 @@ def test_pairs_from_model_samples(tmp_path):
     ["the pasta is good .", "the pasta is awful .", "i love the sauce ."],
     ["the phone is great .", "the phone is great .", "", "i hate the screen ."],
   ]
-  tfds_builders.write_samples_file(path, prompts, responses, extra={"step": 100})
+  samples_file.write_samples_file(path, prompts, responses, extra={"step": 100})
   # The same rows again as token ids, the way a sampler writes them.
   with open(path, "a") as f:
     ids_prompt = [tok.bos_id] + tok.encode(prompts[0])
@@ -205,7 +206,7 @@ def test_pairs_with_given_labels_keep_the_callers_order(tmp_path):
     ["the phone is awful .", "the phone is great ."],
     ["the cake is good .", "the cake is fine .", "it is dull ."],
   ]
-  tfds_builders.write_samples_file(path, prompts, responses)
+  samples_file.write_samples_file(path, prompts, responses)
   b = tfds_builders.synthetic_builder(
     str(tmp_path / "d"), seed=0, samples_path=path, labels="given"
   )
