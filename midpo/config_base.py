@@ -71,6 +71,7 @@ def prior_config(name: str = "dpo", **hyperparameters) -> ml_collections.ConfigD
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """The base config (``arg="full"``: the full-size variant for an accelerator)."""
   full = arg == "full"
   c = ml_collections.ConfigDict()
   c.seed = 0

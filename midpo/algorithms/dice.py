@@ -163,6 +163,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate_config(config) -> None:
+  """``config.dice``'s rules (every run); raises ``ConfigError``."""
   d = config.dice
   if not isinstance(d.rounds, int) or d.rounds < 1:
     config_lib.fail("dice.rounds", f"must be a positive int; got {d.rounds!r}")
@@ -176,6 +177,7 @@ def validate_config(config) -> None:
 
 
 def validate_run(config, prior, batch_shards, process_count) -> None:
+  """DICE's rules when it is the run's prior; raises ``ConfigError``."""
   del prior, batch_shards, process_count
   if config.dice.rounds > 1 and config.data.source != "synthetic":
     config_lib.fail("dice.rounds", "rounds after the first sample new pairs labelled by the "

@@ -20,6 +20,7 @@ PRIOR_STAGE_CURVES = {
 
 
 def footnote(fig: Figure, notes: Sequence[str]) -> None:
+  """Writes ``notes`` (what a figure leaves out) under ``fig``."""
   if notes:
     fig.text(0.01, 0.0, "\n".join(f"note: {n}" for n in notes), ha="left", va="top",
              fontsize=8, color="dimgray", wrap=True)
@@ -34,6 +35,7 @@ def figure_notes(fig: Figure) -> list[str]:
 
 
 def grid(n: int, ncols: int = 3, size: tuple[float, float] = (4.2, 3.0)):
+  """A figure with ``n`` axes in rows of ``ncols`` (each ``size`` inches): ``(fig, axes)``."""
   ncols = max(1, min(ncols, n))
   nrows = max(1, -(-n // ncols))
   fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")

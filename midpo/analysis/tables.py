@@ -33,6 +33,7 @@ def run_label(run: Mapping) -> str:
 
 
 def get(d, *keys, default=float("nan")):
+  """``d[k0][k1]...``, or ``default`` where a key is missing."""
   for k in keys:
     if not isinstance(d, Mapping) or k not in d:
       return default
@@ -41,6 +42,7 @@ def get(d, *keys, default=float("nan")):
 
 
 def num(v) -> float:
+  """``v`` as a float; NaN for None or anything that is not a number."""
   if v is None:
     return float("nan")
   try:
@@ -154,6 +156,7 @@ def curve(run: Mapping, metric: str, stage: str) -> pd.Series:
 
 
 def metric_names(runs: Sequence[Mapping], stage: str, prefix: str) -> list[str]:
+  """The metrics named ``prefix...`` that some run logged in ``stage``, sorted."""
   names: list[str] = []
   for run in runs:
     m = run["metrics"]
@@ -165,6 +168,7 @@ def metric_names(runs: Sequence[Mapping], stage: str, prefix: str) -> list[str]:
 
 
 def nan0(v) -> float:
+  """``num(v)``, with 0 for NaN (error bars that are unknown)."""
   x = num(v)
   return x if math.isfinite(x) else 0.0
 

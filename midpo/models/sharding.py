@@ -131,4 +131,5 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> N
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Every array whole on every device of ``mesh``."""
   return NamedSharding(mesh, PartitionSpec())

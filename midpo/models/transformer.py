@@ -165,6 +165,7 @@ def _lead(w: jax.Array, ndim: int) -> jax.Array:
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm of ``x`` ``[..., D]`` (in float32) times ``weight`` ``[D]``, in ``x``'s dtype."""
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   return y.astype(x.dtype) * _lead(weight.astype(x.dtype), x.ndim)

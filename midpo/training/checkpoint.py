@@ -18,6 +18,9 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
+  """Named pytrees and a JSON ``meta`` per step under ``directory`` (orbax
+  ``CheckpointManager``; asynchronous saves, the last ``max_to_keep`` kept).
+  Empty or None trees are not written, and come back as given on restore."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True):
     self.directory = os.path.abspath(directory)
@@ -26,18 +29,23 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> Optional[int]:
+    """The newest saved step (None when there is none)."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """Every saved step."""
     return list(self._manager.all_steps())
 
   def save(self, step: int, trees: dict[str, Any], meta: dict, *, force: bool = False) -> None:
+    """Saves ``trees`` and ``meta`` as ``step`` (``force``: whatever the save policy)."""
     items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()
              if tree is not None and jax.tree.leaves(tree)}
     items["meta"] = ocp.args.JsonSave(meta)
     self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_trees: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+    """``(trees, meta)`` of ``step``, each tree restored onto its abstract
+    target's shapes, dtypes and shardings."""
     items = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_trees.items()
              if tree is not None and jax.tree.leaves(tree)}
     items["meta"] = ocp.args.JsonRestore()
@@ -47,9 +55,11 @@ class Checkpointer:
     return trees, dict(restored["meta"])
 
   def wait(self) -> None:
+    """Blocks until pending saves are on disk."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending saves, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
 

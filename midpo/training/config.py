@@ -101,6 +101,7 @@ def make_prior(config) -> priors.Prior:
 
 
 def make_loss_config(config) -> losses.LossConfig:
+  """``config.loss`` -> a ``LossConfig``; ``ConfigError`` naming the key if it is wrong."""
   try:
     return losses.LossConfig(**dict(config.loss))
   except (ValueError, TypeError) as e:

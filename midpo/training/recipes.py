@@ -74,9 +74,11 @@ class Monitor:
   """Per-round checks of a learned prior (``check`` before a step, ``finish`` after the round)."""
 
   def check(self, state: dict, step_index: int) -> None:
+    """Called before step ``step_index`` with the training state."""
     del state, step_index
 
   def finish(self, state: dict, step_index: int) -> None:
+    """Called after the round's last step (``step_index`` = the round's length)."""
     del state, step_index
 
 
@@ -195,6 +197,7 @@ class Procedure:
   against the reference alone."""
 
   def num_rounds(self, config) -> int:
+    """Rounds of preference training (each a loop of ``train.steps`` steps)."""
     del config
     return 1
 
@@ -227,12 +230,14 @@ class Recipe:
   validate: Optional[Callable[[Any, priors.Prior, int, int], None]] = None
 
   def make_update(self, prior: priors.Prior) -> PriorUpdate:
+    """A fresh ``PriorUpdate`` for one round of ``prior``."""
     if self.update is not None:
       return self.update(prior)
     return LossGradient() if prior.has_params else PriorUpdate()
 
   @property
   def custom_procedure(self) -> bool:
+    """Whether the algorithm has a procedure of its own (rounds, auxiliary models)."""
     return type(self.procedure) is not Procedure
 
 

@@ -77,6 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate_config(config) -> None:
+  """``config.tis``'s rules (every run); raises ``ConfigError``."""
   tis = config.tis
   if tis.weights not in WEIGHT_SOURCES:
     config_lib.fail("tis.weights", f"must be 'contrastive' or 'oracle'; got {tis.weights!r}")
@@ -89,6 +90,7 @@ def validate_config(config) -> None:
 
 
 def validate_run(config, prior, batch_shards, process_count) -> None:
+  """TIS-DPO's rules when it is the run's prior; raises ``ConfigError``."""
   del batch_shards, process_count
   if config.tis.weights == "oracle" and config.data.token_weights == "none":
     config_lib.fail("data.token_weights", f"prior {prior.name!r} with tis.weights='oracle' "
