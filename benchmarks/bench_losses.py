@@ -5,7 +5,7 @@ From the same inputs: policy logits ``[2B, T, V]`` of the concatenated
 the trainer can cache them), and, for the priors that need the reference's
 full distribution per token (TDPO, TIS-DPO token-level, SparsePO), the
 reference logits. Each step computes the per-token statistics the prior needs
-(``midpo.stats``, chunked over the vocabulary), the MI-DPO loss, and its
+(``midpo.core.stats``, chunked over the vocabulary), the MI-DPO loss, and its
 gradient with respect to the policy logits.
 
 Timings are interleaved round-robin over the priors, and each reported figure

@@ -1,9 +1,15 @@
 """Algorithms added from outside the package, through the command line."""
 
+import dataclasses
 import json
 import math
 import os
+from typing import ClassVar
 
+from midpo import algorithms
+from midpo.core import priors
+from midpo.training import env as env_lib
+from midpo.training import inputs
 from tests import train_utils as tu
 
 STAGES = {"stages": ("sft", "preference"), "train.steps": 4, "log_every": 1,
@@ -46,3 +52,21 @@ def test_a_prior_with_a_new_per_token_input_trains_without_touching_the_trainer(
     # exp(-entropy) of a trained reference: strictly between 0 and 1.
     assert 0.0 < r["prior/mean_weight_chosen"] < 1.0
     assert 0.0 < r["prior/mean_weight_rejected"] < 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadsTokenWeights(priors.Prior):  # not registered: only its provider is asked for
+  name: ClassVar[str] = "reads_token_weights"
+  requires: ClassVar[tuple[str, ...]] = ("ref_logps", "token_weights")
+
+
+def test_an_input_an_algorithm_provides_serves_other_priors_too(tmp_path):
+  """TIS-DPO's ``token_weights`` provider computes them from its contrastive
+  models for TIS-DPO only; any other prior reading them gets the data's."""
+  env = env_lib.make_env(tu.tiny_config("dpo"), str(tmp_path))
+  assert env.config.tis.weights == "contrastive"
+  other = inputs.providers_for(env, _ReadsTokenWeights(), ["token_weights"])["token_weights"]
+  assert other.batch_fields == ("token_weights",) and other.frozen == ()
+  tis = inputs.providers_for(env, algorithms.make_prior("tis_dpo"),
+                             ["token_weights"])["token_weights"]
+  assert tis.batch_fields == () and tis.frozen == ("plus", "minus")

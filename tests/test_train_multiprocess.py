@@ -4,7 +4,7 @@ model as one process with the same global batch, and get the same losses.
 Both runs cut the data into 2 shards (``data.num_shards=2``): the two-process
 run reads one shard per process (4 pairs each), the one-process run reads
 both (8 pairs), so every step's global batch is the same (see
-``midpo.batches``). The run is the default one, scaled down: the 'mi' prior
+``midpo.data.batches``). The run is the default one, scaled down: the 'mi' prior
 (its samples, maximum-likelihood rounds and diagnostics) and a DPO baseline.
 """
 

@@ -15,9 +15,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from midpo.algorithms import diagnostics
 from midpo.core.priors import Prior, PriorOutput, lengths, masked_sum, register_prior, require
-from midpo.training import recipes
 
 
 COEFFICIENTS = ("ref", "pol", "len", "kl")
@@ -40,7 +38,8 @@ class Constrained(Prior):
   with each coefficient in ``[low, high]`` (``<name>_bounds``), so
   ``s = LP - log zeta``. Its four coefficients are the prior's parameters,
   trained on the MI-DPO loss by their own optimiser (projected back into the
-  box after every update, ``project``) in alternation with the policy. The
+  box after every update, ``project``), jointly with the policy or in alternation
+  (``train.prior_update``). The
   family holds DPO (1, 0, 0, 0), R-DPO (1, 0, -lam, 0) and TDPO1 (1, 0, 0, -1)
   when the box allows, and an H-DPO-like (1, 1 - eta, 0, 0), which differs
   from H-DPO in that no gradient flows through the prior's LP. Unbounded coefficients let the prior drive the loss to zero
@@ -105,5 +104,3 @@ class Constrained(Prior):
       aux[f"c_{name}"] = jnp.broadcast_to(value, lp.shape)
     return PriorOutput(lp - log_zeta, aux)
 
-
-recipes.register_recipe("constrained", recipes.Recipe(update=diagnostics.monitored_update))

@@ -127,14 +127,6 @@ def make_monitor(run: recipes.RoundRun) -> Optional[HeldOutDiagnostics]:
   return HeldOutDiagnostics(run) if run.env.config.train.diagnostics_every else None
 
 
-def monitored_update(prior: priors.Prior) -> recipes.PriorUpdate:
-  """Gradient steps on the loss with the diagnostics, for a prior with
-  parameters; no update for one without."""
-  if not prior.has_params:
-    return recipes.PriorUpdate()
-  return recipes.LossGradient(monitor=make_monitor)
-
-
 def default_config() -> ml_collections.ConfigDict:
   """The diagnostics' keys of ``config.train``: every ``diagnostics_every``
   policy steps (0: off), on ``prior_eval_pairs`` test pairs; the collapse
@@ -158,3 +150,4 @@ def validate_config(config) -> None:
 
 
 config_lib.register_config_block("train", default_config, validate_config)
+recipes.set_default_monitor(make_monitor)

@@ -139,18 +139,22 @@ def offline_pairs(env, n: int, pairs: dict) -> list[tuple[str, list[str]]]:
 
 class DiceRounds(recipes.Procedure):
   """``dice.rounds`` rounds; round ``r``'s prior is the round ``r-1`` policy
-  and its pairs are sampled from it (``sample_dice_pairs``)."""
+  and its pairs are sampled from it (``sample_dice_pairs``), scored against
+  the round ``r-2`` policy (the reference before that)."""
+  history = 2
 
   def num_rounds(self, config) -> int:
     return config.dice.rounds
 
-  def frozen_models(self, round_index, ref_params, previous):
+  def frozen_models(self, round_index, ref_params, policies):
     del round_index
-    return {"previous": ref_params if previous is None else previous}
+    return {"previous": policies[-1] if policies else ref_params}
 
-  def round_pairs(self, env, round_index, pairs, *, previous, older):
+  def round_pairs(self, env, round_index, pairs, ref_params, policies):
     if round_index == 0:
       return pairs
+    previous = policies[-1]
+    older = policies[-2] if len(policies) > 1 else ref_params
     path = sample_dice_pairs(env, previous, older, f"policy_round{round_index - 1}",
                              round_index, pairs)
     return {"samples_path": path, "labels": "given"}
@@ -167,6 +171,9 @@ def validate_config(config) -> None:
   d = config.dice
   if not isinstance(d.rounds, int) or d.rounds < 1:
     config_lib.fail("dice.rounds", f"must be a positive int; got {d.rounds!r}")
+  if d.rounds > 1 and config.prior.name != "dice":
+    config_lib.fail("dice.rounds", f"{d.rounds} rounds are DICE's procedure; prior "
+                    f"{config.prior.name!r} trains one round")
   if d.labels not in ("implicit", "reward"):
     config_lib.fail("dice.labels", f"must be 'implicit' or 'reward'; got {d.labels!r}")
   if not isinstance(d.samples_per_prompt, int) or d.samples_per_prompt < 2:

@@ -15,10 +15,8 @@ from typing import ClassVar, Optional
 import jax
 import jax.numpy as jnp
 
-from midpo.algorithms import diagnostics
 from midpo.core.priors import (Prior, PriorOutput, is_finite, masked_sum, register_prior,
                                require)
-from midpo.training import recipes
 
 Array = jax.Array
 
@@ -182,5 +180,3 @@ class SparsePO(Prior):
       aux["mask_kl_zero_frac"] = jnp.sum(real & (mu_k == 0), axis=-1) / n
     return PriorOutput(s, aux)
 
-
-recipes.register_recipe("sparsepo", recipes.Recipe(update=diagnostics.monitored_update))

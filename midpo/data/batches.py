@@ -124,3 +124,5 @@ def pad_length(batch: dict[str, np.ndarray], t: int, pad_id: int) -> dict[str, n
 
 
 _TIME_KEYS = ("tokens", "attention_mask", "response_mask", "token_weights", "ref_logps")
+# Per-response values of a pair batch, [B, 2]: no length axis.
+RESPONSE_VALUE_KEYS = ("reward", "score")

@@ -19,8 +19,9 @@ from here to the loss: ``[:, 0]`` is the chosen response of each pair, ``[:, 1]`
     reward          float32 [B, 2]     synthetic task only: r*(x, y) of each response
     score           float32 [B, 2]     files datasets whose every pair has scores (UltraFeedback)
 
-``mode='sft'`` gives ``tokens``, ``attention_mask``, ``response_mask`` (and ``pair_index``,
-``reward``/``score``, ``token_weights``) of shape ``[B, T]``, with the chosen response only.
+``mode='sft'`` gives ``tokens``, ``attention_mask``, ``response_mask`` (and ``token_weights``)
+of shape ``[B, T]`` and ``pair_index``, ``reward``/``score`` of shape ``[B]``, with the chosen
+response only.
 
 Tokenisation. The prompt and each response are encoded separately (as TRL does), so a row's
 tokens are exactly the prompt's tokens followed by the response's.

@@ -197,7 +197,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   for name in config.baselines:
     if name not in priors.registered_priors():
       fail("baselines", f"unknown prior {name!r}; registered: {priors.registered_priors()}")
-  for _, check in _BLOCKS.values():
+  for name, (_, check) in _BLOCKS.items():
+    if name not in config:
+      fail(name, "is missing: the config was built before the module that registers it was "
+           "imported")
     if check is not None:
       check(config)
   shards = config.data.get("num_shards", 0)

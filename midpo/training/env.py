@@ -92,15 +92,16 @@ class Env:
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows -> one global array per key, sharded over the batch.
 
-    With several processes, arrays with a length axis (the last) are first
-    padded to the longest of any process, so that shapes agree.
+    With several processes, arrays with a length axis (the last; every array
+    of 2 or more axes but the per-response values ``reward`` and ``score``)
+    are first padded to the longest of any process, so that shapes agree.
     """
     if self.process_count > 1:
-      lengths = [np.asarray(v).shape[-1] for v in local.values() if np.ndim(v) >= 2]
-      if lengths:
-        t = int(np.max(multihost_utils.process_allgather(np.array(max(lengths)))))
-        local = {k: pad_last(np.asarray(v), t) if np.ndim(v) >= 2 else v
-                 for k, v in local.items()}
+      timed = {k for k, v in local.items()
+               if np.ndim(v) >= 2 and k not in batches_lib.RESPONSE_VALUE_KEYS}
+      if timed:
+        t = self.max_over_processes(max(np.shape(local[k])[-1] for k in timed))
+        local = {k: pad_last(np.asarray(v), t) if k in timed else v for k, v in local.items()}
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local.items()}
 

@@ -205,9 +205,9 @@ def make_preference_steps(env, prior: priors.Prior, loss_config: losses.LossConf
 
 
 class PairEvaluator:
-  """The MI-DPO loss and logits of a fixed policy on pair batches, jitted once
-  per (prior, reference mode): ``evaluate(policy, prior_params, frozen, batch)
-  -> (loss, logits_B)``."""
+  """The evaluation step: the MI-DPO loss and logits of a fixed policy on pair
+  batches, ``evaluate(policy, prior_params, frozen, batch) -> (loss, logits_B)``,
+  jitted once per instance (``env.compiled`` keeps one per run and prior)."""
 
   def __init__(self, env, prior: priors.Prior, loss_config: losses.LossConfig, *,
                reference: Optional[str] = None):

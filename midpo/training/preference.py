@@ -129,19 +129,19 @@ def run_preference(env: env_lib.Env, ref_params: PyTree,
   procedure = recipes.recipe_for(prior).procedure
   n = procedure.num_rounds(config)
   auxiliary = procedure.auxiliary_models(env, ref_params, pairs)
-  policy, prior_params, previous, older = ref_params, None, None, ref_params
+  policy, prior_params = ref_params, None
+  policies: list[PyTree] = []  # the last rounds' policies the procedure reads
   frozen = {"reference": ref_params}
   for r in range(n):
-    frozen = dict({"reference": ref_params}, **procedure.frozen_models(r, ref_params, previous),
+    frozen = dict({"reference": ref_params}, **procedure.frozen_models(r, ref_params, policies),
                   **auxiliary)
-    round_pairs = procedure.round_pairs(env, r, pairs, previous=previous, older=older)
+    round_pairs = procedure.round_pairs(env, r, pairs, ref_params, policies)
     policy, prior_params = run_preference_round(
         env, prior, frozen, policy, r, pairs=round_pairs,
         stage="preference" if n == 1 else f"preference/round{r}",
         directory=preference_dir(env, r))
-    if previous is not None:
-      older = previous
-    previous = policy
+    if procedure.history:
+      policies = (policies + [policy])[-procedure.history:]
   return policy, prior_params, frozen
 
 

@@ -32,7 +32,7 @@ from midpo.core import losses, priors, stats
 from midpo.training import checkpoint as ckpt_lib
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
-from midpo.training import optim
+from midpo.training import inputs, optim
 from midpo.training import pairs as pairs_lib
 
 PyTree = Any
@@ -194,7 +194,12 @@ class LossGradient(PriorUpdate):
 
 class Procedure:
   """An algorithm's preference stage. This base: one round on the run's pairs,
-  against the reference alone."""
+  against the reference alone.
+
+  ``history`` is how many of the latest rounds' policies the procedure reads
+  (``policies``, oldest first, passed to ``frozen_models`` and ``round_pairs``).
+  """
+  history = 0
 
   def num_rounds(self, config) -> int:
     """Rounds of preference training (each a loop of ``train.steps`` steps)."""
@@ -208,17 +213,16 @@ class Procedure:
     return {}
 
   def frozen_models(self, round_index: int, ref_params: PyTree,
-                    previous: Optional[PyTree]) -> dict:
+                    policies: list[PyTree]) -> dict:
     """Frozen models of round ``round_index`` besides the reference
-    (``previous``: the last round's policy, None in round 0)."""
-    del round_index, ref_params, previous
+    (``policies``: the last ``history`` rounds' final policies, oldest first)."""
+    del round_index, ref_params, policies
     return {}
 
-  def round_pairs(self, env: env_lib.Env, round_index: int, pairs: dict, *,
-                  previous: Optional[PyTree], older: PyTree) -> dict:
-    """The pair source of round ``round_index`` (``older``: the policy before
-    ``previous``)."""
-    del env, round_index, previous, older
+  def round_pairs(self, env: env_lib.Env, round_index: int, pairs: dict, ref_params: PyTree,
+                  policies: list[PyTree]) -> dict:
+    """The pair source of round ``round_index`` (``pairs``: the run's)."""
+    del env, round_index, ref_params, policies
     return pairs
 
 
@@ -233,7 +237,9 @@ class Recipe:
     """A fresh ``PriorUpdate`` for one round of ``prior``."""
     if self.update is not None:
       return self.update(prior)
-    return LossGradient() if prior.has_params else PriorUpdate()
+    if not prior.has_params:
+      return PriorUpdate()
+    return LossGradient(monitor=_DEFAULT_MONITOR[0] if _DEFAULT_MONITOR else None)
 
   @property
   def custom_procedure(self) -> bool:
@@ -242,6 +248,14 @@ class Recipe:
 
 
 _RECIPES: dict[str, Recipe] = {}
+# The monitor of a learned prior whose recipe does not choose its update
+# (``set_default_monitor``; midpo.algorithms sets its held-out diagnostics).
+_DEFAULT_MONITOR: list[Callable[[RoundRun], Optional[Monitor]]] = []
+
+
+def set_default_monitor(monitor: Callable[[RoundRun], Optional[Monitor]]) -> None:
+  """The monitor every prior with parameters gets under the default update."""
+  _DEFAULT_MONITOR[:] = [monitor]
 
 
 def register_recipe(prior_name: str, recipe: Recipe) -> Recipe:
@@ -269,6 +283,11 @@ def _check_recipes(config, prior: priors.Prior, batch_shards: int, process_count
       config_lib.fail("baselines", f"prior {name!r} needs parameters or models of its own; "
                       "baselines are fixed priors that train on the run's pairs alone (such as "
                       "'dpo')")
+  missing = [f for f in prior.required_fields()
+             if f not in inputs.BUILT_IN and f not in inputs.registered_inputs()]
+  if missing:
+    config_lib.fail("prior", f"prior {prior.name!r} reads {missing}, which no input provider "
+                    "fills (midpo.training.inputs.register_input)")
   recipe = recipe_for(prior)
   if recipe.validate is not None:
     recipe.validate(config, prior, batch_shards, process_count)

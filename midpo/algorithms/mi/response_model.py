@@ -1,6 +1,6 @@
 """Priors that are language models: ``zeta_phi`` and its maximum-likelihood step.
 
-The 'mi' prior (``priors.MutualInformation``) is a small language model over
+The 'mi' prior (``midpo.algorithms.mi.prior.MutualInformation``) is a small language model over
 responses. The prior that minimises the mutual-information term
 ``E_x KL(pi(.|x) || zeta)`` is the policy's marginal
 ``zeta*(y) = sum_x p(x) pi(y|x)`` (the paper's Lemma 1), so its update is

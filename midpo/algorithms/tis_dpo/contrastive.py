@@ -29,11 +29,11 @@ WEIGHT_SOURCES = ("contrastive", "oracle")
 
 @inputs.register_input("token_weights")
 def token_weights(env, prior) -> inputs.Provider:
-  """``token_weights``: from the contrastive models ``plus`` and ``minus``
-  (``tis.weights='contrastive'``), else the batch's ``token_weights``."""
-  del prior
+  """``token_weights``: for TIS-DPO with ``tis.weights='contrastive'``, from
+  the contrastive models ``plus`` and ``minus``; otherwise (TIS-DPO's oracle
+  weights, or any other prior that reads them) the batch's ``token_weights``."""
   tis = env.config.tis
-  if tis.weights != "contrastive":
+  if tis.weights != "contrastive" or prior.name != "tis_dpo":
     return inputs.Provider(lambda ctx: ctx.row_field("token_weights")[:, 1:],
                            batch_fields=("token_weights",))
 
