@@ -273,7 +273,7 @@ def test_dice_pair_selection_is_length_regularised():
     ({"train.diagnostics_every": -1}, r"config.train.diagnostics_every: must be a non-negative"),
     ({"dice.rounds": 2}, r"config.dice.rounds: 2 rounds are DICE's procedure; prior 'dpo'"),
     ({"prior.name": "sparsepo", "prior.mask_source": "given"},
-     r"config.prior: prior 'sparsepo' reads \['mask_kl', 'mask_reward'\], which no input"),
+     r"config.prior: prior 'sparsepo' reads \['mask_reward', 'mask_kl'\], which no input"),
 ])
 def test_wrong_configs_name_the_key(overrides, match):
   config = tu.apply_overrides(tu.tiny_config("dpo"), overrides)
