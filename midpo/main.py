@@ -44,6 +44,7 @@ class _QuietLibraries:
 
 
 def main(argv):
+  """Logging, ``jax.distributed`` when several hosts, then the stage runner."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -197,3 +197,13 @@ def test_no_module_is_too_long():
   long = {module_name(p): n for p in PACKAGE.rglob("*.py")
           if (n := len(p.read_text().splitlines())) > MAX_LINES}
   assert not long, f"modules over {MAX_LINES} lines (split them): {long}"
+
+
+def test_every_public_function_and_class_has_a_docstring():
+  missing = []
+  for path in sorted(PACKAGE.rglob("*.py")):
+    for node in ast.parse(path.read_text()).body:
+      if (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
+          and not ast.get_docstring(node)):
+        missing.append(f"{rel(path)}:{node.lineno} {node.name}")
+  assert not missing, "public names without a docstring:\n" + "\n".join(missing)

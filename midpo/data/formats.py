@@ -63,6 +63,7 @@ class Pair:
 
 
 def file_type(path: str) -> str:
+  """The file type of ``path`` by its extension (one of ``FILE_TYPES``); ValueError otherwise."""
   for ext in FILE_TYPES:
     if path.endswith(ext):
       return ext
@@ -186,6 +187,7 @@ def _dumps(messages: list[dict]) -> str:
 
 
 def parse_trl_standard(row: Any) -> Pair:
+  """A TRL standard row (``prompt``, ``chosen``, ``rejected`` texts) -> ``Pair``; raises ``BadRow``."""
   row = _require_object(row)
   _prompt_only(row)
   prompt = _text(row, "prompt")
@@ -210,6 +212,8 @@ def split_hh_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 def parse_hh_rlhf(row: Any) -> Pair:
+  """An HH-RLHF row (two whole transcripts) -> ``Pair`` split at their common
+  prefix (``split_hh_transcripts``); raises ``BadRow``."""
   row = _require_object(row)
   if row.get("chosen") is None and row.get("rejected") is None:
     raise BadRow(report_lib.MISSING_FIELD, "no 'chosen' and no 'rejected'")
@@ -229,6 +233,8 @@ def _common_prefix(a: list, b: list) -> int:
 
 
 def parse_trl_conversational(row: Any) -> Pair:
+  """A TRL conversational row (message lists; the prompt implicit or explicit)
+  -> ``Pair`` of messages; raises ``BadRow``."""
   row = _require_object(row)
   _prompt_only(row)
   chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
@@ -247,6 +253,8 @@ def parse_trl_conversational(row: Any) -> Pair:
 
 
 def parse_ultrafeedback(row: Any) -> Pair:
+  """An UltraFeedback-binarized row (message lists ending with the assistant
+  turn, with ``score_chosen`` and ``score_rejected``) -> ``Pair``; raises ``BadRow``."""
   row = _require_object(row)
   _prompt_only(row)
   chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")

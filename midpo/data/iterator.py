@@ -237,4 +237,5 @@ class PreferenceBatchIterator:
 
 
 def real_token_fraction(batch: dict[str, np.ndarray]) -> float:
+  """The fraction of a batch's positions that hold real tokens (not padding)."""
   return float(batch["attention_mask"].mean())

@@ -208,6 +208,7 @@ def write_data_report(
 
 
 def sum_counts(reports: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+  """Bad-row counts by reason, summed over reports."""
   total: collections.Counter[str] = collections.Counter()
   for r in reports:
     total.update(r["bad_rows"])

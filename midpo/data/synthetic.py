@@ -205,6 +205,7 @@ def prompt_domain(prompt) -> str | None:
 
 
 def prompt_topic(prompt) -> str | None:
+  """The prompt's topic word (a key of ``TOPIC_DOMAIN``), or None."""
   for w in _words(prompt):
     if w in TOPIC_DOMAIN:
       return w
@@ -280,6 +281,7 @@ def _pick(rng: np.random.Generator, seq):
 
 
 def sample_prompt(rng: np.random.Generator) -> str:
+  """A random prompt of the task: an instruction about a topic of a random domain."""
   domain = _pick(rng, tuple(DOMAINS))
   d = DOMAINS[domain]
   words = list(_pick(rng, INSTRUCTIONS))

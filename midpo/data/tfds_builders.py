@@ -81,6 +81,7 @@ def _hash(obj: Any) -> str:
 
 
 def file_sha256(path: str) -> str:
+  """The SHA-256 of a file's bytes, hex."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -102,6 +103,7 @@ def _float_seq():
 
 @dataclasses.dataclass(eq=False)
 class SyntheticConfig(tfds.core.BuilderConfig):
+  """``midpo_synthetic``'s configuration (see the module docstring)."""
   seed: int = 0
   num_sft: int = 20000
   num_train: int = 20000
@@ -283,6 +285,7 @@ class SyntheticPreferences(tfds.core.GeneratorBasedBuilder):
 
 @dataclasses.dataclass(eq=False)
 class FilesConfig(tfds.core.BuilderConfig):
+  """``midpo_preference_files``'s configuration (see the module docstring)."""
   format: str = "trl_standard"
   train_files: tuple[str, ...] = ()
   test_files: tuple[str, ...] = ()
@@ -395,6 +398,8 @@ def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
 
 
 def synthetic_builder(data_dir: str, **kwargs) -> SyntheticPreferences:
+  """The synthetic task's builder under ``data_dir`` (``kwargs``: ``SyntheticConfig``
+  fields), built if it is not yet."""
   return prepare(
     SyntheticPreferences(
       config=synthetic_config(**kwargs), data_dir=data_dir, file_format=FILE_FORMAT
@@ -410,6 +415,8 @@ def files_builder(
   bad_rows: str = "skip",
   max_reported: int = 5,
 ) -> PreferenceFiles:
+  """The users'-files builder under ``data_dir`` (arguments: ``FilesConfig``
+  fields), built if it is not yet."""
   cfg = files_config(format, train_files, test_files, bad_rows, max_reported)
   return prepare(PreferenceFiles(config=cfg, data_dir=data_dir, file_format=FILE_FORMAT))
 

@@ -202,6 +202,7 @@ _CONFIGS: dict[str, ModelConfig] = {
 
 
 def config_names() -> tuple[str, ...]:
+  """The names of the built-in model configurations."""
   return tuple(_CONFIGS)
 
 

@@ -34,6 +34,9 @@ from midpo.models.transformer import Transformer, positions_from_mask
 
 
 class SampleOutput(NamedTuple):
+  """What ``generate`` returns: ``tokens``, ``logprobs``, ``mask``, ``done`` of
+  the new tokens ``[B, N]`` (``done`` ``[B]``: EOS reached), and the prompts
+  left-aligned, padding first (``prompt_tokens``, ``prompt_mask`` ``[B, P]``)."""
   tokens: jax.Array
   logprobs: jax.Array
   mask: jax.Array

@@ -276,6 +276,8 @@ class _TensorReader:
 
 
 def read_hf_config(path: str, **overrides: Any) -> ModelConfig:
+  """The ``ModelConfig`` of a local HF checkpoint directory's config.json; raises
+  ``CheckpointError``."""
   config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.exists(config_path):
     raise CheckpointError(f"No {CONFIG_FILE} in {path}.")

@@ -85,6 +85,8 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 
 def compile_chat_template(template: str) -> jinja2.Template:
+  """A tokenizer_config.json chat template, compiled in a sandbox as
+  transformers renders it (its filters and globals)."""
   env = jinja2.sandbox.ImmutableSandboxedEnvironment(
       trim_blocks=True, lstrip_blocks=True,
       extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
