@@ -105,6 +105,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # labelled by Bradley-Terry on the true reward, as in the DPO paper).
   c.pairs_from = "reference"
   c.num_pair_prompts = 20000 if full else 4096
+  # A samples file of pairs already sampled from this run's reference (another
+  # run's <workdir>/pairs/reference_samples.jsonl, as the sweep shares them);
+  # empty: sampled into <workdir>/pairs.
+  c.pairs_file = ""
 
   # -- device mesh (axes of size -1 take the remaining devices) --------------
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -158,6 +162,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 64
   c.eval.temperature = 1.0
   c.eval.num_pairs = 2000 if full else 512   # held-out pairs for implicit-reward accuracy
+  # Evaluate the policy (and baselines) every this many policy updates along
+  # training as well as at the end (0: at the end only). Their preference
+  # checkpoints at these steps are kept; eval/<model>/step_<n>.json each.
+  c.eval.every = 0
 
   # -- checkpoints and logs -----------------------------------------------------
   c.checkpoint_every = 100

@@ -9,7 +9,15 @@ Reported in ``eval.json`` (means with standard errors over prompts):
 * ``win_rate``: how often the policy's sample beats the reference's sample on
   the same prompt under ``r*`` (ties count one half);
 * ``implicit_reward_accuracy``: on held-out labelled pairs, the fraction whose
-  MI-DPO logit ``alpha (s(y_w) - s(y_l))`` under the trained prior is positive.
+  MI-DPO logit ``alpha (s(y_w) - s(y_l))`` under the trained prior is positive,
+  and the mean MI-DPO loss there (``loss``: the held-out loss);
+  ``train_implicit_reward_accuracy``: the same on the run's training pairs.
+
+With ``config.eval.every > 0`` the kept preference checkpoints along
+training are evaluated the same way (same prompts, same sampling keys), each
+written to ``eval/<model>/step_<n>.json`` with its per-prompt values; the
+reference's to ``eval/reference/step_0000000.json``. ``eval.json`` also records the commit,
+the machine and the versions (results are deterministic per machine and build).
 
 Sampling and teacher-forced scoring are ``midpo.sampling``'s; the pair loss is
 the trainer's (``midpo.training.pairs``).
@@ -30,17 +38,19 @@ from midpo.core import priors
 from midpo.data import synthetic
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
-from midpo.training import inputs, metrics_writer
+from midpo.training import inputs, metrics_writer, preference, provenance
 from midpo.training import pairs as pairs_lib
 
 
 
-def implicit_reward_accuracy(env, policy, frozen: dict, prior_params, prior=None) -> dict:
-  """On held-out labelled pairs: the fraction with a positive MI-DPO logit
+def implicit_reward_accuracy(env, policy, frozen: dict, prior_params, prior=None, *,
+                             split: str = "test", pairs: dict | None = None) -> dict:
+  """On labelled pairs of ``split`` (held-out ``test`` pairs, or ``train``:
+  the run's pair source ``pairs``): the fraction with a positive MI-DPO logit
   under ``prior`` (the config's by default) with its standard error, and the
-  mean MI-DPO loss. A prior whose parameters or frozen models this run does
-  not have is skipped, with the reason. The evaluation step (the trainer's
-  pair loss) is compiled once per run and prior."""
+  mean MI-DPO loss (nats per pair). A prior whose parameters or frozen models
+  this run does not have is skipped, with the reason. The evaluation step (the
+  trainer's pair loss) is compiled once per run and prior."""
   config = env.config
   prior = prior or config_lib.make_prior(config)
   if prior.has_params and prior_params is None:
@@ -50,11 +60,14 @@ def implicit_reward_accuracy(env, policy, frozen: dict, prior_params, prior=None
   if missing:
     return {"skipped": f"prior {prior.name!r} reads the frozen model(s) {missing}, which "
                        "this run does not have"}
-  if config.data.source == "files" and not list(config.data.files.test_files):
+  if split == "test" and config.data.source == "files" and not list(
+      config.data.files.test_files):
     return {"skipped": "no test files (config.data.files.test_files)"}
-  data_config = env.data_config()
+  if split == "train" and pairs is None:
+    return {"skipped": "the run's training pairs are not known to this evaluation"}
+  data_config = env.data_config(**(pairs or {}))
   data_config.shuffle = False
-  it = env.batches(data_config, "test", mode="pairs")
+  it = env.batches(data_config, split, mode="pairs")
   loss_config = config_lib.make_loss_config(config)
   evaluator = env.compiled(
       ("pair_evaluator", prior, loss_config, "online"),
@@ -74,21 +87,85 @@ def implicit_reward_accuracy(env, policy, frozen: dict, prior_params, prior=None
           "loss": float(np.mean(batch_losses))}
 
 
-def _policy_summary(env, name, params, reference, prompts, key, r_ref=None) -> tuple[dict, Any]:
-  """Samples of one policy on the eval prompts -> KL, length, (reward, win rate)."""
-  pol = sampling.sample(env, params, prompts, key)
-  kl = pol.logps - sampling.sequence_logps(env, reference, pol)
+class _Context:
+  """What every evaluated model shares: the held-out prompts, the sampling
+  key, the reference and its samples (sampled once) and their rewards."""
+
+  def __init__(self, env, reference):
+    config = env.config
+    self.reference = reference
+    self.key = jax.random.fold_in(jax.random.key(config.seed), 3)
+    self.prompts = synthetic.prompts(config.data.synthetic.seed, "test", config.eval.num_prompts)
+    self.ref = sampling.sample(env, reference, self.prompts, jax.random.fold_in(self.key, 1))
+    self.rewards = None
+    if config.data.source == "synthetic":
+      self.rewards = np.array([synthetic.reward(p, env.tokenizer.decode(y))
+                               for p, y in zip(self.prompts, self.ref.responses)])
+
+
+def _policy_summary(env, ctx: _Context, name, params) -> tuple[dict, Any]:
+  """Samples of one policy on the eval prompts -> KL, length, (reward, win
+  rate, reward per token); and ``(samples, rewards, per-prompt values)``."""
+  pol = sampling.sample(env, params, ctx.prompts, jax.random.fold_in(ctx.key, 0))
+  kl = pol.logps - sampling.sequence_logps(env, ctx.reference, pol)
   out = {**sampling.summary("kl", kl), **sampling.summary("length", pol.lengths),
          "finished_fraction": float(pol.finished.mean())}
+  per_prompt = {"kl": kl.tolist(), "length": pol.lengths.tolist()}
   rewards = None
   if env.config.data.source == "synthetic":
     rewards = np.array([synthetic.reward(p, env.tokenizer.decode(y))
-                        for p, y in zip(prompts, pol.responses)])
+                        for p, y in zip(ctx.prompts, pol.responses)])
     out.update(sampling.summary("reward", rewards))
-    if r_ref is not None:
-      out.update(sampling.summary("win_rate", (rewards > r_ref) + 0.5 * (rewards == r_ref)))
-  logging.info("eval: sampled %d prompts from %s", len(prompts), name)
-  return out, (pol, rewards)
+    out.update(sampling.summary("reward_per_token", rewards / np.maximum(pol.lengths, 1)))
+    r_ref = ctx.rewards
+    out.update(sampling.summary("win_rate", (rewards > r_ref) + 0.5 * (rewards == r_ref)))
+    per_prompt["reward"] = rewards.tolist()
+  logging.info("eval: sampled %d prompts from %s", len(ctx.prompts), name)
+  return out, (pol, rewards, per_prompt)
+
+
+def _evaluate(env, ctx: _Context, name, params, frozen, prior_params, prior, pairs):
+  """One model's samples summary and both pair accuracies; ``(summary, extras)``."""
+  out, extras = _policy_summary(env, ctx, name, params)
+  out["implicit_reward_accuracy"] = implicit_reward_accuracy(env, params, frozen, prior_params,
+                                                             prior)
+  if pairs is not None:
+    out["train_implicit_reward_accuracy"] = implicit_reward_accuracy(
+        env, params, frozen, prior_params, prior, split="train", pairs=pairs)
+  return out, extras
+
+
+def _step_path(env, model: str, step: int) -> str:
+  return os.path.join(env.workdir, "eval", model, f"step_{step:07d}.json")
+
+
+def _write_step(env, model: str, step: int, summary: dict, per_prompt: dict) -> None:
+  if env.process_index == 0:
+    path = _step_path(env, model, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    metrics_writer.write_json(path, {"model": model, "step": step, "summary": summary,
+                                     "per_prompt": per_prompt})
+
+
+def evaluate_along_training(env, ctx: _Context, pairs: dict | None) -> list[dict]:
+  """Evaluates every kept preference checkpoint but each model's last (which
+  ``run_eval`` evaluates from memory); skips steps already written (a resumed
+  evaluation). Returns their ``{"model", "step", ...summary}`` rows."""
+  snaps = preference.snapshots(env, env.config.eval.every)
+  last = {}
+  for s in snaps:
+    last[s.model] = max(last.get(s.model, 0), s.step)
+  loader = preference.SnapshotLoader(env, ctx.reference, pairs or {})
+  rows = []
+  for snap in snaps:
+    if snap.step == last[snap.model] or os.path.exists(_step_path(env, snap.model, snap.step)):
+      continue
+    policy, prior_params, frozen, prior = loader.load(snap)
+    summary, (_, _, per_prompt) = _evaluate(env, ctx, f"{snap.model} at step {snap.step}",
+                                            policy, frozen, prior_params, prior, pairs)
+    _write_step(env, snap.model, snap.step, summary, per_prompt)
+    rows.append({"model": snap.model, "step": snap.step, **summary})
+  return rows
 
 
 TABLE_KEYS = ("reward", "kl", "length", "win_rate")
@@ -107,19 +184,21 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None) -> dict:
+def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
+             pairs: dict | None = None) -> dict:
   """Writes ``eval.json`` and ``eval_samples.jsonl``; ``frozen["reference"]`` is the
   reference the policy is compared with. ``baselines`` maps a prior's name to
   a policy trained under it in the same run: each is sampled with the same
-  prompts and random numbers as the policy, and is a row of the table."""
+  prompts and random numbers as the policy, and is a row of the table.
+  ``pairs`` is the run's pair source (None: no training-pair metrics). With
+  ``config.eval.every`` the checkpoints along training are evaluated first."""
   config = env.config
   reference = frozen["reference"]
   baselines = baselines or {}
-  key = jax.random.fold_in(jax.random.key(config.seed), 3)
-  prompts = synthetic.prompts(config.data.synthetic.seed, "test", config.eval.num_prompts)
-  logging.info("eval: sampling %d prompts from the policy, the reference and %d baselines",
+  ctx = _Context(env, reference)
+  prompts, ref, r_ref = ctx.prompts, ctx.ref, ctx.rewards
+  logging.info("eval: sampled %d prompts from the reference; the policy and %d baselines next",
                len(prompts), len(baselines))
-  ref = sampling.sample(env, reference, prompts, jax.random.fold_in(key, 1))
   results: dict[str, Any] = {
       "num_prompts": len(prompts),
       "prior": config.prior.name,
@@ -127,24 +206,34 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None) -
                     "finished_fraction": float(ref.finished.mean())},
   }
   decode = lambda ids: env.tokenizer.decode(ids)
-  r_ref = None
-  if config.data.source == "synthetic":
-    r_ref = np.array([synthetic.reward(p, decode(y)) for p, y in zip(prompts, ref.responses)])
+  if r_ref is not None:
     results["reference"].update(sampling.summary("reward", r_ref))
+    results["reference"].update(sampling.summary("reward_per_token",
+                                                 r_ref / np.maximum(ref.lengths, 1)))
+  if config.eval.every:
+    ref_per_prompt = {"kl": [0.0] * len(prompts), "length": ref.lengths.tolist()}
+    if r_ref is not None:
+      ref_per_prompt["reward"] = r_ref.tolist()
+    _write_step(env, "reference", 0, results["reference"], ref_per_prompt)
+    evaluate_along_training(env, ctx, pairs)
   # The policy and every baseline share the prompts and the sampling key.
-  results["policy"], (pol, r_pol) = _policy_summary(env, config.prior.name, policy, reference,
-                                                    prompts, jax.random.fold_in(key, 0), r_ref)
-  results["implicit_reward_accuracy"] = implicit_reward_accuracy(env, policy, frozen,
-                                                                 prior_params)
+  results["policy"], (pol, r_pol, per_prompt) = _evaluate(
+      env, ctx, config.prior.name, policy, frozen, prior_params, None, pairs)
+  results["implicit_reward_accuracy"] = results["policy"].pop("implicit_reward_accuracy")
+  final_step = config.train.steps * preference.num_rounds(env)
+  if config.eval.every:
+    _write_step(env, config.prior.name, final_step, dict(
+        results["policy"], implicit_reward_accuracy=results["implicit_reward_accuracy"]),
+        per_prompt)
   table = [dict(model="reference", **{k: v for k, v in results["reference"].items()
                                       if k.split("_se")[0] in TABLE_KEYS})]
   if baselines:
     results["baselines"] = {}
   for name, params in baselines.items():
-    b, (_, r_b) = _policy_summary(env, name, params, reference, prompts,
-                                  jax.random.fold_in(key, 0), r_ref)
-    b["implicit_reward_accuracy"] = implicit_reward_accuracy(
-        env, params, {"reference": reference}, None, prior=priors.make_prior(name))
+    b, (_, r_b, b_per_prompt) = _evaluate(env, ctx, name, params, {"reference": reference},
+                                          None, priors.make_prior(name), pairs)
+    if config.eval.every:
+      _write_step(env, name, config.train.steps, b, b_per_prompt)
     if r_pol is not None:
       b.update(sampling.summary("policy_win_rate_against", (r_pol > r_b) + 0.5 * (r_pol == r_b)))
     results["baselines"][name] = b
@@ -152,9 +241,9 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None) -
   table.append(_table_row(config.prior.name, dict(
       results["policy"], implicit_reward_accuracy=results["implicit_reward_accuracy"])))
   results["table"] = table
+  results["provenance"] = provenance.record()
   if env.process_index == 0:
-    with open(os.path.join(env.workdir, "eval.json"), "w") as f:
-      json.dump(results, f, indent=1)
+    metrics_writer.write_json(os.path.join(env.workdir, "eval.json"), results)
     with open(os.path.join(env.workdir, "eval_samples.jsonl"), "w") as f:
       for i in range(min(32, len(prompts))):
         row = {"prompt": prompts[i], "policy": decode(pol.responses[i]),
@@ -162,7 +251,8 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None) -
         if r_pol is not None:
           row.update(policy_reward=float(r_pol[i]), reference_reward=float(r_ref[i]))
         f.write(json.dumps(row) + "\n")
-    env.writer.write("eval", 0, metrics_writer.flatten(results, sep="/", scalars_only=True))
+    env.writer.write("eval", 0, metrics_writer.flatten(
+        {k: v for k, v in results.items() if k != "provenance"}, sep="/", scalars_only=True))
   logging.info("eval: %s", json.dumps({k: v for k, v in results.items() if k != "table"},
                                       indent=1))
   logging.info("eval (%d held-out prompts; mean +- standard error):\n%s", len(prompts),

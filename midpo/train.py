@@ -34,10 +34,20 @@ from midpo.training import export, metrics_writer, preference, sft
 def run_pairs(env: env_lib.Env, reference) -> dict:
   """The run's pair source (overrides of ``config.data.synthetic``): the
   dataset's pairs, or two responses per training prompt sampled from the
-  reference (written once per workdir)."""
+  reference (written once per workdir, or ``config.pairs_file``)."""
+  if env.config.pairs_from == "reference" and env.config.pairs_file:
+    return {"samples_path": os.path.abspath(env.config.pairs_file)}
   if env.config.pairs_from == "reference":
     return {"samples_path": sampling.sample_pairs(env, reference, "reference", 0)}
   return {}
+
+
+def _existing_pairs(env: env_lib.Env):
+  """The run's pair source when it exists without sampling (None otherwise)."""
+  if env.config.pairs_from != "reference":
+    return {}
+  path = env.config.pairs_file or os.path.join(env.workdir, "pairs", "reference_samples.jsonl")
+  return {"samples_path": os.path.abspath(path)} if os.path.exists(path) else None
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -61,7 +71,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     reference = sft.run_sft(env)
     policy, prior_params, frozen = reference, None, {"reference": reference}
-    baselines = {}
+    baselines, pairs = {}, None
     if "preference" in stages:
       pairs = run_pairs(env, reference)
       policy, prior_params, frozen = preference.run_preference(env, reference, pairs)
@@ -69,10 +79,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     elif "eval" in stages and os.path.isdir(preference.preference_dir(env)):
       policy, prior_params = preference.restore_preference(env, reference)
       baselines = preference.restore_baselines(env)
+      pairs = _existing_pairs(env)
     if "preference" in stages and config.model.hf_path:
       export.export_hf(env, policy)
     if "eval" in stages:
-      results = eval_lib.run_eval(env, policy, frozen, prior_params, baselines)
+      results = eval_lib.run_eval(env, policy, frozen, prior_params, baselines, pairs)
   finally:
     env.writer.close()
   return results

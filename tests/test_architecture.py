@@ -3,7 +3,7 @@
 Layers, each importing only from itself and the layers before it:
 
     core -> models -> data -> training -> sampling -> algorithms
-         -> evaluate, analysis -> config_base, train -> main
+         -> evaluate, analysis -> config_base, train -> sweep, main
 
 No import cycle between modules, no import of a midpo module inside a
 function (the listed exceptions only), no private name of another midpo
@@ -27,7 +27,7 @@ LAYERS = [
     ("midpo.algorithms",),
     ("midpo.evaluate", "midpo.analysis"),
     ("midpo.config_base", "midpo.train"),
-    ("midpo.main",),
+    ("midpo.main", "midpo.sweep"),
 ]
 
 # (module, imported module): imports inside a function that are allowed.

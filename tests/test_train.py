@@ -70,11 +70,13 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
     extra["pairs_from"] = "reference"
   config = tu.tiny_config(name, **{
       "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
-      "stages": ("preference", "eval"), "train.steps": 4, "num_pair_prompts": 16, **extra})
+      "stages": ("preference", "eval"), "train.steps": 4, "num_pair_prompts": 16,
+      "eval.every": 2, **extra})
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results["prior"] == config.prior.name
   assert np.isfinite(results["policy"]["reward"])
   rounds = config.dice.rounds
+  _check_evaluation_along_training(tmp_path, config, results, rounds)
   pref = [r for r in tu.read_metrics(str(tmp_path)) if r["stage"].startswith("preference")]
   assert len(pref) == 4 * rounds
   assert all(np.isfinite(r["loss"]) for r in pref)
@@ -105,6 +107,27 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
     assert {"tis/plus", "tis/minus"} <= stages
     for model in ("plus", "minus"):
       assert ckpt_lib.Checkpointer(str(tmp_path / "tis" / model)).latest_step() == 4
+
+
+def _check_evaluation_along_training(workdir, config, results, rounds):
+  """eval.every=2 of 4 steps per round: every model at steps 2 and 4 of each
+  round, with both pair accuracies (the prior's frozen models restored for
+  every round); the last step's file is eval.json's policy."""
+  def steps(model):
+    return sorted(int(p.stem[5:]) for p in (workdir / "eval" / model).glob("step_*.json"))
+  assert steps("reference") == [0]
+  assert steps(config.prior.name) == sorted(r * 4 + s for r in range(rounds) for s in (2, 4))
+  for name in config.baselines:
+    assert steps(name) == [2, 4]
+  for model in (config.prior.name, *config.baselines):
+    for step in steps(model):
+      d = json.load(open(workdir / "eval" / model / f"step_{step:07d}.json"))
+      for key in ("implicit_reward_accuracy", "train_implicit_reward_accuracy"):
+        assert 0.0 <= d["summary"][key]["value"] <= 1.0, (model, step, key, d["summary"][key])
+      assert len(d["per_prompt"]["reward"]) == config.eval.num_prompts
+  last = json.load(open(workdir / "eval" / config.prior.name / f"step_{rounds * 4:07d}.json"))
+  assert last["summary"]["reward"] == results["policy"]["reward"]
+  assert last["summary"]["implicit_reward_accuracy"] == results["implicit_reward_accuracy"]
 
 
 def _check_learned_prior_run(workdir, config, results):

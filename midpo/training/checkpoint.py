@@ -19,12 +19,15 @@ import orbax.checkpoint as ocp
 
 class Checkpointer:
   """Named pytrees and a JSON ``meta`` per step under ``directory`` (orbax
-  ``CheckpointManager``; asynchronous saves, the last ``max_to_keep`` kept).
+  ``CheckpointManager``; asynchronous saves, the last ``max_to_keep`` kept,
+  and every step that is a multiple of ``keep_period``).
   Empty or None trees are not written, and come back as given on restore."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True):
+  def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True,
+               keep_period: Optional[int] = None):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           keep_period=keep_period,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 

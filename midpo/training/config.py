@@ -162,10 +162,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
           f"must be one of {PRIOR_UPDATES}; got {config.train.prior_update!r}")
   for key in ("sft.steps", "train.steps", "train.policy_steps_per_round",
               "train.prior_steps_per_round", "checkpoint_every", "log_every",
-              "max_checkpoints", "eval.num_prompts", "eval.batch_size", "eval.max_new_tokens"):
+              "max_checkpoints", "eval.num_prompts", "eval.batch_size", "eval.max_new_tokens",
+              "eval.every"):
     section, name = key.split(".") if "." in key else (None, key)
     value = config[section][name] if section else config[name]
-    zero_ok = key.endswith("steps") or key.endswith("_every")
+    zero_ok = key.endswith("steps") or key.endswith("every")
     if not isinstance(value, int) or value < (0 if zero_ok else 1):
       fail(key, f"must be a {'non-negative' if zero_ok else 'positive'} int; "
             f"got {value!r}")
@@ -175,6 +176,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
       fail(key, f"must be > 0; got {config[section][name]}")
   if config.model.hf_path and not os.path.isdir(config.model.hf_path):
     fail("model.hf_path", f"{config.model.hf_path!r} is not a directory")
+  if config.pairs_file and config.pairs_from != "reference":
+    fail("pairs_file", "is a file of pairs sampled from the reference: set pairs_from="
+         "'reference' or leave it empty")
+  if config.pairs_file and not os.path.isfile(config.pairs_file):
+    fail("pairs_file", f"{config.pairs_file!r} is not a file")
   if config.sft.checkpoint and not os.path.isdir(config.sft.checkpoint):
     fail("sft.checkpoint", f"{config.sft.checkpoint!r} is not a directory")
   if "sft" not in stages and "preference" in stages and not (

@@ -39,6 +39,9 @@ class LoopSpec:
     iterator: the batches; ``next``, ``get_state`` and ``set_state``.
     tokens_per_step: real tokens of a host batch (for tokens/s).
     step: ``(state, host batch, step index) -> (state, metrics)``.
+    keep_every: also checkpoint every this many steps and keep those
+      checkpoints (0: only the latest ``max_checkpoints``), for evaluation
+      along training.
   """
   stage: str
   directory: str
@@ -46,6 +49,7 @@ class LoopSpec:
   iterator: Any
   tokens_per_step: Callable[[dict], int]
   step: Callable[[dict, dict, int], tuple[dict, dict]]
+  keep_every: int = 0
 
 
 def count_tokens(batch: dict) -> int:
@@ -65,7 +69,8 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
       good checkpoint).
   """
   config = env.config
-  ckpt = ckpt_lib.Checkpointer(spec.directory, max_to_keep=config.max_checkpoints)
+  ckpt = ckpt_lib.Checkpointer(spec.directory, max_to_keep=config.max_checkpoints,
+                               keep_period=spec.keep_every or None)
   start = 0
   latest = ckpt.latest_step()
   if latest is not None:
@@ -135,7 +140,7 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
       if pending is not None:
         drain(pending)
       pending = (step, metrics, spec.tokens_per_step(local))
-      if (step + 1) % config.checkpoint_every == 0 and step + 1 < spec.total_steps:
+      if _periodic(step + 1, config.checkpoint_every, spec.keep_every, spec.total_steps):
         drain(pending)
         pending = None
         save(step + 1)
@@ -148,6 +153,14 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
     env.sigterm.uninstall()
     env.writer.flush()
   return state
+
+
+def _periodic(done: int, every: int, keep_every: int, total: int) -> bool:
+  """Whether the checkpoint after ``done`` steps is a periodic one (the last
+  step's is always saved)."""
+  if done >= total:
+    return False
+  return done % every == 0 or bool(keep_every and done % keep_every == 0)
 
 
 def _should_stop(env) -> bool:

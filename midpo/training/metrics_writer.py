@@ -16,6 +16,15 @@ from typing import Any, Mapping
 import numpy as np
 
 
+def write_json(path: str, obj: Any, *, indent: int | None = 1) -> None:
+  """Writes ``obj`` as JSON to ``path`` atomically (a temporary file, then a
+  rename), so a kill mid-write never leaves a truncated file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=indent)
+  os.replace(tmp, path)
+
+
 def _scalar(v) -> float:
   return float(np.asarray(v))
 

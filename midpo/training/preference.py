@@ -13,6 +13,7 @@ the reference).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Optional
@@ -111,7 +112,8 @@ def run_preference_round(env: env_lib.Env, prior: priors.Prior, frozen: dict,
   # is the SFT checkpoint, the others are their own stages' checkpoints.
   state = {"policy": policy, "policy_opt": policy_opt, "prior": prior_params,
            "prior_opt": prior_opt}
-  spec = loop.LoopSpec(stage, directory, t.steps, it, loop.count_tokens, step)
+  spec = loop.LoopSpec(stage, directory, t.steps, it, loop.count_tokens, step,
+                       keep_every=config.eval.every)
   state = loop.run_loop(env, spec, state)
   update.finish(run, state)
   return state["policy"], state["prior"]
@@ -157,18 +159,10 @@ def run_baselines(env: env_lib.Env, ref_params: PyTree, pairs: dict) -> dict[str
   return out
 
 
-def restore_preference(env: env_lib.Env, ref_params: PyTree) -> tuple[PyTree, PyTree]:
-  """The policy (and prior) of the latest preference checkpoint of this workdir.
-
-  Raises:
-    FileNotFoundError: the workdir has no preference checkpoint.
-  """
-  ckpt = ckpt_lib.Checkpointer(preference_dir(env))
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no preference checkpoint in {preference_dir(env)}; run the "
-                            "'preference' stage first")
-  prior = config_lib.make_prior(env.config)
+def _restore_round(env: env_lib.Env, prior: priors.Prior, directory: str, step: int,
+                   ref_params: PyTree) -> tuple[PyTree, PyTree]:
+  """The policy (and prior) of the checkpoint ``step`` in ``directory``."""
+  ckpt = ckpt_lib.Checkpointer(directory)
   target = {"policy": ckpt_lib.abstract_like(ref_params)}
   prior_target = recipes.recipe_for(prior).make_update(prior).restore_target(env, prior,
                                                                              ref_params)
@@ -179,7 +173,110 @@ def restore_preference(env: env_lib.Env, ref_params: PyTree) -> tuple[PyTree, Py
   return trees["policy"], trees.get("prior")
 
 
+def restore_preference(env: env_lib.Env, ref_params: PyTree) -> tuple[PyTree, PyTree]:
+  """The policy (and prior) of the latest preference checkpoint of this workdir.
+
+  Raises:
+    FileNotFoundError: the workdir has no preference checkpoint.
+  """
+  directory = preference_dir(env)
+  step = ckpt_lib.Checkpointer(directory).latest_step() if os.path.isdir(directory) else None
+  if step is None:
+    raise FileNotFoundError(f"no preference checkpoint in {directory}; run the "
+                            "'preference' stage first")
+  return _restore_round(env, config_lib.make_prior(env.config), directory, step, ref_params)
+
+
 def restore_baselines(env: env_lib.Env) -> dict[str, PyTree]:
   """The policies of ``config.baselines`` from their checkpoints."""
   return {name: env_lib.restore_params(env, baseline_dir(env, name), item="policy")
           for name in env.config.baselines}
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+  """A preference checkpoint kept for evaluation along training.
+
+  Attributes:
+    model: the run's prior's name, or a baseline's.
+    step: policy updates since the reference (earlier rounds' included).
+    round_index: the round of the procedure it belongs to (0 for baselines).
+    round_step: the step within its round (the checkpoint's own step).
+    directory: the round's checkpoint directory.
+    baseline: whether it is a baseline's.
+  """
+  model: str
+  step: int
+  round_index: int
+  round_step: int
+  directory: str
+  baseline: bool = False
+
+
+def snapshots(env: env_lib.Env, every: int) -> list[Snapshot]:
+  """The run's kept preference checkpoints at multiples of ``every`` steps of
+  each round and at the end of each round, the policy's then each baseline's,
+  in step order (the step-0 reference excluded).
+
+  Raises:
+    FileNotFoundError: a round's or baseline's checkpoints are missing.
+  """
+  total = env.config.train.steps
+
+  def kept(directory):
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(f"no preference checkpoints in {directory}")
+    ckpt = ckpt_lib.Checkpointer(directory)
+    steps = [s for s in ckpt.all_steps() if s > 0 and (s % every == 0 or s == total)]
+    ckpt.close()
+    if total not in steps:
+      raise FileNotFoundError(f"{directory} has no checkpoint of its last step {total}")
+    return sorted(steps)
+
+  name = env.config.prior.name
+  out = [Snapshot(name, r * total + s, r, s, preference_dir(env, r))
+         for r in range(num_rounds(env)) for s in kept(preference_dir(env, r))]
+  for b in env.config.baselines:
+    out += [Snapshot(b, s, 0, s, baseline_dir(env, b), baseline=True)
+            for s in kept(baseline_dir(env, b))]
+  return out
+
+
+class SnapshotLoader:
+  """Restores snapshots with the frozen models their prior reads (the
+  procedure's auxiliary models and earlier rounds' policies, each loaded once)."""
+
+  def __init__(self, env: env_lib.Env, ref_params: PyTree, pairs: dict):
+    self.env, self.ref_params, self.pairs = env, ref_params, pairs
+    self.prior = config_lib.make_prior(env.config)
+    self.procedure = recipes.recipe_for(self.prior).procedure
+    self._auxiliary: Optional[dict] = None
+    self._finals: dict[int, PyTree] = {}
+
+  def _final_policy(self, r: int) -> PyTree:
+    if r not in self._finals:
+      directory = preference_dir(self.env, r)
+      self._finals[r], _ = _restore_round(self.env, self.prior, directory,
+                                          self.env.config.train.steps, self.ref_params)
+    return self._finals[r]
+
+  def frozen(self, round_index: int) -> dict:
+    """The frozen models of the run's round ``round_index`` (reference included)."""
+    if self._auxiliary is None:
+      self._auxiliary = self.procedure.auxiliary_models(self.env, self.ref_params, self.pairs)
+    h = self.procedure.history
+    policies = [self._final_policy(r) for r in range(max(0, round_index - h), round_index)]
+    return dict({"reference": self.ref_params},
+                **self.procedure.frozen_models(round_index, self.ref_params, policies),
+                **self._auxiliary)
+
+  def load(self, snap: Snapshot) -> tuple[PyTree, PyTree, dict, priors.Prior]:
+    """``(policy, prior parameters, frozen models, prior)`` of ``snap``."""
+    if snap.baseline:
+      prior = priors.make_prior(snap.model)
+      policy, _ = _restore_round(self.env, prior, snap.directory, snap.round_step,
+                                 self.ref_params)
+      return policy, None, {"reference": self.ref_params}, prior
+    policy, prior_params = _restore_round(self.env, self.prior, snap.directory, snap.round_step,
+                                          self.ref_params)
+    return policy, prior_params, self.frozen(snap.round_index), self.prior

@@ -1,0 +1,261 @@
+"""A sweep's results: one tidy table, and statistics over training seeds.
+
+``collect`` reads the runs' ``eval/<model>/step_<n>.json`` files (written by
+the eval stage with ``eval.every``) into one row per run, model and evaluated
+step. A result is a distribution over training seeds, so the statistics here
+are across seeds (the ``_se`` columns of a single row are only the
+evaluation's noise for that one trained model):
+
+* ``seed_summary``: mean, standard error and count over seeds per (task,
+  algorithm, model, alpha, step);
+* ``paired_differences``: each run minus the comparison run (DPO by default)
+  of the same task, seed and step, then mean and standard error over seeds;
+* ``pareto``/``reward_at_kl``: each seed's reward-vs-KL frontier (the
+  reference at KL 0 and every evaluated point of every alpha), interpolated
+  at given KLs; mean over seeds with a bootstrap interval over seeds, and the
+  paired difference against the comparison algorithm the same way.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+KEYS = ["task", "algorithm", "model", "prior", "alpha", "seed", "step"]
+# Columns summarised over seeds by default.
+SUMMARY_METRICS = ("reward", "kl", "length", "reward_per_token", "win_rate",
+                   "implicit_reward_accuracy", "heldout_loss", "train_loss", "win_rate_vs")
+
+
+def _win(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+  """Mean and standard error of ``a > b`` (ties one half), prompt by prompt."""
+  w = (a > b) + 0.5 * (a == b)
+  return float(w.mean()), float(w.std(ddof=1) / math.sqrt(w.size)) if w.size > 1 else math.nan
+
+
+def _accuracy(d, prefix: str) -> dict:
+  if not isinstance(d, dict) or "value" not in d:
+    return {f"{prefix}implicit_reward_accuracy": math.nan,
+            f"{prefix}implicit_reward_accuracy_se": math.nan, f"{prefix}loss": math.nan}
+  return {f"{prefix}implicit_reward_accuracy": d["value"],
+          f"{prefix}implicit_reward_accuracy_se": d["se"], f"{prefix}loss": d["loss"]}
+
+
+def step_rows(workdir: str) -> list[tuple[dict, dict]]:
+  """``(row, per-prompt values)`` of each ``eval/<model>/step_<n>.json`` of a
+  run, models then steps in order."""
+  out = []
+  for path in sorted(glob.glob(os.path.join(workdir, "eval", "*", "step_*.json"))):
+    with open(path) as f:
+      d = json.load(f)
+    s = dict(d["summary"])
+    row = {"model": d["model"], "step": int(d["step"])}
+    for k in ("reward", "kl", "length", "reward_per_token", "win_rate"):
+      row[k] = s.get(k, math.nan)
+      row[f"{k}_se"] = s.get(f"{k}_se", math.nan)
+    row["finished_fraction"] = s.get("finished_fraction", math.nan)
+    acc = _accuracy(s.get("implicit_reward_accuracy"), "")
+    row["implicit_reward_accuracy"] = acc["implicit_reward_accuracy"]
+    row["implicit_reward_accuracy_se"] = acc["implicit_reward_accuracy_se"]
+    row["heldout_loss"] = acc["loss"]
+    train = _accuracy(s.get("train_implicit_reward_accuracy"), "train_")
+    row["train_loss"] = train["train_loss"]
+    row["train_implicit_reward_accuracy"] = train["train_implicit_reward_accuracy"]
+    out.append((row, {k: np.asarray(v, np.float64) for k, v in d["per_prompt"].items()}))
+  return out
+
+
+def collect(runs: Sequence[dict], *, compare_to: str, compare_alpha: float) -> pd.DataFrame:
+  """One row per run, model and evaluated step (``KEYS`` first), with the
+  reference of each (task, seed) as model ``reference`` at step 0.
+
+  ``runs``: dicts with ``task``, ``algorithm``, ``alpha``, ``seed`` and
+  ``workdir``. ``win_rate_vs`` (and its ``_se``): how often the row's sample
+  beats the ``compare_to`` run's (at ``compare_alpha``, same task, seed and
+  step) on the same prompt under the true reward, ties one half.
+  """
+  rows, rewards = [], {}
+  seen_reference = set()
+  for run in runs:
+    with open(os.path.join(run["workdir"], "config.json")) as f:
+      config = json.load(f)
+    prior = dict(config["prior"])
+    hyper = {f"prior.{k}": v for k, v in sorted(prior.items()) if k != "name" and v is not None}
+    for row, per_prompt in step_rows(run["workdir"]):
+      is_ref = row["model"] == "reference"
+      key = (run["task"], run["seed"])
+      if is_ref and key in seen_reference:
+        continue
+      if is_ref:
+        seen_reference.add(key)
+      model = ("reference" if is_ref else "policy" if row["model"] == prior["name"]
+               else row["model"])
+      full = {"task": run["task"], "algorithm": "reference" if is_ref else run["algorithm"],
+              "model": model, "prior": "" if is_ref else row["model"],
+              "alpha": math.nan if is_ref else float(run["alpha"]), "seed": int(run["seed"]),
+              "step": row["step"]}
+      full.update({k: v for k, v in row.items() if k not in ("model", "step")})
+      if not is_ref and model == "policy":
+        full.update(hyper)
+      rows.append(full)
+      if "reward" in per_prompt:
+        rewards[(full["task"], full["algorithm"], full["model"], full["alpha"], full["seed"],
+                 full["step"])] = per_prompt["reward"]
+  frame = pd.DataFrame.from_records(rows)
+  if frame.empty:
+    return frame
+  wins, ses = [], []
+  for r in frame.itertuples(index=False):
+    mine = rewards.get((r.task, r.algorithm, r.model, r.alpha, r.seed, r.step))
+    theirs = rewards.get((r.task, compare_to, "policy", float(compare_alpha), r.seed, r.step))
+    if r.algorithm == "reference" or mine is None or theirs is None:
+      wins.append(math.nan)
+      ses.append(math.nan)
+    else:
+      w, se = _win(mine, theirs)
+      wins.append(w)
+      ses.append(se)
+  frame["win_rate_vs"] = wins
+  frame["win_rate_vs_se"] = ses
+  frame["compare_to"] = f"{compare_to}@{compare_alpha:g}"
+  hyper_cols = sorted(c for c in frame.columns if c.startswith("prior."))
+  rest = [c for c in frame.columns if c not in KEYS and c not in hyper_cols]
+  return frame[KEYS + hyper_cols + rest]
+
+
+def write_csv(frame: pd.DataFrame, path: str) -> None:
+  """``frame`` to ``path`` atomically (full float precision)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  frame.to_csv(tmp, index=False)
+  os.replace(tmp, path)
+
+
+def _group_keys(frame: pd.DataFrame) -> list[str]:
+  return [k for k in ("task", "algorithm", "model", "alpha", "step") if k in frame.columns]
+
+
+def seed_summary(frame: pd.DataFrame,
+                 metrics: Iterable[str] = SUMMARY_METRICS) -> pd.DataFrame:
+  """Mean, standard error (``_se``, ddof 1) and number of seeds (``n_seeds``)
+  of each metric per (task, algorithm, model, alpha, step)."""
+  if frame.empty:
+    return frame
+  metrics = [m for m in metrics if m in frame.columns]
+  keys = _group_keys(frame)
+  g = frame.groupby(keys, dropna=False, sort=False)
+  out = g[metrics].mean()
+  se = g[metrics].std(ddof=1) / np.sqrt(g[metrics].count())
+  out = out.join(se.add_suffix("_se"))
+  out["n_seeds"] = g["seed"].nunique()
+  return out.reset_index()
+
+
+def paired_differences(frame: pd.DataFrame, *, against: str, against_alpha: float,
+                       metrics: Iterable[str] = ("reward", "kl", "length")) -> pd.DataFrame:
+  """Per (task, algorithm, model, alpha, step): the mean over seeds of the
+  row's metric minus the ``against`` policy's (at ``against_alpha``) of the
+  same task, seed and step, with its standard error and ``n_seeds``."""
+  metrics = [m for m in metrics if m in frame.columns]
+  base = frame[(frame.algorithm == against) & (frame.model == "policy") &
+               np.isclose(frame.alpha, against_alpha)]
+  base = base[["task", "seed", "step", *metrics]].rename(columns={m: f"_{m}" for m in metrics})
+  merged = frame[frame.algorithm != "reference"].merge(base, on=["task", "seed", "step"])
+  for m in metrics:
+    merged[f"{m}_diff"] = merged[m] - merged[f"_{m}"]
+  return seed_summary(merged, [f"{m}_diff" for m in metrics])
+
+
+def pareto(kl: np.ndarray, reward: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The points of ``(kl, reward)`` no other point beats with a lower or equal
+  KL and a higher reward, by increasing KL."""
+  order = np.lexsort((-np.asarray(reward), np.asarray(kl)))
+  xs, ys, best = [], [], -np.inf
+  for i in order:
+    if reward[i] > best:
+      xs.append(float(kl[i]))
+      ys.append(float(reward[i]))
+      best = reward[i]
+  return np.array(xs), np.array(ys)
+
+
+def _frontier_at(points: pd.DataFrame, reference: Optional[float], targets) -> np.ndarray:
+  kl, reward = points["kl"].to_numpy(), points["reward"].to_numpy()
+  if reference is not None:
+    kl, reward = np.append(kl, 0.0), np.append(reward, reference)
+  x, y = pareto(kl, reward)
+  out = np.interp(targets, x, y)
+  out[(np.asarray(targets) < x[0]) | (np.asarray(targets) > x[-1])] = np.nan
+  return out
+
+
+def _bootstrap(values: np.ndarray, n_boot: int, rng: np.random.Generator):
+  """Mean over seeds (rows) and a 95% percentile interval from resampled seeds."""
+  values = values[~np.isnan(values)]
+  if values.size == 0:
+    return math.nan, math.nan, math.nan, 0
+  idx = rng.integers(0, values.size, size=(n_boot, values.size))
+  means = values[idx].mean(axis=1)
+  lo, hi = np.percentile(means, [2.5, 97.5])
+  return float(values.mean()), float(lo), float(hi), int(values.size)
+
+
+def reward_at_kl(frame: pd.DataFrame, targets: Sequence[float], *, against: str,
+                 n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+  """The true reward of each seed's frontier at each KL of ``targets``.
+
+  Per (task, algorithm, model, seed) the frontier is the Pareto set of the
+  reference (KL 0) and every evaluated (KL, reward) point of every alpha and
+  step, linearly interpolated; a KL beyond a seed's frontier is not
+  extrapolated (that seed is left out there, and ``n_seeds`` says so).
+  Returns the mean over seeds with a 95% bootstrap interval over seeds, and
+  the same for the paired difference against algorithm ``against``'s policy.
+  """
+  rng = np.random.default_rng(seed)
+  refs = frame[frame.algorithm == "reference"].set_index(["task", "seed"])["reward"]
+  curves = {}
+  for (task, algo, model, s), pts in frame[frame.algorithm != "reference"].groupby(
+      ["task", "algorithm", "model", "seed"], sort=False):
+    curves[(task, algo, model, s)] = _frontier_at(pts, refs.get((task, s)), targets)
+  rows = []
+  for task, algo, model in dict.fromkeys(k[:3] for k in curves):
+    seeds = [k[3] for k in curves if k[:3] == (task, algo, model)]
+    mine = np.stack([curves[(task, algo, model, s)] for s in seeds])
+    theirs = np.stack([curves.get((task, against, "policy", s), np.full(len(targets), np.nan))
+                       for s in seeds])
+    for j, k in enumerate(targets):
+      m, lo, hi, n = _bootstrap(mine[:, j], n_boot, rng)
+      d, dlo, dhi, dn = _bootstrap(mine[:, j] - theirs[:, j], n_boot, rng)
+      rows.append({"task": task, "algorithm": algo, "model": model, "kl": float(k),
+                   "reward": m, "reward_ci_low": lo, "reward_ci_high": hi, "n_seeds": n,
+                   f"reward_minus_{against}": d, "diff_ci_low": dlo, "diff_ci_high": dhi,
+                   "n_paired_seeds": dn})
+  return pd.DataFrame.from_records(rows)
+
+
+def final_rows(summary: pd.DataFrame) -> pd.DataFrame:
+  """The last evaluated step of each (task, algorithm, model, alpha)."""
+  keys = [k for k in ("task", "algorithm", "model", "alpha") if k in summary.columns]
+  last = summary.groupby(keys, dropna=False, sort=False)["step"].transform("max")
+  return summary[summary.step == last].reset_index(drop=True)
+
+
+def format_final(summary: pd.DataFrame) -> str:
+  """The last step's mean +- standard error over seeds, as fixed-width text."""
+  final = final_rows(summary)
+  cols = [c for c in ("reward", "kl", "length", "win_rate_vs") if c in final.columns]
+  head = f"{'task':<12}{'algorithm':<14}{'model':<9}{'alpha':>7}{'step':>6}" + "".join(
+      f"{c:>20}" for c in cols) + f"{'seeds':>7}"
+  lines = [head, "-" * len(head)]
+  for r in final.to_dict("records"):
+    cells = "".join(f"{r[c]:>11.3f} +- {r[c + '_se']:<5.3f}" if not math.isnan(r[c]) else
+                    f"{'-':>20}" for c in cols)
+    alpha = f"{r['alpha']:>7g}" if not math.isnan(r["alpha"]) else f"{'-':>7}"
+    lines.append(f"{r['task']:<12}{r['algorithm']:<14}{r['model']:<9}{alpha}{r['step']:>6}"
+                 f"{cells}{r['n_seeds']:>7}")
+  return "\n".join(lines)

@@ -1,0 +1,303 @@
+r"""The study: many runs over algorithms, alphas, tasks and training seeds.
+
+``python -m midpo.sweep --config=configs/sweeps/quick.py --workdir=W [--workers=2]``
+
+A sweep config (``configs/sweeps/*.py``) names its axes:
+
+* ``algorithms``: ``{label: {"config": "dpo.py", "alphas": (...), "overrides": {...}}}``;
+  ``config`` is an algorithm config file of ``configs/`` (the directory above
+  the sweep config's), ``overrides`` nested dicts applied to it;
+* ``tasks``: ``{name: overrides}`` (the known-reward task and its variants);
+* ``seeds``: training seeds; ``overrides``: applied to every run (steps,
+  evaluation sizes, ``eval.every``); ``compare_to``/``compare_alpha``: the
+  algorithm every run is compared with head to head (same seed and step).
+
+A run's config is its algorithm config, then the sweep's ``overrides``, the
+task's, the algorithm's, then its ``seed`` and ``loss.alpha``. Per task and
+seed the SFT reference, the pairs sampled from it and the dataset build are
+made once, in ``W/shared/<task>/seed_<s>``, and every run of that seed reads
+them (``sft.checkpoint``, ``pairs_file``, ``data.data_dir``): a paired design.
+Each run is an ordinary midpo workdir, ``W/runs/<task>/<algorithm>/alpha_<a>/
+seed_<s>`` (its ``config.json`` reruns it with ``python -m midpo.main``), that
+evaluates its policy every ``eval.every`` steps and at the end.
+
+A killed sweep resumes where it stopped: finished runs (``done.json``) are not
+redone, an unfinished one resumes from its checkpoints. ``--workers=N`` runs N
+runs at once in separate processes. Compilations are cached on disk under
+``W/jax_cache`` (JAX's persistent compilation cache).
+
+Writes ``W/results.csv`` (one row per run, model and evaluated step, see
+``midpo.analysis.sweep``), ``W/summary.csv`` (mean +- standard error over
+seeds) and ``W/sweep.json`` (axes, commit, machine, versions, wall times).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import json
+import multiprocessing
+import os
+import time
+from typing import Any, Optional
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from midpo import config_base, sampling, train
+from midpo.analysis import sweep as sweep_lib
+from midpo.training import config as config_lib
+from midpo.training import env as env_lib
+from midpo.training import metrics_writer, provenance, sft
+
+# Config keys every run of a (task, seed) must share with its shared reference.
+SHARED_KEYS = ("model", "tokenizer", "data", "sft", "seed", "pairs_from", "num_pair_prompts",
+               "mesh")
+
+
+class SweepError(ValueError):
+  """A sweep config that cannot run (raised before any work)."""
+
+
+def load_config_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of a config file (a path, not a module name)."""
+  name = "midpo_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None or not os.path.isfile(path):
+    raise SweepError(f"config file {path!r} does not exist")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _update(config: ml_collections.ConfigDict, overrides: Any, where: str) -> None:
+  """Applies nested ``overrides`` to ``config``; an unknown key is an error."""
+  for key, value in dict(overrides or {}).items():
+    if key not in config:
+      raise SweepError(f"{where}: unknown config key {key!r}")
+    if isinstance(value, (dict, ml_collections.ConfigDict)) and isinstance(
+        config[key], ml_collections.ConfigDict):
+      _update(config[key], value, f"{where}.{key}")
+    else:
+      config[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
+def _fmt(alpha: float) -> str:
+  return f"{alpha:g}"
+
+
+class Plan:
+  """The runs of a sweep config: their configs and workdirs.
+
+  Raises:
+    SweepError: an axis is empty, a file is missing, an override names an
+      unknown key, or a run would not share its seed's reference and pairs.
+  """
+
+  def __init__(self, sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str):
+    self.sweep, self.workdir = sweep, os.path.abspath(workdir)
+    self.configs_dir = os.path.dirname(os.path.dirname(os.path.abspath(sweep_file)))
+    for axis in ("algorithms", "tasks", "seeds"):
+      if not len(sweep[axis]):
+        raise SweepError(f"sweep axis {axis!r} is empty")
+    if sweep.compare_to not in sweep.algorithms:
+      raise SweepError(f"compare_to {sweep.compare_to!r} is not one of the algorithms "
+                       f"{list(sweep.algorithms)}")
+    if float(sweep.compare_alpha) not in [float(a) for a in
+                                          sweep.algorithms[sweep.compare_to].alphas]:
+      raise SweepError(f"compare_alpha {sweep.compare_alpha} is not one of "
+                       f"{sweep.compare_to}'s alphas")
+    self.shared: dict[tuple[str, int], dict] = {}
+    self.runs: list[dict] = []
+    for task in sweep.tasks:
+      for seed in sweep.seeds:
+        root = os.path.join(self.workdir, "shared", task, f"seed_{seed}")
+        base = self._config(config_base.get_config(), task, seed, {})
+        base.stages = ("sft",)
+        self.shared[(task, seed)] = {"workdir": root, "config": base}
+        for label, algo in sweep.algorithms.items():
+          for alpha in algo.alphas:
+            self.runs.append(self._run(task, seed, label, algo, float(alpha), root, base))
+
+  def _config(self, config, task, seed, algo_overrides) -> ml_collections.ConfigDict:
+    _update(config, {"baselines": ()}, "sweep")
+    _update(config, self.sweep.overrides, "sweep.overrides")
+    _update(config, self.sweep.tasks[task], f"sweep.tasks.{task}")
+    _update(config, algo_overrides, "sweep.algorithms")
+    config.seed = int(seed)
+    return config
+
+  def _run(self, task, seed, label, algo, alpha, root, base) -> dict:
+    path = os.path.join(self.configs_dir, algo.config)
+    config = self._config(load_config_file(path), task, seed, algo.get("overrides", {}))
+    config.loss.alpha = alpha
+    for key in SHARED_KEYS:
+      ours = config[key].to_dict() if hasattr(config[key], "to_dict") else config[key]
+      theirs = base[key].to_dict() if hasattr(base[key], "to_dict") else base[key]
+      if ours != theirs:
+        raise SweepError(f"algorithm {label!r} sets {key!r} differently from the shared "
+                         f"reference's config ({ours!r} != {theirs!r}): set it in the sweep's "
+                         "overrides or the task's, for every run")
+    config.stages = ("preference", "eval")
+    config.sft.checkpoint = os.path.join(root, "sft")
+    config.pairs_file = os.path.join(root, "pairs", "reference_samples.jsonl")
+    config.data.data_dir = os.path.join(root, "tfds")
+    workdir = os.path.join(self.workdir, "runs", task, label, f"alpha_{_fmt(alpha)}",
+                           f"seed_{seed}")
+    return {"task": task, "algorithm": label, "alpha": alpha, "seed": int(seed),
+            "workdir": workdir, "config": config}
+
+  def axes(self) -> dict:
+    """The sweep's axes as plain data (for ``sweep.json``)."""
+    return {"tasks": {t: dict(o) for t, o in self.sweep.tasks.to_dict().items()},
+            "seeds": [int(s) for s in self.sweep.seeds],
+            "algorithms": {k: {"config": a.config, "alphas": [float(x) for x in a.alphas],
+                               "prior": self.config_of(k).prior.name}
+                           for k, a in self.sweep.algorithms.items()},
+            "compare_to": self.sweep.compare_to, "compare_alpha": float(self.sweep.compare_alpha)}
+
+  def config_of(self, label: str) -> ml_collections.ConfigDict:
+    """The config of the first run of algorithm ``label``."""
+    return next(r["config"] for r in self.runs if r["algorithm"] == label)
+
+
+def prepare_shared(config: ml_collections.ConfigDict, root: str) -> dict:
+  """The SFT reference and the pairs sampled from it, made once in ``root``;
+  returns ``{"sft": bool, "pairs": bool, "seconds": float}`` (what was made now)."""
+  t0 = time.perf_counter()
+  done = os.path.join(root, "shared.json")
+  if os.path.exists(done):
+    return {"sft": False, "pairs": False, "seconds": 0.0}
+  os.makedirs(root, exist_ok=True)
+  config_lib.validate(config)
+  env = env_lib.make_env(config, root)
+  try:
+    made_sft = not os.path.isdir(os.path.join(root, "sft"))
+    reference = sft.run_sft(env)
+    pairs = os.path.join(root, "pairs", "reference_samples.jsonl")
+    made_pairs = not os.path.exists(pairs)
+    path = sampling.sample_pairs(env, reference, "reference", 0)
+    # Build the datasets every run reads, before several runs could race to.
+    env.batches(env.data_config(samples_path=path), "train", mode="pairs")
+    env.batches(env.data_config(), "test", mode="pairs")
+  finally:
+    env.writer.close()
+  out = {"sft": made_sft, "pairs": made_pairs, "seconds": time.perf_counter() - t0}
+  metrics_writer.write_json(done, out)
+  return out
+
+
+def run_one(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> dict:
+  """Runs one run of the sweep (resuming it if it was started); writes
+  ``done.json``. Returns ``{"seconds": ...}`` (0 when it was already done)."""
+  done = os.path.join(workdir, "done.json")
+  if os.path.exists(done):
+    return {"seconds": 0.0, "skipped": True}
+  use_compilation_cache(cache_dir)
+  t0 = time.perf_counter()
+  train.train_and_evaluate(config, workdir)
+  out = {"seconds": time.perf_counter() - t0}
+  metrics_writer.write_json(done, out)
+  return out
+
+
+def use_compilation_cache(cache_dir: str) -> None:
+  """JAX's persistent compilation cache in ``cache_dir`` (every compilation)."""
+  import jax
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str,
+              workers: int = 1, max_runs: Optional[int] = None) -> dict:
+  """Runs (or resumes) every run of the sweep, then writes the results files.
+
+  ``max_runs`` stops after that many runs were run now (for tests and
+  staged use). Returns ``sweep.json``'s contents.
+  """
+  t_start = time.perf_counter()
+  plan = Plan(sweep, sweep_file, workdir)
+  os.makedirs(plan.workdir, exist_ok=True)
+  cache_dir = os.path.join(plan.workdir, "jax_cache")
+  use_compilation_cache(cache_dir)
+  info_path = os.path.join(plan.workdir, "sweep.json")
+  info = {}
+  if os.path.exists(info_path):
+    with open(info_path) as f:
+      info = json.load(f)
+  info.update(name=sweep.name, axes=plan.axes(), num_runs=len(plan.runs),
+              sweep_config=json.loads(sweep.to_json_best_effort()), **provenance.record())
+  info.setdefault("seconds", {"shared": {}, "runs": {}, "sessions": []})
+  info.setdefault("built", {"sft": 0, "pairs": 0})
+  metrics_writer.write_json(info_path, info)
+  for (task, seed), shared in plan.shared.items():
+    made = prepare_shared(shared["config"], shared["workdir"])
+    info["built"]["sft"] += int(made["sft"])
+    info["built"]["pairs"] += int(made["pairs"])
+    if made["seconds"]:
+      info["seconds"]["shared"][f"{task}/seed_{seed}"] = made["seconds"]
+    metrics_writer.write_json(info_path, info)
+  todo = [r for r in plan.runs if not os.path.exists(os.path.join(r["workdir"], "done.json"))]
+  if max_runs is not None:
+    todo = todo[:max_runs]
+  logging.info("sweep %s: %d runs, %d to run, %d worker(s)", sweep.name, len(plan.runs),
+               len(todo), workers)
+
+  def finished(run, out):
+    key = os.path.relpath(run["workdir"], os.path.join(plan.workdir, "runs"))
+    info["seconds"]["runs"][key] = out["seconds"]
+    metrics_writer.write_json(info_path, info)
+    logging.info("sweep: finished %s in %.1f s", key, out["seconds"])
+
+  args = [(r["config"], r["workdir"], cache_dir) for r in todo]
+  if workers <= 1:
+    for run, a in zip(todo, args):
+      finished(run, run_one(*a))
+  else:
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+      futures = {pool.submit(run_one, *a): run for run, a in zip(todo, args)}
+      for fut in concurrent.futures.as_completed(futures):
+        finished(futures[fut], fut.result())
+  complete = all(os.path.exists(os.path.join(r["workdir"], "done.json")) for r in plan.runs)
+  runs = [{k: r[k] for k in ("task", "algorithm", "alpha", "seed", "workdir")}
+          for r in plan.runs if os.path.exists(os.path.join(r["workdir"], "done.json"))]
+  results = sweep_lib.collect(runs, compare_to=sweep.compare_to,
+                              compare_alpha=float(sweep.compare_alpha))
+  sweep_lib.write_csv(results, os.path.join(plan.workdir, "results.csv"))
+  summary = sweep_lib.seed_summary(results)
+  sweep_lib.write_csv(summary, os.path.join(plan.workdir, "summary.csv"))
+  info["complete"] = complete
+  info["seconds"]["sessions"].append(time.perf_counter() - t_start)
+  metrics_writer.write_json(info_path, info)
+  if not summary.empty:
+    logging.info("sweep %s (%s): mean +- standard error over seeds at the last step\n%s",
+                 sweep.name, "complete" if complete else "partial",
+                 sweep_lib.format_final(summary))
+  return info
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep's runs and results.")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Runs to run at once (separate processes).")
+_MAX_RUNS = flags.DEFINE_integer("max_runs", None, "Stop after this many runs (then resume).")
+
+
+def main(argv):
+  """Runs the sweep of ``--config`` in ``--workdir``."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  sweep_file = config_flags.get_config_filename(flags.FLAGS["config"])
+  try:
+    run_sweep(_CONFIG.value, sweep_file, _WORKDIR.value, _WORKERS.value, _MAX_RUNS.value)
+  except (SweepError, config_lib.ConfigError) as e:
+    raise app.UsageError(str(e)) from None
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
