@@ -34,6 +34,7 @@ seeds) and ``W/sweep.json`` (axes, commit, machine, versions, wall times).
 from __future__ import annotations
 
 import concurrent.futures
+import glob
 import importlib.util
 import json
 import multiprocessing
@@ -183,9 +184,17 @@ def prepare_shared(config: ml_collections.ConfigDict, root: str) -> dict:
     env.batches(env.data_config(), "test", mode="pairs")
   finally:
     env.writer.close()
-  out = {"sft": made_sft, "pairs": made_pairs, "seconds": time.perf_counter() - t0}
+  out = {"sft": made_sft, "pairs": made_pairs, "seconds": time.perf_counter() - t0,
+         "datasets": dataset_dirs(root)}
   metrics_writer.write_json(done, out)
   return out
+
+
+def dataset_dirs(root: str) -> list[str]:
+  """The TFDS datasets built under ``root/tfds`` (builder/config names)."""
+  base = os.path.join(root, "tfds")
+  return sorted(os.path.relpath(os.path.dirname(p), base) for p in glob.glob(
+      os.path.join(base, "*", "*", "*", "dataset_info.json")))
 
 
 def run_one(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> dict:

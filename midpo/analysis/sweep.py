@@ -107,6 +107,9 @@ def collect(runs: Sequence[dict], *, compare_to: str, compare_alpha: float) -> p
       if "reward" in per_prompt:
         rewards[(full["task"], full["algorithm"], full["model"], full["alpha"], full["seed"],
                  full["step"])] = per_prompt["reward"]
+  # The references first, then the runs in the given order.
+  rows = ([r for r in rows if r["algorithm"] == "reference"] +
+          [r for r in rows if r["algorithm"] != "reference"])
   frame = pd.DataFrame.from_records(rows)
   if frame.empty:
     return frame

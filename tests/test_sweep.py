@@ -1,0 +1,185 @@
+"""The sweep driver (``python -m midpo.sweep``) and its statistics.
+
+On ``configs/sweeps/tiny.py`` (2 seeds, DPO at two alphas and SimPO): a
+sweep killed mid-way and resumed with two workers writes the same
+``results.csv``, byte for byte, as an uninterrupted one with one worker; the
+SFT reference, the pairs and the datasets are made once per seed.
+"""
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from midpo import sweep as sweep_driver
+from midpo.analysis import sweep as sweep_lib
+from tests import train_utils as tu
+
+TINY = str(tu.ROOT / "configs" / "sweeps" / "tiny.py")
+
+
+def _sweep(workdir, *extra, wait=True):
+  cmd = [sys.executable, "-m", "midpo.sweep", f"--config={TINY}", f"--workdir={workdir}", *extra]
+  log = open(os.path.join(workdir, f"log{len(os.listdir(workdir))}.txt"), "w+")
+  proc = subprocess.Popen(cmd, cwd=tu.ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+  proc.log = log
+  if not wait:
+    return proc
+  proc.wait(timeout=900)
+  log.seek(0)
+  out = log.read()
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("sweep_a")
+  out = _sweep(workdir)
+  return workdir, out
+
+
+def test_sweep_writes_one_row_per_run_model_and_step(uninterrupted):
+  workdir, out = uninterrupted
+  frame = pd.read_csv(workdir / "results.csv")
+  # 2 seeds x (3 runs x steps 4 and 8 + the reference at step 0).
+  assert len(frame) == 2 * (3 * 2 + 1)
+  runs = frame[frame.algorithm != "reference"]
+  assert sorted(set(zip(runs.algorithm, runs.alpha))) == [("dpo", 0.1), ("dpo", 0.3),
+                                                            ("simpo", 2.0)]
+  assert sorted(runs.step.unique()) == [4, 8]
+  assert frame[frame.algorithm == "reference"].step.tolist() == [0, 0]
+  for col in ("reward", "kl", "kl_se", "length", "reward_per_token", "win_rate",
+              "implicit_reward_accuracy", "heldout_loss", "train_loss", "win_rate_vs"):
+    assert runs[col].notna().all(), col
+  # DPO at the comparison alpha against itself: every prompt a tie.
+  assert (runs[(runs.algorithm == "dpo") & (runs.alpha == 0.1)].win_rate_vs == 0.5).all()
+  assert runs[runs.algorithm == "simpo"]["prior.gamma"].eq(0.5).all()
+  info = json.load(open(workdir / "sweep.json"))
+  assert info["complete"] and info["num_runs"] == 6
+  assert info["commit"] and info["machine"]["cpu_count"] and info["versions"]["jax"]
+  assert len(info["seconds"]["runs"]) == 6 and len(info["seconds"]["shared"]) == 2
+  summary = pd.read_csv(workdir / "summary.csv")
+  final = summary[(summary.algorithm == "dpo") & (summary.alpha == 0.1) & (summary.step == 8)]
+  assert final.n_seeds.tolist() == [2]
+  rewards = runs[(runs.algorithm == "dpo") & (runs.alpha == 0.1) & (runs.step == 8)].reward
+  assert final.reward.iloc[0] == pytest.approx(rewards.mean())
+  assert final.reward_se.iloc[0] == pytest.approx(rewards.std(ddof=1) / math.sqrt(2))
+  assert "mean +- standard error over seeds" in out
+
+
+def test_reference_pairs_and_data_are_built_once_per_seed(uninterrupted):
+  workdir, _ = uninterrupted
+  info = json.load(open(workdir / "sweep.json"))
+  assert info["built"] == {"sft": 2, "pairs": 2}
+  for seed in (0, 1):
+    root = workdir / "shared" / "sentiment" / f"seed_{seed}"
+    made = json.load(open(root / "shared.json"))
+    # No run built a dataset of its own: the shared ones are all there is.
+    assert sweep_driver.dataset_dirs(str(root)) == made["datasets"]
+    assert len(made["datasets"]) == 2  # the task's own splits and the sampled pairs
+  for run in glob.glob(str(workdir / "runs" / "*" / "*" / "*" / "*")):
+    assert not {"sft", "pairs", "tfds"} & set(os.listdir(run)), run
+    config = json.load(open(os.path.join(run, "config.json")))
+    seed_root = workdir / "shared" / "sentiment" / f"seed_{config['seed']}"
+    assert config["sft"]["checkpoint"] == str(seed_root / "sft")
+    assert config["pairs_file"] == str(seed_root / "pairs" / "reference_samples.jsonl")
+
+
+def test_killed_sweep_resumed_with_two_workers_gives_the_same_results(uninterrupted,
+                                                                       tmp_path):
+  workdir, _ = uninterrupted
+  proc = _sweep(tmp_path, wait=False)
+  deadline = time.time() + 600
+  # Kill it (SIGKILL: nothing saved on the way out) once the first run is done.
+  while not glob.glob(str(tmp_path / "runs" / "*" / "*" / "*" / "*" / "done.json")):
+    assert proc.poll() is None, open(proc.log.name).read()[-4000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+  time.sleep(1.0)  # into the next run
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = glob.glob(str(tmp_path / "runs" / "*" / "*" / "*" / "*" / "done.json"))
+  assert 1 <= len(done) < 6
+  _sweep(tmp_path, "--workers=2")
+  assert (tmp_path / "results.csv").read_bytes() == (workdir / "results.csv").read_bytes()
+  assert (tmp_path / "summary.csv").read_bytes() == (workdir / "summary.csv").read_bytes()
+  info = json.load(open(tmp_path / "sweep.json"))
+  assert info["complete"] and len(info["seconds"]["sessions"]) == 1  # the killed one wrote none
+
+
+def test_sweep_config_errors_name_the_problem(tmp_path):
+  sweep = sweep_driver.load_config_file(TINY)
+  sweep.compare_to = "ipo"
+  with pytest.raises(sweep_driver.SweepError, match="compare_to 'ipo' is not one of"):
+    sweep_driver.Plan(sweep, TINY, str(tmp_path))
+  sweep = sweep_driver.load_config_file(TINY)
+  sweep.overrides.train.stpes = 3
+  with pytest.raises(sweep_driver.SweepError, match=r"sweep.overrides.train: unknown config "
+                                                    r"key 'stpes'"):
+    sweep_driver.Plan(sweep, TINY, str(tmp_path))
+  sweep = sweep_driver.load_config_file(TINY)
+  sweep.algorithms.dpo.overrides = {"sft": {"steps": 3}}
+  with pytest.raises(sweep_driver.SweepError, match="algorithm 'dpo' sets 'sft' differently"):
+    sweep_driver.Plan(sweep, TINY, str(tmp_path))
+
+
+# -- statistics (no training) ---------------------------------------------------------
+
+
+def _frame(points):
+  """Rows ``(algorithm, seed, alpha, step, kl, reward)`` plus references."""
+  rows = [{"task": "t", "algorithm": a, "model": "policy", "alpha": al, "seed": s, "step": st,
+           "kl": kl, "reward": r} for a, s, al, st, kl, r in points]
+  rows += [{"task": "t", "algorithm": "reference", "model": "reference", "alpha": math.nan,
+            "seed": s, "step": 0, "kl": 0.0, "reward": 0.0} for s in (0, 1, 2)]
+  return pd.DataFrame.from_records(rows)
+
+
+def test_pareto_keeps_the_points_nothing_beats():
+  kl = np.array([0.0, 1.0, 2.0, 1.5, 3.0])
+  reward = np.array([0.0, 2.0, 1.0, 3.0, 3.0])
+  x, y = sweep_lib.pareto(kl, reward)
+  np.testing.assert_array_equal(x, [0.0, 1.0, 1.5])
+  np.testing.assert_array_equal(y, [0.0, 2.0, 3.0])
+
+
+def test_reward_at_kl_interpolates_each_seed_and_pairs_against_the_comparison():
+  # DPO's frontier: reward = kl (seed 0), 2 kl (seed 1), 3 kl (seed 2) up to KL 2;
+  # the other algorithm: 1 more than DPO at every KL of its points, up to KL 1 only.
+  points = []
+  for s in (0, 1, 2):
+    points += [("dpo", s, 0.1, 10, k, (s + 1) * k) for k in (0.5, 1.0, 2.0)]
+    points += [("other", s, 0.1, 10, k, (s + 1) * k + 1.0) for k in (0.5, 1.0)]
+  table = sweep_lib.reward_at_kl(_frame(points), [0.75, 1.5], against="dpo", n_boot=200)
+  dpo = table[table.algorithm == "dpo"].set_index("kl")
+  assert dpo.loc[0.75, "reward"] == pytest.approx(np.mean([0.75, 1.5, 2.25]))
+  assert dpo.loc[0.75, "n_seeds"] == 3
+  assert dpo.loc[0.75, "reward_ci_low"] <= dpo.loc[0.75, "reward"] <= dpo.loc[0.75,
+                                                                              "reward_ci_high"]
+  assert dpo.loc[0.75, "reward_minus_dpo"] == 0.0
+  other = table[table.algorithm == "other"].set_index("kl")
+  assert other.loc[0.75, "reward_minus_dpo"] == pytest.approx(1.0)
+  assert other.loc[0.75, "diff_ci_low"] == pytest.approx(1.0)  # the same in every seed
+  # KL 1.5 is beyond every seed's frontier of 'other': not extrapolated.
+  assert math.isnan(other.loc[1.5, "reward"]) and other.loc[1.5, "n_seeds"] == 0
+
+
+def test_paired_differences_are_per_seed_then_averaged():
+  points = [("dpo", s, 0.1, 10, 1.0, float(s)) for s in (0, 1, 2)]
+  points += [("other", s, 0.3, 10, 1.0, float(s) + d) for s, d in ((0, 1.0), (1, 2.0),
+                                                                   (2, 3.0))]
+  diffs = sweep_lib.paired_differences(_frame(points), against="dpo", against_alpha=0.1,
+                                       metrics=("reward",))
+  other = diffs[diffs.algorithm == "other"].iloc[0]
+  assert other.reward_diff == pytest.approx(2.0)
+  assert other.reward_diff_se == pytest.approx(1.0 / math.sqrt(3))
+  assert other.n_seeds == 3
