@@ -9,8 +9,9 @@ Reported in ``eval.json`` (means with standard errors over prompts):
 * ``win_rate``: how often the policy's sample beats the reference's sample on
   the same prompt under ``r*`` (ties count one half);
 * ``implicit_reward_accuracy``: on held-out labelled pairs, the fraction whose
-  MI-DPO logit ``alpha (s(y_w) - s(y_l))`` under the trained prior is positive,
-  and the mean MI-DPO loss there (``loss``: the held-out loss);
+  label-free implicit-reward margin under the trained prior is positive (see
+  ``implicit_reward_accuracy``), and the mean MI-DPO loss there (``loss``: the
+  held-out loss);
   ``train_implicit_reward_accuracy``: the same on the run's training pairs.
 
 With ``config.eval.every > 0`` the kept preference checkpoints along
@@ -46,10 +47,19 @@ from midpo.training import pairs as pairs_lib
 def implicit_reward_accuracy(env, policy, frozen: dict, prior_params, prior=None, *,
                              split: str = "test", pairs: dict | None = None) -> dict:
   """On labelled pairs of ``split`` (held-out ``test`` pairs, or ``train``:
-  the run's pair source ``pairs``): the fraction with a positive MI-DPO logit
-  under ``prior`` (the config's by default) with its standard error, and the
-  mean MI-DPO loss (nats per pair). A prior whose parameters or frozen models
-  this run does not have is skipped, with the reason. The evaluation step (the
+  the run's pair source ``pairs``) under ``prior`` (the config's by default).
+
+  ``value`` (with ``se``): the fraction of pairs whose implicit-reward margin
+  is positive (a tie counts one half). The margin is label-free: half the
+  MI-DPO logit ``alpha (s(y_w) - s(y_l))`` of the pair as labelled minus that
+  of the pair with chosen and rejected swapped, so swapping a pair's labels
+  negates it for every prior (a prior whose scores depend on the label, as
+  TIS-DPO's signed token weights, SimPO's margin or the constrained prior's
+  separate coefficients do, cannot read the label through it). ``logit_value``:
+  the fraction of positive logits as labelled (TRL's ``rewards/accuracies``
+  for DPO; label-dependent for those priors). ``loss``: the mean MI-DPO loss as
+  labelled (nats per pair). A prior whose parameters or frozen models this
+  run does not have is skipped, with the reason. The evaluation step (the
   trainer's pair loss) is compiled once per run and prior."""
   config = env.config
   prior = prior or config_lib.make_prior(config)
@@ -68,23 +78,41 @@ def implicit_reward_accuracy(env, policy, frozen: dict, prior_params, prior=None
   data_config = env.data_config(**(pairs or {}))
   data_config.shuffle = False
   it = env.batches(data_config, split, mode="pairs")
-  loss_config = config_lib.make_loss_config(config)
-  evaluator = env.compiled(
-      ("pair_evaluator", prior, loss_config, "online"),
-      lambda: pairs_lib.PairEvaluator(env, prior, loss_config, reference="online"))
+  evaluator = pair_evaluator(env, prior)
   per_step = config.data.batch_size * env.process_count
   n_batches = min(it.num_epoch_batches(), max(1, -(-config.eval.num_pairs // per_step)))
   n_batches = env.min_over_processes(n_batches)  # every process runs the same steps
-  logits, batch_losses = [], []
+  logits, margins, batch_losses = [], [], []
   for local in it.first_batches(n_batches):
-    batch = env.global_batch(pairs_lib.select(local, evaluator.fields))
-    loss, z = evaluator(policy, prior_params, frozen, batch)
-    logits.append(env_lib.gather(z))
-    batch_losses.append(float(loss))
-  z = np.concatenate(logits)
-  m, se = sampling.mean_se((z > 0).astype(np.float64))
-  return {"value": m, "se": se, "num_pairs": int(z.size),
+    loss, z, margin = label_free_margins(env, evaluator, policy, prior_params, frozen, local)
+    logits.append(z)
+    margins.append(margin)
+    batch_losses.append(loss)
+  z, margin = np.concatenate(logits), np.concatenate(margins)
+  m, se = sampling.mean_se((margin > 0) + 0.5 * (margin == 0))
+  return {"value": m, "se": se, "logit_value": float(np.mean(z > 0)), "num_pairs": int(z.size),
           "loss": float(np.mean(batch_losses))}
+
+
+def pair_evaluator(env, prior) -> pairs_lib.PairEvaluator:
+  """The run's compiled evaluation step for ``prior`` (online reference)."""
+  loss_config = config_lib.make_loss_config(env.config)
+  return env.compiled(
+      ("pair_evaluator", prior, loss_config, "online"),
+      lambda: pairs_lib.PairEvaluator(env, prior, loss_config, reference="online"))
+
+
+def label_free_margins(env, evaluator, policy, prior_params, frozen: dict,
+                       local: dict) -> tuple[float, np.ndarray, np.ndarray]:
+  """``(loss, logits_B, margins_B)`` of a host batch of pairs: the MI-DPO loss
+  and logits as labelled, and the label-free margins
+  ``(logit(w, l) - logit(l, w)) / 2`` (every process gets every pair's)."""
+  batch = env.global_batch(pairs_lib.select(local, evaluator.fields))
+  swapped = env.global_batch(pairs_lib.select(pairs_lib.swap_roles(local), evaluator.fields))
+  loss, z = evaluator(policy, prior_params, frozen, batch)
+  _, z_swapped = evaluator(policy, prior_params, frozen, swapped)
+  z, z_swapped = env_lib.gather(z), env_lib.gather(z_swapped)
+  return float(loss), z, (z - z_swapped) / 2
 
 
 class _Context:
