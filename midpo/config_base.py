@@ -143,14 +143,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Priors trained in the same command, on the same pairs, budget and seed,
   # for comparison (e.g. ('dpo',)): each a row of eval.json's table.
   c.baselines = ()
-  # Algorithms' own keys, from their modules: blocks of their own
-  # (config.dice, config.tis) and keys of the train block (the 'mi' prior's
-  # rounds, the learned priors' diagnostics).
-  for block, defaults in config_lib.config_blocks().items():
-    if block in c:
-      c[block].update(defaults())
-    else:
-      c[block] = defaults()
   c.loss = ml_collections.ConfigDict({
       "alpha": 0.1, "link": "sigmoid", "label_smoothing": 0.0, "nll_weight": 0.0,
       "nll_normalization": "token"})
@@ -171,5 +163,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.checkpoint_every = 100
   c.max_checkpoints = 2
   c.log_every = 25
+
+  # Algorithms' own keys, from their modules: blocks of their own
+  # (config.dice, config.tis) and keys of the train block (the 'mi' prior's
+  # rounds, the learned priors' diagnostics; the evaluation's
+  # mutual-information estimate).
+  for block, defaults in config_lib.config_blocks().items():
+    if block in c:
+      c[block].update(defaults())
+    else:
+      c[block] = defaults()
   return c
 

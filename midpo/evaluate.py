@@ -11,14 +11,18 @@ Reported in ``eval.json`` (means with standard errors over prompts):
 * ``implicit_reward_accuracy``: on held-out labelled pairs, the fraction whose
   label-free implicit-reward margin under the trained prior is positive (see
   ``implicit_reward_accuracy``), and the mean MI-DPO loss there (``loss``: the
-  held-out loss);
-  ``train_implicit_reward_accuracy``: the same on the run's training pairs.
+  held-out loss); ``train_implicit_reward_accuracy``: the same on the run's
+  training pairs;
+* ``mutual_information``: the post-hoc estimate of ``E_x KL(pi(.|x) || zeta*)``
+  from the samples (``midpo.algorithms.mi.estimate``; ``eval.mutual_information``
+  says at which steps), for the reference, the policy and the baselines.
 
 With ``config.eval.every > 0`` the kept preference checkpoints along
 training are evaluated the same way (same prompts, same sampling keys), each
 written to ``eval/<model>/step_<n>.json`` with its per-prompt values; the
-reference's to ``eval/reference/step_0000000.json``. ``eval.json`` also records the commit,
-the machine and the versions (results are deterministic per machine and build).
+reference's to ``eval/reference/step_0000000.json``. ``eval.json`` also records
+the commit, the machine and the versions (results are deterministic per
+machine and build).
 
 Sampling and teacher-forced scoring are ``midpo.sampling``'s; the pair loss is
 the trainer's (``midpo.training.pairs``).
@@ -35,6 +39,7 @@ import numpy as np
 from absl import logging
 
 from midpo import sampling
+from midpo.algorithms.mi import estimate as mi_estimate
 from midpo.core import priors
 from midpo.data import synthetic
 from midpo.training import config as config_lib
@@ -127,13 +132,24 @@ class _Context:
     self.ref = sampling.sample(env, reference, self.prompts, jax.random.fold_in(self.key, 1))
     self.rewards = None
     if config.data.source == "synthetic":
-      self.rewards = np.array([synthetic.reward(p, env.tokenizer.decode(y))
+      spec = config.data.synthetic.prompt_specificity
+      self.rewards = np.array([synthetic.reward(p, env.tokenizer.decode(y), spec)
                                for p, y in zip(self.prompts, self.ref.responses)])
 
 
-def _policy_summary(env, ctx: _Context, name, params) -> tuple[dict, Any]:
+def _mutual_information(env, params, samples) -> dict:
+  """The post-hoc ``E_x KL(pi(.|x) || zeta*)`` of ``params``, which drew the
+  evaluation's ``samples`` (``midpo.algorithms.mi.estimate``): the same fit
+  prompts, sampling key and seed for every model."""
+  key = jax.random.fold_in(jax.random.key(env.config.seed), 7)
+  fit = sampling.sample(env, params, mi_estimate.fit_prompts(env), key)
+  return mi_estimate.mutual_information(env, fit, samples, seed=int(env.config.seed))
+
+
+def _policy_summary(env, ctx: _Context, name, params, mi: bool) -> tuple[dict, Any]:
   """Samples of one policy on the eval prompts -> KL, length, (reward, win
-  rate, reward per token); and ``(samples, rewards, per-prompt values)``."""
+  rate, reward per token, ``mi``: the mutual-information estimate); and
+  ``(samples, rewards, per-prompt values)``."""
   pol = sampling.sample(env, params, ctx.prompts, jax.random.fold_in(ctx.key, 0))
   kl = pol.logps - sampling.sequence_logps(env, ctx.reference, pol)
   out = {**sampling.summary("kl", kl), **sampling.summary("length", pol.lengths),
@@ -141,20 +157,26 @@ def _policy_summary(env, ctx: _Context, name, params) -> tuple[dict, Any]:
   per_prompt = {"kl": kl.tolist(), "length": pol.lengths.tolist()}
   rewards = None
   if env.config.data.source == "synthetic":
-    rewards = np.array([synthetic.reward(p, env.tokenizer.decode(y))
+    spec = env.config.data.synthetic.prompt_specificity
+    rewards = np.array([synthetic.reward(p, env.tokenizer.decode(y), spec)
                         for p, y in zip(ctx.prompts, pol.responses)])
     out.update(sampling.summary("reward", rewards))
     out.update(sampling.summary("reward_per_token", rewards / np.maximum(pol.lengths, 1)))
     r_ref = ctx.rewards
     out.update(sampling.summary("win_rate", (rewards > r_ref) + 0.5 * (rewards == r_ref)))
     per_prompt["reward"] = rewards.tolist()
+  if mi:
+    out["mutual_information"] = _mutual_information(env, params, pol)
   logging.info("eval: sampled %d prompts from %s", len(ctx.prompts), name)
   return out, (pol, rewards, per_prompt)
 
 
-def _evaluate(env, ctx: _Context, name, params, frozen, prior_params, prior, pairs):
+def _evaluate(env, ctx: _Context, name, params, frozen, prior_params, prior, pairs, *,
+              final: bool):
   """One model's samples summary and both pair accuracies; ``(summary, extras)``."""
-  out, extras = _policy_summary(env, ctx, name, params)
+  mode = env.config.eval.mutual_information
+  out, extras = _policy_summary(env, ctx, name, params, mode == "every" or
+                                (final and mode == "final"))
   out["implicit_reward_accuracy"] = implicit_reward_accuracy(env, params, frozen, prior_params,
                                                              prior)
   if pairs is not None:
@@ -190,7 +212,8 @@ def evaluate_along_training(env, ctx: _Context, pairs: dict | None) -> list[dict
       continue
     policy, prior_params, frozen, prior = loader.load(snap)
     summary, (_, _, per_prompt) = _evaluate(env, ctx, f"{snap.model} at step {snap.step}",
-                                            policy, frozen, prior_params, prior, pairs)
+                                            policy, frozen, prior_params, prior, pairs,
+                                            final=False)
     _write_step(env, snap.model, snap.step, summary, per_prompt)
     rows.append({"model": snap.model, "step": snap.step, **summary})
   return rows
@@ -201,11 +224,15 @@ TABLE_KEYS = ("reward", "kl", "length", "win_rate")
 
 def format_table(rows: list[dict]) -> str:
   """eval.json's ``table`` as fixed-width text (mean +- standard error)."""
-  head = f"{'model':<14}" + "".join(f"{k:>18}" for k in TABLE_KEYS) + f"{'held-out loss':>15}"
+  keys = TABLE_KEYS + (("mutual_information",) if any("mutual_information" in r for r in rows)
+                       else ())
+  names = {"mutual_information": "MI estimate"}
+  head = f"{'model':<14}" + "".join(f"{names.get(k, k):>18}" for k in keys) + \
+      f"{'held-out loss':>15}"
   lines = [head, "-" * len(head)]
   for r in rows:
     cells = "".join(f"{r[k]:>10.3f} +- {r[k + '_se']:<4.2f}" if k in r else f"{'-':>18}"
-                    for k in TABLE_KEYS)
+                    for k in keys)
     loss = r.get("heldout_loss")
     lines.append(f"{r['model']:<14}{cells}" + (f"{loss:>15.4f}" if loss is not None else
                                                f"{'-':>15}"))
@@ -238,6 +265,8 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
     results["reference"].update(sampling.summary("reward", r_ref))
     results["reference"].update(sampling.summary("reward_per_token",
                                                  r_ref / np.maximum(ref.lengths, 1)))
+  if config.eval.mutual_information != "none":
+    results["reference"]["mutual_information"] = _mutual_information(env, reference, ref)
   if config.eval.every:
     ref_per_prompt = {"kl": [0.0] * len(prompts), "length": ref.lengths.tolist()}
     if r_ref is not None:
@@ -246,20 +275,19 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
     evaluate_along_training(env, ctx, pairs)
   # The policy and every baseline share the prompts and the sampling key.
   results["policy"], (pol, r_pol, per_prompt) = _evaluate(
-      env, ctx, config.prior.name, policy, frozen, prior_params, None, pairs)
+      env, ctx, config.prior.name, policy, frozen, prior_params, None, pairs, final=True)
   results["implicit_reward_accuracy"] = results["policy"].pop("implicit_reward_accuracy")
   final_step = config.train.steps * preference.num_rounds(env)
   if config.eval.every:
     _write_step(env, config.prior.name, final_step, dict(
         results["policy"], implicit_reward_accuracy=results["implicit_reward_accuracy"]),
         per_prompt)
-  table = [dict(model="reference", **{k: v for k, v in results["reference"].items()
-                                      if k.split("_se")[0] in TABLE_KEYS})]
+  table = [_table_row("reference", results["reference"])]
   if baselines:
     results["baselines"] = {}
   for name, params in baselines.items():
     b, (_, r_b, b_per_prompt) = _evaluate(env, ctx, name, params, {"reference": reference},
-                                          None, priors.make_prior(name), pairs)
+                                          None, priors.make_prior(name), pairs, final=True)
     if config.eval.every:
       _write_step(env, name, config.train.steps, b, b_per_prompt)
     if r_pol is not None:
@@ -291,6 +319,9 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
 def _table_row(name: str, summary: dict) -> dict:
   row = {"model": name}
   row.update({k: v for k, v in summary.items() if k.split("_se")[0] in TABLE_KEYS})
+  mi = summary.get("mutual_information", {})
+  if "value" in mi:
+    row["mutual_information"], row["mutual_information_se"] = mi["value"], mi["se"]
   acc = summary.get("implicit_reward_accuracy", {})
   if "loss" in acc:
     row["heldout_loss"] = acc["loss"]

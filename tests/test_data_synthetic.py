@@ -244,3 +244,73 @@ def test_responses_follow_the_prompt_domain():
     same += sum(synthetic.NOUN_DOMAIN[w] == dom for w in nouns)
     total += len(nouns)
   assert 0.85 < same / total < 0.95
+
+
+# -- the second task: sentiment that depends on the prompt's domain ----------------------------
+
+SENTIMENT = (list(synthetic.POSITIVE_ADJ) + list(synthetic.NEGATIVE_ADJ) +
+             list(synthetic.POSITIVE_VERB) + list(synthetic.NEGATIVE_VERB))
+TOPIC_OF = {d: v["topics"][0] for d, v in synthetic.DOMAINS.items()}
+
+
+def _sentiment_response(word):
+  return f"it is {word} ." if word in synthetic.VALENCE else f"i {word} it ."
+
+
+def test_each_domain_flips_half_of_each_lexicon_and_signs_average_to_zero():
+  for lexicon in (synthetic.POSITIVE_ADJ, synthetic.NEGATIVE_ADJ, synthetic.POSITIVE_VERB,
+                  synthetic.NEGATIVE_VERB):
+    for d in synthetic.DOMAINS:
+      flipped = [w for w in lexicon if synthetic.DOMAIN_SIGN[d][w] < 0]
+      assert len(flipped) == len(lexicon) // 2, (d, flipped)
+  for w in SENTIMENT:
+    assert sum(synthetic.DOMAIN_SIGN[d][w] for d in synthetic.DOMAINS) == 0.0, w
+  # Two domains that pair up as opposites: food and film.
+  assert all(synthetic.DOMAIN_SIGN["food"][w] == -synthetic.DOMAIN_SIGN["film"][w]
+             for w in SENTIMENT)
+
+
+@pytest.mark.parametrize("s", [0.0, 0.3, 1.0])
+def test_prompt_specificity_scales_each_sentiment_word_by_its_domain_sign(s):
+  for d, topic in TOPIC_OF.items():
+    prompt = f"tell me about the {topic} ."
+    for w in SENTIMENT:
+      base = synthetic.reward(prompt, _sentiment_response(w))
+      got = synthetic.reward(prompt, _sentiment_response(w), prompt_specificity=s)
+      assert got == pytest.approx(base * ((1 - s) + s * synthetic.DOMAIN_SIGN[d][w])), (d, w)
+    # Modifiers act on the domain's valence: "not very w" negates twice the word's score.
+    assert synthetic.reward(prompt, "it is not very great .", s) == pytest.approx(
+        -2 * synthetic.reward(prompt, "it is great .", s))
+  # Topic bonus and off-domain penalty do not depend on the knob.
+  assert synthetic.reward("tell me about the pasta .", "the pasta has the plot .", 1.0) == 0.0
+
+
+def test_at_full_specificity_a_response_that_ignores_the_prompt_gains_nothing():
+  # The same sentiment response under every domain's prompt: mean reward 0 at s = 1,
+  # its own valence at s = 0.
+  for w in SENTIMENT:
+    r = [synthetic.reward(f"tell me about the {t} .", _sentiment_response(w), 1.0)
+         for t in TOPIC_OF.values()]
+    assert np.mean(r) == 0.0 and max(r) > 0.0, w
+
+
+def test_the_second_task_is_its_own_dataset_and_labels_by_its_reward(tmp_path):
+  base = tfds_builders.synthetic_config(seed=0, num_sft=8, num_train=64, num_test=8)
+  same = tfds_builders.synthetic_config(seed=0, num_sft=8, num_train=64, num_test=8,
+                                        prompt_specificity=0.0)
+  other = tfds_builders.synthetic_config(seed=0, num_sft=8, num_train=64, num_test=8,
+                                         prompt_specificity=1.0)
+  assert base.name == same.name != other.name
+  with pytest.raises(ValueError, match="prompt_specificity must be in"):
+    tfds_builders.synthetic_config(seed=0, prompt_specificity=1.5)
+  builder = tfds_builders.synthetic_builder(str(tmp_path), seed=0, num_sft=8, num_train=64,
+                                            num_test=8, prompt_specificity=1.0)
+  assert builder.builder_config.name == other.name
+  exs = _examples(builder, "train")
+  assert len(exs) == 64
+  for ex in exs:
+    for side in ("chosen", "rejected"):
+      assert ex[f"reward_{side}"] == pytest.approx(
+          synthetic.reward(ex["prompt"], ex[side], 1.0), abs=1e-5)
+  # The annotator follows the task's reward: the chosen one is better more often than not.
+  assert np.mean([e["reward_chosen"] > e["reward_rejected"] for e in exs]) > 0.6

@@ -60,6 +60,10 @@ def test_sweep_writes_one_row_per_run_model_and_step(uninterrupted):
   for col in ("reward", "kl", "kl_se", "length", "reward_per_token", "win_rate",
               "implicit_reward_accuracy", "heldout_loss", "train_loss", "win_rate_vs"):
     assert runs[col].notna().all(), col
+  # The mutual-information estimate at the last step (eval.mutual_information='final').
+  assert runs[runs.step == 8].mutual_information.notna().all()
+  assert runs[runs.step == 4].mutual_information.isna().all()
+  assert frame[frame.algorithm == "reference"].mutual_information.notna().all()
   # DPO at the comparison alpha against itself: every prompt a tie.
   assert (runs[(runs.algorithm == "dpo") & (runs.alpha == 0.1)].win_rate_vs == 0.5).all()
   assert runs[runs.algorithm == "simpo"]["prior.gamma"].eq(0.5).all()
@@ -183,3 +187,37 @@ def test_paired_differences_are_per_seed_then_averaged():
   assert other.reward_diff == pytest.approx(2.0)
   assert other.reward_diff_se == pytest.approx(1.0 / math.sqrt(3))
   assert other.n_seeds == 3
+
+
+def test_sweep_notebook_plots_every_figure_with_data(uninterrupted, tmp_path, monkeypatch):
+  import nbclient
+  import nbformat
+
+  from midpo.analysis import sweep_plots
+  from midpo.analysis.plots import figure_notes
+
+  workdir, _ = uninterrupted
+  path = tu.ROOT / "notebooks" / "sweep.ipynb"
+  nb = nbformat.read(path, as_version=4)
+  assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
+      "commit the notebook with its outputs cleared"
+  monkeypatch.setenv("MIDPO_SWEEP", str(workdir))
+  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                   resources={"metadata": {"path": str(path.parent)}})
+  client.execute()
+  nbformat.write(nb, tmp_path / "executed.ipynb")  # for a look when it fails
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+  assert not errors, errors
+  images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+  assert len(images) == 4  # reward-KL, reward-MI, length-KL, paths
+  # The figures themselves: every panel has the runs' points, the means and the references.
+  frame = pd.read_csv(workdir / "results.csv")
+  for x, y in (("kl", "reward"), ("mutual_information", "reward"), ("kl", "length")):
+    fig = sweep_plots.plot_frontier(frame.dropna(subset=[x]), x=x, y=y)
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["reference (2 seeds)", "dpo (n=2 seeds)", "simpo (n=2 seeds)"], labels
+    points = sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets"))
+    assert points >= 2 + 6, (x, y, points)  # the references and the runs' points
+    assert not figure_notes(fig)

@@ -26,6 +26,9 @@ TINY_OVERRIDES = {
     "eval.batch_size": 16,
     "eval.max_new_tokens": 12,
     "eval.num_pairs": 16,
+    # The mutual-information estimate samples and fits a model of its own:
+    # off here, on (at a tiny size) where a test checks it.
+    "eval.mutual_information": "none",
     "log_every": 1,
     "checkpoint_every": 4,
 }
@@ -43,6 +46,11 @@ MI_TINY = {
     "train.prior_eval_pairs": 16,
     "train.diagnostics_every": 2,
 }
+
+
+# The estimate at a tiny size.
+MI_ESTIMATE_TINY = {"eval.mutual_information": "final", "eval.mi_samples": 32,
+                    "eval.mi_steps": 4, "eval.mi_batch_size": 8}
 
 
 def apply_overrides(config, overrides):

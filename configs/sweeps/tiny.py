@@ -30,7 +30,8 @@ def get_config():
       "sft": {"steps": 12},
       "train": {"steps": 8},
       "eval": {"num_prompts": 16, "batch_size": 16, "max_new_tokens": 12, "num_pairs": 16,
-               "every": 4},
+               "every": 4, "mutual_information": "final", "mi_samples": 32, "mi_steps": 4,
+               "mi_batch_size": 8},
       "log_every": 4,
       "checkpoint_every": 4,
   }

@@ -92,17 +92,19 @@ def sample_dice_pairs(env, sampler, older, name: str, round_index: int, pairs: d
              for k in range(d.samples_per_prompt)]
   texts = [[env.tokenizer.decode(s.responses[i]) for s in samples] for i in range(len(prompts))]
   lengths = np.stack([s.lengths for s in samples], axis=1)
+  spec = config.data.synthetic.prompt_specificity
   if d.labels == "implicit":
     scores = np.stack([s.logps - sampling.sequence_logps(env, older, s) for s in samples],
                       axis=1)
   else:
-    scores = np.array([[synthetic.reward(p, y) for y in ys] for p, ys in zip(prompts, texts)])
+    scores = np.array([[synthetic.reward(p, y, spec) for y in ys]
+                       for p, ys in zip(prompts, texts)])
   hi, lo, a = select_pairs(scores, lengths)
   keep = [i for i in range(len(prompts)) if texts[i][hi[i]] != texts[i][lo[i]]]
   rows_p = [prompts[i] for i in keep]
   rows_r = [[texts[i][hi[i]], texts[i][lo[i]]] for i in keep]
-  true_w = np.array([synthetic.reward(p, r[0]) for p, r in zip(rows_p, rows_r)])
-  true_l = np.array([synthetic.reward(p, r[1]) for p, r in zip(rows_p, rows_r)])
+  true_w = np.array([synthetic.reward(p, r[0], spec) for p, r in zip(rows_p, rows_r)])
+  true_l = np.array([synthetic.reward(p, r[1], spec) for p, r in zip(rows_p, rows_r)])
   n_new = len(rows_p)
   n_off = 0
   if d.offline_ratio > 0:

@@ -29,7 +29,8 @@ import pandas as pd
 
 KEYS = ["task", "algorithm", "model", "prior", "alpha", "seed", "step"]
 # Columns summarised over seeds by default.
-SUMMARY_METRICS = ("reward", "kl", "length", "reward_per_token", "win_rate",
+SUMMARY_METRICS = ("reward", "kl", "mutual_information", "length", "reward_per_token",
+                   "win_rate",
                    "implicit_reward_accuracy", "heldout_loss", "train_loss", "win_rate_vs")
 
 
@@ -60,6 +61,10 @@ def step_rows(workdir: str) -> list[tuple[dict, dict]]:
       row[k] = s.get(k, math.nan)
       row[f"{k}_se"] = s.get(f"{k}_se", math.nan)
     row["finished_fraction"] = s.get("finished_fraction", math.nan)
+    mi = s.get("mutual_information")
+    ok = isinstance(mi, dict) and "value" in mi
+    row["mutual_information"] = mi["value"] if ok else math.nan
+    row["mutual_information_se"] = mi["se"] if ok else math.nan
     acc = _accuracy(s.get("implicit_reward_accuracy"), "")
     row["implicit_reward_accuracy"] = acc["implicit_reward_accuracy"]
     row["implicit_reward_accuracy_se"] = acc["implicit_reward_accuracy_se"]

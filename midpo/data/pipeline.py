@@ -72,7 +72,8 @@ refuses a state made for other data, other settings or another process.
     source                 'synthetic' | 'files'
     data_dir               TFDS data directory (built datasets live under it)
     synthetic.*            see tfds_builders.py (seed, num_sft, num_train, num_test, temperature,
-                           label_noise, length_bias, sft_best_of, samples_path, pairing, labels)
+                           label_noise, length_bias, prompt_specificity, sft_best_of,
+                           samples_path, pairing, labels)
     files.format, files.train_files, files.test_files     see formats.py / tfds_builders.py
     bad_rows               'skip' | 'fatal'
     max_reported_bad_rows  how many bad rows are listed with file and line
@@ -118,6 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
         "temperature": 1.0,
         "label_noise": 0.0,
         "length_bias": 0.0,
+        "prompt_specificity": 0.0,
         "sft_best_of": 4,
         "samples_path": "",
         "pairing": "disjoint",
@@ -210,6 +212,7 @@ def builder_from_config(c, build: bool = True):
       temperature=s.temperature,
       label_noise=s.label_noise,
       length_bias=s.length_bias,
+      prompt_specificity=s.prompt_specificity,
       sft_best_of=s.sft_best_of,
       samples_path=s.samples_path,
       pairing=s.pairing,

@@ -24,6 +24,15 @@ token), so per-token oracle weights exist (TIS-DPO):
 - every other token scores 0.
 
 ``r*`` is defined on any word sequence (unknown words score 0), so it scores model samples too.
+
+Two tasks share this language. With ``prompt_specificity = 0`` (the default, the 'sentiment'
+task) a sentiment word scores the same whatever the prompt, so the reward hardly depends on the
+prompt (only through the topic bonus and the off-domain penalty). With ``prompt_specificity = s``
+in (0, 1] (the 'domain lexicon' task at ``s = 1``) each domain likes its own half of the sentiment
+words: a word's score is multiplied by ``(1 - s) + s * sign``, its sign in the prompt's domain
+(``midpo.data.lexicon.DOMAIN_SIGN``: the domains pair up as opposites), so a response that ignores
+the prompt gains nothing from sentiment at ``s = 1``, and lowering the mutual information between
+prompt and response must cost reward.
 The base generator picks positive and negative words with equal probability, so the expected
 reward does not grow with length: length only matters if the annotator is told to like it.
 
@@ -45,82 +54,12 @@ from typing import Sequence
 import numpy as np
 
 # ----------------------------------------------------------------------------------------------
-# Vocabulary. Changing any list changes the dataset: bump the builder VERSION.
+# Vocabulary (midpo.data.lexicon).
 
-DOMAINS: dict[str, dict[str, tuple[str, ...]]] = {
-  "food": {
-    "topics": ("pasta", "soup", "pizza", "salad", "curry", "bread", "cake", "noodles"),
-    "nouns": ("sauce", "chef", "menu", "kitchen", "dessert", "flavor", "waiter", "portion"),
-    "adjectives": ("spicy", "sweet", "salty", "fresh", "warm", "crispy"),
-  },
-  "film": {
-    "topics": ("movie", "film", "show", "drama", "comedy", "thriller", "series", "cartoon"),
-    "nouns": ("plot", "actor", "ending", "scene", "script", "director", "soundtrack", "cast"),
-    "adjectives": ("long", "short", "dark", "funny", "slow", "loud"),
-  },
-  "travel": {
-    "topics": ("hotel", "beach", "city", "museum", "park", "village", "island", "lake"),
-    "nouns": ("room", "view", "guide", "tour", "staff", "street", "trail", "market"),
-    "adjectives": ("sunny", "quiet", "busy", "old", "large", "remote"),
-  },
-  "tech": {
-    "topics": ("phone", "laptop", "camera", "tablet", "printer", "speaker", "router", "watch"),
-    "nouns": ("battery", "screen", "case", "charger", "button", "app", "update", "keyboard"),
-    "adjectives": ("fast", "light", "heavy", "thin", "cheap", "new"),
-  },
-}
-POSITIVE_ADJ = {
-  "good": 1.0,
-  "nice": 1.0,
-  "fine": 1.0,
-  "pleasant": 1.0,
-  "great": 2.0,
-  "lovely": 2.0,
-  "excellent": 2.0,
-  "superb": 2.0,
-}
-NEGATIVE_ADJ = {
-  "bad": -1.0,
-  "poor": -1.0,
-  "dull": -1.0,
-  "weak": -1.0,
-  "awful": -2.0,
-  "terrible": -2.0,
-  "horrible": -2.0,
-  "useless": -2.0,
-}
-POSITIVE_VERB = {"love": 2.0, "like": 1.0, "enjoy": 1.0, "recommend": 2.0}
-NEGATIVE_VERB = {"hate": -2.0, "dislike": -1.0, "regret": -1.0, "avoid": -2.0}
-NEUTRAL_VERBS = ("has", "offers", "shows", "uses", "needs", "gets")
-INSTRUCTIONS = (
-  ("tell", "me", "about"),
-  ("describe",),
-  ("review",),
-  ("what", "about"),
-  ("talk", "about"),
-  ("write", "about"),
-)
-FUNCTION_WORDS = ("the", "a", "this", "it", "is", "and", "i", "with", "not", "very", ".")
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-ROLES = ("system", "user", "assistant")
-
-TOPIC_BONUS = 0.5
-OFF_DOMAIN_PENALTY = -0.5
-
-VALENCE = {**POSITIVE_ADJ, **NEGATIVE_ADJ}
-VERB_VALENCE = {**POSITIVE_VERB, **NEGATIVE_VERB}
-TOPIC_DOMAIN = {t: d for d, v in DOMAINS.items() for t in v["topics"]}
-NOUN_DOMAIN = {n: d for d, v in DOMAINS.items() for n in v["topics"] + v["nouns"]}
-
-
-def vocabulary() -> list[str]:
-  """The fixed word list: specials, chat-role markers, then every word of the language."""
-  words = set(FUNCTION_WORDS) | set(VALENCE) | set(VERB_VALENCE) | set(NEUTRAL_VERBS)
-  words |= {w for ins in INSTRUCTIONS for w in ins}
-  for d in DOMAINS.values():
-    words |= set(d["topics"]) | set(d["nouns"]) | set(d["adjectives"])
-  return list(SPECIALS) + [f"<{r}>" for r in ROLES] + sorted(words)
-
+from midpo.data.lexicon import (DOMAIN_SIGN, DOMAINS, FUNCTION_WORDS, INSTRUCTIONS,  # noqa: F401
+                                NEGATIVE_ADJ, NEGATIVE_VERB, NEUTRAL_VERBS, NOUN_DOMAIN,
+                                OFF_DOMAIN_PENALTY, POSITIVE_ADJ, POSITIVE_VERB, ROLES, SPECIALS,
+                                TOPIC_BONUS, TOPIC_DOMAIN, VALENCE, VERB_VALENCE, vocabulary)
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer.
@@ -212,11 +151,19 @@ def prompt_topic(prompt) -> str | None:
   return None
 
 
-def token_rewards(prompt, response) -> np.ndarray:
-  """Per-token rewards ``r_t`` (float32, one per response word); ``r* = sum_t r_t``."""
+def token_rewards(prompt, response, prompt_specificity: float = 0.0) -> np.ndarray:
+  """Per-token rewards ``r_t`` (float32, one per response word); ``r* = sum_t r_t``.
+
+  ``prompt_specificity`` in [0, 1] makes sentiment depend on the prompt's
+  domain: each sentiment word's score is multiplied by
+  ``(1 - s) + s * DOMAIN_SIGN[domain][word]`` (``midpo.data.lexicon``), so at
+  ``s = 1`` half of each lexicon changes sign in each domain.
+  """
   p, y = _words(prompt), _words(response)
   topic = prompt_topic(p)
   domain = TOPIC_DOMAIN.get(topic) if topic else None
+  s = float(prompt_specificity)
+  signs = DOMAIN_SIGN.get(domain) if s and domain else None
   out = np.zeros(len(y), dtype=np.float32)
   topic_seen = False
   for t, w in enumerate(y):
@@ -230,9 +177,10 @@ def token_rewards(prompt, response) -> np.ndarray:
           v = -v
       elif prev == "not":
         v = -v
-      out[t] = v
+      out[t] = v if signs is None else v * ((1.0 - s) + s * signs[w])
     elif w in VERB_VALENCE:
-      out[t] = VERB_VALENCE[w]
+      v = VERB_VALENCE[w]
+      out[t] = v if signs is None else v * ((1.0 - s) + s * signs[w])
     elif domain is not None and w in NOUN_DOMAIN:
       if w == topic and not topic_seen:
         out[t] = TOPIC_BONUS
@@ -242,9 +190,9 @@ def token_rewards(prompt, response) -> np.ndarray:
   return out
 
 
-def reward(prompt, response) -> float:
-  """The ground-truth reward ``r*(x, y)``."""
-  return float(token_rewards(prompt, response).sum(dtype=np.float64))
+def reward(prompt, response, prompt_specificity: float = 0.0) -> float:
+  """The ground-truth reward ``r*(x, y)`` (see ``token_rewards``)."""
+  return float(token_rewards(prompt, response, prompt_specificity).sum(dtype=np.float64))
 
 
 def preference_probability(
@@ -361,14 +309,15 @@ def prompts(seed: int, split: str, n: int, start: int = 0) -> list[str]:
   return [sample_prompt(example_rng(seed, split, i)) for i in range(start, start + n)]
 
 
-def sft_example(seed: int, index: int, best_of: int) -> tuple[str, str]:
+def sft_example(seed: int, index: int, best_of: int,
+                prompt_specificity: float = 0.0) -> tuple[str, str]:
   """(prompt, demonstration): the best of ``best_of`` base responses under ``r*``."""
   rng = example_rng(seed, "sft", index)
   prompt = sample_prompt(rng)
   best, best_r = None, -math.inf
   for _ in range(best_of):
     y = sample_response(prompt, rng)
-    r = reward(prompt, y)
+    r = reward(prompt, y, prompt_specificity)
     if r > best_r:
       best, best_r = y, r
   return prompt, best
@@ -386,10 +335,11 @@ def candidate_pair(seed: int, split: str, index: int) -> tuple[np.random.Generat
   raise RuntimeError(f"could not draw two distinct responses for {split}[{index}]")
 
 
-def given_pair(prompt: str, chosen: str, rejected: str) -> dict:
+def given_pair(prompt: str, chosen: str, rejected: str, prompt_specificity: float = 0.0) -> dict:
   """The fields of a preference example whose label was decided by the caller
   (``label_probability`` is NaN: no annotator was asked)."""
-  rc, rr = token_rewards(prompt, chosen), token_rewards(prompt, rejected)
+  rc = token_rewards(prompt, chosen, prompt_specificity)
+  rr = token_rewards(prompt, rejected, prompt_specificity)
   return {
     "prompt": prompt,
     "chosen": chosen,
@@ -410,9 +360,11 @@ def label_pair(
   temperature: float,
   length_bias: float,
   label_noise: float,
+  prompt_specificity: float = 0.0,
 ) -> dict:
   """Labels ``(a, b)`` with the annotator; returns the fields of a preference example."""
-  ra, rb = token_rewards(prompt, a), token_rewards(prompt, b)
+  ra, rb = token_rewards(prompt, a, prompt_specificity), token_rewards(prompt, b,
+                                                                       prompt_specificity)
   p_a = float(
     preference_probability(
       ra.sum(), rb.sum(), len(ra), len(rb), temperature, length_bias, label_noise

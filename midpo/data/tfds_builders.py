@@ -13,6 +13,8 @@ Each build records its bad-row counts (``report.py``) in the dataset's ``metadat
     temperature (1.0)        Bradley-Terry temperature of the annotator
     label_noise (0.0)        probability that the annotator's choice is flipped, in [0, 0.5]
     length_bias (0.0)        annotator's extra utility per response token (reward units)
+    prompt_specificity (0.0) how much a sentiment word's score depends on the prompt's domain
+                             (synthetic.py: 0 the 'sentiment' task, 1 the 'domain lexicon' one)
     sft_best_of (4)          demonstrations are the best of this many base responses under r*
     samples_path ('')        a model-samples file (format below); when set the builder makes one
                              split, 'train', of pairs of the model's own responses labelled by the
@@ -111,6 +113,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   temperature: float = 1.0
   label_noise: float = 0.0
   length_bias: float = 0.0
+  prompt_specificity: float = 0.0
   sft_best_of: int = 4
   samples_path: str = ""
   samples_sha256: str = ""
@@ -146,6 +149,9 @@ def synthetic_config(**kwargs) -> SyntheticConfig:
   )  # validates
   if cfg.sft_best_of < 1:
     raise ValueError("config.data.synthetic.sft_best_of must be >= 1")
+  if not 0.0 <= cfg.prompt_specificity <= 1.0:
+    raise ValueError("config.data.synthetic.prompt_specificity must be in [0, 1]; got "
+                     f"{cfg.prompt_specificity}")
   if cfg.samples_path:
     cfg.samples_path = os.path.abspath(cfg.samples_path)
     cfg.samples_sha256 = file_sha256(cfg.samples_path)
@@ -154,6 +160,8 @@ def synthetic_config(**kwargs) -> SyntheticConfig:
   fields["samples_path"] = bool(cfg.samples_path)
   fields.pop("bad_rows")
   fields.pop("max_reported")
+  if not fields["prompt_specificity"]:  # the first task's datasets keep their names
+    fields.pop("prompt_specificity")
   cfg.name = f"s{cfg.seed}_{_hash(fields)[:12]}"
   return cfg
 
@@ -207,8 +215,9 @@ class SyntheticPreferences(tfds.core.GeneratorBasedBuilder):
     n = {"sft": cfg.num_sft, "train": cfg.num_train, "test": cfg.num_test}[split]
     for i in range(n):
       if split == "sft":
-        prompt, demo = synthetic.sft_example(cfg.seed, i, cfg.sft_best_of)
-        rc = synthetic.token_rewards(prompt, demo)
+        prompt, demo = synthetic.sft_example(cfg.seed, i, cfg.sft_best_of,
+                                             cfg.prompt_specificity)
+        rc = synthetic.token_rewards(prompt, demo, cfg.prompt_specificity)
         ex = {
           "prompt": prompt,
           "chosen": demo,
@@ -222,7 +231,8 @@ class SyntheticPreferences(tfds.core.GeneratorBasedBuilder):
       else:
         rng, prompt, a, b = synthetic.candidate_pair(cfg.seed, split, i)
         ex = synthetic.label_pair(
-          rng, prompt, a, b, cfg.temperature, cfg.length_bias, cfg.label_noise
+          rng, prompt, a, b, cfg.temperature, cfg.length_bias, cfg.label_noise,
+          cfg.prompt_specificity
         )
       ex.update(kind="text", source=f"{split}:{i}", index=i)
       rep.kept()
@@ -267,11 +277,12 @@ class SyntheticPreferences(tfds.core.GeneratorBasedBuilder):
           rep.bad(report_lib.IDENTICAL_RESPONSES, name, line, f"responses {j},{k}")
           continue
         if cfg.labels == "given":
-          ex = synthetic.given_pair(prompt, a, b)
+          ex = synthetic.given_pair(prompt, a, b, cfg.prompt_specificity)
         else:
           rng = np.random.default_rng([cfg.seed, synthetic.SPLIT_CODES["samples"], line, j, k])
           ex = synthetic.label_pair(
-            rng, prompt, a, b, cfg.temperature, cfg.length_bias, cfg.label_noise
+            rng, prompt, a, b, cfg.temperature, cfg.length_bias, cfg.label_noise,
+            cfg.prompt_specificity
           )
         ex.update(kind="text", source=f"{name}:{line}:{j},{k}", index=index)
         rep.kept()

@@ -92,6 +92,35 @@ def prior_prompts(env: env_lib.Env, round_index: int) -> list[str]:
   return synthetic.prompts(env.config.data.synthetic.seed, "prior", n, start=start)
 
 
+def sample_rows(env: env_lib.Env, samples: sampling.Samples) -> dict[str, np.ndarray]:
+  """Samples as ``[N, T]`` preference rows ``[bos] prompt response [eos]``
+  (``T`` at least ``data.max_length``, a multiple of 8)."""
+  prompts, responses = sampling.sample_ids(env, samples)
+  width = max(env.config.data.max_length,
+              max(len(p) + len(r) for p, r in zip(prompts, responses)))
+  return sampling.response_rows(prompts, responses, pipeline.round_up(width, 8),
+                                env.tokenizer.pad_id)
+
+
+def global_rows(env: env_lib.Env, rows: dict, index: np.ndarray) -> dict[str, jax.Array]:
+  """Global rows ``index`` (every process holds all rows) -> a sharded batch."""
+  per = len(index) // env.process_count
+  mine = index[env.process_index * per:(env.process_index + 1) * per]
+  return env.global_batch({k: v[mine] for k, v in rows.items()})
+
+
+def batched_logps(env: env_lib.Env, seq_logps, params, rows: dict,
+                  batch_size: int) -> np.ndarray:
+  """``seq_logps(params, batch) -> [B]`` over all ``rows`` in batches of
+  ``batch_size`` (the last one wraps around), ``[N]`` on every process."""
+  n = len(rows["tokens"])
+  out = []
+  for start in range(0, n, batch_size):
+    index = np.arange(start, start + batch_size) % n
+    out.append(env_lib.gather(seq_logps(params, global_rows(env, rows, index))))
+  return np.concatenate(out)[:n]
+
+
 class MaximumLikelihood(recipes.PriorUpdate):
   """``zeta_phi`` refit by maximum likelihood on the policy's samples at the
   start of every round, its own Adam at a constant rate (it tracks a moving
@@ -135,29 +164,6 @@ class MaximumLikelihood(recipes.PriorUpdate):
 
   # -- one maximum-likelihood round -------------------------------------------
 
-  def _rows(self, samples: sampling.Samples) -> dict[str, np.ndarray]:
-    prompts, responses = sampling.sample_ids(self.env, samples)
-    width = max(self.env.config.data.max_length,
-                max(len(p) + len(r) for p, r in zip(prompts, responses)))
-    return sampling.response_rows(prompts, responses, pipeline.round_up(width, 8),
-                                  self.env.tokenizer.pad_id)
-
-  def _global(self, rows: dict, index: np.ndarray) -> dict[str, jax.Array]:
-    """Global rows ``index`` (every process holds all rows) -> a sharded batch."""
-    env = self.env
-    per = len(index) // env.process_count
-    mine = index[env.process_index * per:(env.process_index + 1) * per]
-    return env.global_batch({k: v[mine] for k, v in rows.items()})
-
-  def _log_zeta(self, params, rows) -> np.ndarray:
-    bsz = self.env.config.train.prior_batch_size
-    n = len(rows["tokens"])
-    out = []
-    for start in range(0, n, bsz):
-      index = np.arange(start, start + bsz) % n  # the last chunk wraps around
-      out.append(env_lib.gather(self.seq_logps(params, self._global(rows, index))))
-    return np.concatenate(out)[:n]
-
   def fit(self, state: dict, round_in_stage: int, step_index: int) -> dict:
     """One maximum-likelihood round of ``zeta_phi`` on fresh policy samples."""
     env, t = self.env, self.env.config.train
@@ -165,17 +171,18 @@ class MaximumLikelihood(recipes.PriorUpdate):
     key = jax.random.fold_in(self.base_key, round_in_stage)
     samples = sampling.sample(env, state["policy"], prior_prompts(env, round_in_stage),
                               jax.random.fold_in(key, 0), temperature=1.0)
-    rows = self._rows(samples)
+    rows = sample_rows(env, samples)
     n_tokens = rows["response_mask"].sum(axis=1)
-    before = self._log_zeta(state["prior"], rows)
+    before = batched_logps(env, self.seq_logps, state["prior"], rows, t.prior_batch_size)
     steps = t.prior_warmup_steps if round_in_stage == 0 else t.prior_steps_per_round
     rng = np.random.default_rng([int(env.config.seed), self.round_index, round_in_stage])
     n, bsz = len(samples.prompts), t.prior_batch_size
     order = np.concatenate([rng.permutation(n) for _ in range(-(-steps * bsz // n) + 1)])
     params, opt = state["prior"], state["prior_opt"]
     for j in range(steps):
-      params, opt, _ = self.mle_step(params, opt, self._global(rows, order[j * bsz:(j + 1) * bsz]))
-    after = self._log_zeta(params, rows)
+      batch = global_rows(env, rows, order[j * bsz:(j + 1) * bsz])
+      params, opt, _ = self.mle_step(params, opt, batch)
+    after = batched_logps(env, self.seq_logps, params, rows, t.prior_batch_size)
     kl_before = samples.logps - before
     kl_after = samples.logps - after
     m = {"nll_per_token": float(-before.sum() / n_tokens.sum()),
