@@ -239,6 +239,38 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def _reference_summary(env, ctx: _Context, mi: bool) -> dict:
+  """The reference's row: KL 0, length, reward (and the mutual-information
+  estimate when ``mi`` and ``eval.mutual_information`` is not 'none')."""
+  ref = ctx.ref
+  out = {"kl": 0.0, "kl_se": 0.0, **sampling.summary("length", ref.lengths),
+         "finished_fraction": float(ref.finished.mean())}
+  if ctx.rewards is not None:
+    out.update(sampling.summary("reward", ctx.rewards))
+    out.update(sampling.summary("reward_per_token", ctx.rewards / np.maximum(ref.lengths, 1)))
+  if mi and env.config.eval.mutual_information != "none":
+    out["mutual_information"] = _mutual_information(env, ctx.reference, ref)
+  return out
+
+
+def _write_reference_step(env, ctx: _Context, summary: dict) -> None:
+  per_prompt = {"kl": [0.0] * len(ctx.prompts), "length": ctx.ref.lengths.tolist()}
+  if ctx.rewards is not None:
+    per_prompt["reward"] = ctx.rewards.tolist()
+  _write_step(env, "reference", 0, summary, per_prompt)
+
+
+def evaluate_reference(env, reference) -> dict:
+  """The reference alone, as the eval stage evaluates it (same prompts and
+  keys; the mutual-information estimate as ``eval.mutual_information`` says),
+  written to ``eval/reference/step_0000000.json``: for a sweep, once per
+  seed instead of in every run (``eval.reference_mutual_information``)."""
+  ctx = _Context(env, reference)
+  summary = _reference_summary(env, ctx, True)
+  _write_reference_step(env, ctx, summary)
+  return summary
+
+
 def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
              pairs: dict | None = None) -> dict:
   """Writes ``eval.json`` and ``eval_samples.jsonl``; ``frozen["reference"]`` is the
@@ -257,21 +289,12 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
   results: dict[str, Any] = {
       "num_prompts": len(prompts),
       "prior": config.prior.name,
-      "reference": {"kl": 0.0, "kl_se": 0.0, **sampling.summary("length", ref.lengths),
-                    "finished_fraction": float(ref.finished.mean())},
+      "reference": _reference_summary(env, ctx,
+                                      config.eval.reference_mutual_information),
   }
   decode = lambda ids: env.tokenizer.decode(ids)
-  if r_ref is not None:
-    results["reference"].update(sampling.summary("reward", r_ref))
-    results["reference"].update(sampling.summary("reward_per_token",
-                                                 r_ref / np.maximum(ref.lengths, 1)))
-  if config.eval.mutual_information != "none":
-    results["reference"]["mutual_information"] = _mutual_information(env, reference, ref)
   if config.eval.every:
-    ref_per_prompt = {"kl": [0.0] * len(prompts), "length": ref.lengths.tolist()}
-    if r_ref is not None:
-      ref_per_prompt["reward"] = r_ref.tolist()
-    _write_step(env, "reference", 0, results["reference"], ref_per_prompt)
+    _write_reference_step(env, ctx, results["reference"])
     evaluate_along_training(env, ctx, pairs)
   # The policy and every baseline share the prompts and the sampling key.
   results["policy"], (pol, r_pol, per_prompt) = _evaluate(

@@ -17,6 +17,8 @@ task's, the algorithm's, then its ``seed`` and ``loss.alpha``. Per task and
 seed the SFT reference, the pairs sampled from it and the dataset build are
 made once, in ``W/shared/<task>/seed_<s>``, and every run of that seed reads
 them (``sft.checkpoint``, ``pairs_file``, ``data.data_dir``): a paired design.
+The reference is evaluated there once too (its mutual-information estimate
+included), with the runs' evaluation settings.
 Each run is an ordinary midpo workdir, ``W/runs/<task>/<algorithm>/alpha_<a>/
 seed_<s>`` (its ``config.json`` reruns it with ``python -m midpo.main``), that
 evaluates its policy every ``eval.every`` steps and at the end.
@@ -46,7 +48,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from midpo import config_base, sampling, train
+from midpo import config_base, evaluate, sampling, train
 from midpo.analysis import sweep as sweep_lib
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
@@ -54,7 +56,7 @@ from midpo.training import metrics_writer, provenance, sft
 
 # Config keys every run of a (task, seed) must share with its shared reference.
 SHARED_KEYS = ("model", "tokenizer", "data", "sft", "seed", "pairs_from", "num_pair_prompts",
-               "mesh")
+               "mesh", "eval")
 
 
 class SweepError(ValueError):
@@ -141,6 +143,7 @@ class Plan:
                          f"reference's config ({ours!r} != {theirs!r}): set it in the sweep's "
                          "overrides or the task's, for every run")
     config.stages = ("preference", "eval")
+    config.eval.reference_mutual_information = False  # estimated once per seed, shared
     config.sft.checkpoint = os.path.join(root, "sft")
     config.pairs_file = os.path.join(root, "pairs", "reference_samples.jsonl")
     config.data.data_dir = os.path.join(root, "tfds")
@@ -182,6 +185,8 @@ def prepare_shared(config: ml_collections.ConfigDict, root: str) -> dict:
     # Build the datasets every run reads, before several runs could race to.
     env.batches(env.data_config(samples_path=path), "train", mode="pairs")
     env.batches(env.data_config(), "test", mode="pairs")
+    # The reference's evaluation (with its mutual-information estimate), once.
+    evaluate.evaluate_reference(env, reference)
   finally:
     env.writer.close()
   out = {"sft": made_sft, "pairs": made_pairs, "seconds": time.perf_counter() - t0,
@@ -273,7 +278,9 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str,
   complete = all(os.path.exists(os.path.join(r["workdir"], "done.json")) for r in plan.runs)
   runs = [{k: r[k] for k in ("task", "algorithm", "alpha", "seed", "workdir")}
           for r in plan.runs if os.path.exists(os.path.join(r["workdir"], "done.json"))]
-  results = sweep_lib.collect(runs, compare_to=sweep.compare_to,
+  references = [{"task": t, "seed": s, "workdir": sh["workdir"]}
+                for (t, s), sh in plan.shared.items()]
+  results = sweep_lib.collect(runs, references=references, compare_to=sweep.compare_to,
                               compare_alpha=float(sweep.compare_alpha))
   sweep_lib.write_csv(results, os.path.join(plan.workdir, "results.csv"))
   summary = sweep_lib.seed_summary(results)

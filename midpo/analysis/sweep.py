@@ -76,17 +76,27 @@ def step_rows(workdir: str) -> list[tuple[dict, dict]]:
   return out
 
 
-def collect(runs: Sequence[dict], *, compare_to: str, compare_alpha: float) -> pd.DataFrame:
+def collect(runs: Sequence[dict], *, references: Sequence[dict] = (), compare_to: str,
+            compare_alpha: float) -> pd.DataFrame:
   """One row per run, model and evaluated step (``KEYS`` first), with the
   reference of each (task, seed) as model ``reference`` at step 0.
 
   ``runs``: dicts with ``task``, ``algorithm``, ``alpha``, ``seed`` and
-  ``workdir``. ``win_rate_vs`` (and its ``_se``): how often the row's sample
+  ``workdir``; ``references``: dicts with ``task``, ``seed`` and the
+  ``workdir`` whose ``eval/reference`` evaluated that seed's reference (else
+  the first run of the seed's). ``win_rate_vs`` (and its ``_se``): how often the row's sample
   beats the ``compare_to`` run's (at ``compare_alpha``, same task, seed and
   step) on the same prompt under the true reward, ties one half.
   """
   rows, rewards = [], {}
   seen_reference = set()
+  for ref in references:
+    for row, per_prompt in step_rows(ref["workdir"]):
+      if row["model"] == "reference" and (ref["task"], ref["seed"]) not in seen_reference:
+        seen_reference.add((ref["task"], int(ref["seed"])))
+        rows.append({"task": ref["task"], "algorithm": "reference", "model": "reference",
+                     "prior": "", "alpha": math.nan, "seed": int(ref["seed"]), "step": 0,
+                     **{k: v for k, v in row.items() if k not in ("model", "step")}})
   for run in runs:
     with open(os.path.join(run["workdir"], "config.json")) as f:
       config = json.load(f)
@@ -94,7 +104,7 @@ def collect(runs: Sequence[dict], *, compare_to: str, compare_alpha: float) -> p
     hyper = {f"prior.{k}": v for k, v in sorted(prior.items()) if k != "name" and v is not None}
     for row, per_prompt in step_rows(run["workdir"]):
       is_ref = row["model"] == "reference"
-      key = (run["task"], run["seed"])
+      key = (run["task"], int(run["seed"]))
       if is_ref and key in seen_reference:
         continue
       if is_ref:

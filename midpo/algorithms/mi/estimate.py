@@ -20,7 +20,8 @@ fits the marginal. Every policy gets the same network, sample size, steps,
 prompts and seed, so the estimates are comparable across policies, not exact.
 
 Config (``config.eval``): ``mutual_information`` ('none' | 'final' | 'every':
-at the end only, or at every evaluated step), ``mi_samples``, ``mi_network``,
+at the end only, or at every evaluated step), ``reference_mutual_information``
+(the reference's too: a sweep estimates it once per seed instead), ``mi_samples``, ``mi_network``,
 ``mi_steps`` (maximum-likelihood steps), ``mi_batch_size``, ``mi_learning_rate``.
 """
 
@@ -75,7 +76,8 @@ def mutual_information(env: env_lib.Env, fit_samples: sampling.Samples,
       response_model.make_mle_step(functools.partial(response_model.nll, model), tx)))
   seq_logps = env.compiled(("mi_estimate_logps", e.mi_network),
                            lambda: jax.jit(model.sequence_logps))
-  fit_rows = rounds.sample_rows(env, fit_samples)
+  # Rows as long as the longest sample (a multiple of 16: few shapes to compile).
+  fit_rows = rounds.sample_rows(env, fit_samples, multiple=16)
   params = env_lib.init_params(env, seed, net)
   opt = optim.init_opt(tx, params, env.mesh)
   rng = np.random.default_rng(seed)
@@ -84,7 +86,7 @@ def mutual_information(env: env_lib.Env, fit_samples: sampling.Samples,
   for j in range(e.mi_steps):
     params, opt, _ = step(params, opt, rounds.global_rows(env, fit_rows,
                                                           order[j * bsz:(j + 1) * bsz]))
-  rows = rounds.sample_rows(env, eval_samples)
+  rows = rounds.sample_rows(env, eval_samples, multiple=16)
   log_zeta = rounds.batched_logps(env, seq_logps, params, rows, bsz)
   log_zeta_fit = rounds.batched_logps(env, seq_logps, params, fit_rows, bsz)
   m, se = sampling.mean_se(eval_samples.logps - log_zeta)
@@ -97,8 +99,8 @@ def mutual_information(env: env_lib.Env, fit_samples: sampling.Samples,
 def default_config() -> ml_collections.ConfigDict:
   """The estimator's keys of ``config.eval`` (see the module docstring)."""
   return ml_collections.ConfigDict({
-      "mutual_information": "final", "mi_samples": 1024, "mi_network": "micro",
-      "mi_steps": 100,
+      "mutual_information": "final", "reference_mutual_information": True,
+      "mi_samples": 1024, "mi_network": "micro", "mi_steps": 100,
       "mi_batch_size": 64, "mi_learning_rate": 3e-3})
 
 

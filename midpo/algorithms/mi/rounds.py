@@ -92,12 +92,17 @@ def prior_prompts(env: env_lib.Env, round_index: int) -> list[str]:
   return synthetic.prompts(env.config.data.synthetic.seed, "prior", n, start=start)
 
 
-def sample_rows(env: env_lib.Env, samples: sampling.Samples) -> dict[str, np.ndarray]:
-  """Samples as ``[N, T]`` preference rows ``[bos] prompt response [eos]``
-  (``T`` at least ``data.max_length``, a multiple of 8)."""
+def sample_rows(env: env_lib.Env, samples: sampling.Samples, *,
+                multiple: int = 0) -> dict[str, np.ndarray]:
+  """Samples as ``[N, T]`` preference rows ``[bos] prompt response [eos]``:
+  ``T`` at least ``data.max_length``, a multiple of 8 (the same shape every
+  round); with ``multiple``, the longest row rounded up to a multiple of it."""
   prompts, responses = sampling.sample_ids(env, samples)
-  width = max(env.config.data.max_length,
-              max(len(p) + len(r) for p, r in zip(prompts, responses)))
+  longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
+  if multiple:
+    return sampling.response_rows(prompts, responses, pipeline.round_up(longest, multiple),
+                                  env.tokenizer.pad_id)
+  width = max(env.config.data.max_length, longest)
   return sampling.response_rows(prompts, responses, pipeline.round_up(width, 8),
                                 env.tokenizer.pad_id)
 
