@@ -4,8 +4,9 @@
 
 DPO, the learned mutual-information prior ('mi', ``joint_prior.py``), the
 learned constrained prior and two published variants (SimPO, reference-free
-with its own alpha scale; TDPO, token-level), each at 3 alphas log-spaced
-around its paper's default, on 3 training seeds and both built-in tasks:
+with its own alpha scale; R-DPO, with its length penalty, on the same labels
+as the others), each at 3 alphas log-spaced around its paper's default, on 3
+training seeds and both built-in tasks:
 'sentiment' (the reward hardly depends on the prompt) and 'domain_lexicon'
 (each domain likes its own half of the sentiment words,
 ``prompt_specificity = 1``), so that an information penalty must cost reward.
@@ -13,9 +14,10 @@ around its paper's default, on 3 training seeds and both built-in tasks:
 Like for like: every run trains on the same labels (no length-biased
 annotator), from its seed's SFT reference and pairs, for the same number of
 policy updates, evaluated every ``eval.every`` steps on the same prompts.
-Scaled down from the single-run configs for time: 200 policy steps of 32
-pairs, 256 evaluation prompts and pairs. ``configs/sweeps/paper.py`` is the
-full study.
+Scaled down from the single-run configs for time: 150 policy steps of 32
+pairs, evaluated at steps 75 and 150 on 256 prompts and 128 pairs, the
+mutual-information estimate at the end. ``configs/sweeps/paper.py`` is the
+full study (every algorithm, TDPO and the other token-level priors included).
 """
 
 import ml_collections
@@ -32,11 +34,11 @@ TASKS = {
 # Every run: the same labels, budget and evaluation.
 COMMON = {
     "data": {"synthetic": {"length_bias": 0.0}},
-    "train": {"steps": 200},
-    "eval": {"every": 100, "num_prompts": 256, "num_pairs": 256, "mutual_information": "final",
+    "train": {"steps": 150},
+    "eval": {"every": 75, "num_prompts": 256, "num_pairs": 128, "mutual_information": "final",
              "mi_samples": 512},
-    "checkpoint_every": 100,
-    "log_every": 50,
+    "checkpoint_every": 75,
+    "log_every": 25,
 }
 
 
@@ -50,7 +52,7 @@ def get_config():
       "mi": {"config": "joint_prior.py", "alphas": SUM_OF_LOGPROBS_ALPHAS},
       "constrained": {"config": "constrained_prior.py", "alphas": SUM_OF_LOGPROBS_ALPHAS},
       "simpo": {"config": "simpo.py", "alphas": SIMPO_ALPHAS},
-      "tdpo": {"config": "tdpo.py", "alphas": SUM_OF_LOGPROBS_ALPHAS},
+      "rdpo": {"config": "rdpo.py", "alphas": SUM_OF_LOGPROBS_ALPHAS},
   }
   c.compare_to = "dpo"
   c.compare_alpha = 0.1
