@@ -221,3 +221,18 @@ def test_sweep_notebook_plots_every_figure_with_data(uninterrupted, tmp_path, mo
     points = sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets"))
     assert points >= 2 + 6, (x, y, points)  # the references and the runs' points
     assert not figure_notes(fig)
+
+
+def test_sweep_report_writes_figures_and_tables_from_results(uninterrupted, tmp_path):
+  from midpo.analysis import sweep_report
+
+  workdir, _ = uninterrupted
+  written = sweep_report.write_report(str(workdir), str(tmp_path), kl_targets=(0.01,))
+  assert {"frontier_kl.png", "frontier_mi.png", "length_kl.png", "paths.png",
+          "tables.md"} <= set(written)
+  tables = (tmp_path / "tables.md").read_text()
+  frame = pd.read_csv(workdir / "results.csv")
+  final = frame[(frame.algorithm == "dpo") & (frame.alpha == 0.1) & (frame.step == 8)]
+  mean, se = final.reward.mean(), final.reward.std(ddof=1) / math.sqrt(len(final))
+  assert f"| sentiment | dpo | 0.1 | 8 | {mean:.2f} ± {se:.2f} |" in tables
+  assert "## The paper's inequality" in tables
