@@ -197,22 +197,25 @@ def _write_step(env, model: str, step: int, summary: dict, per_prompt: dict) -> 
                                      "per_prompt": per_prompt})
 
 
-def evaluate_along_training(env, ctx: _Context, pairs: dict | None) -> list[dict]:
+def evaluate_along_training(env, ctx: _Context, pairs: dict | None,
+                            loader: preference.SnapshotLoader) -> list[dict]:
   """Evaluates every kept preference checkpoint but each model's last (which
   ``run_eval`` evaluates from memory); skips steps already written (a resumed
-  evaluation). Returns their ``{"model", "step", ...summary}`` rows."""
+  evaluation). A snapshot's training pairs are its round's (None: ``pairs``
+  unknown). Returns their ``{"model", "step", ...summary}`` rows."""
   snaps = preference.snapshots(env, env.config.eval.every)
   last = {}
   for s in snaps:
     last[s.model] = max(last.get(s.model, 0), s.step)
-  loader = preference.SnapshotLoader(env, ctx.reference, pairs or {})
   rows = []
   for snap in snaps:
     if snap.step == last[snap.model] or os.path.exists(_step_path(env, snap.model, snap.step)):
       continue
     policy, prior_params, frozen, prior = loader.load(snap)
+    train_pairs = pairs if pairs is None or snap.baseline else loader.training_pairs(
+        snap.round_index)
     summary, (_, _, per_prompt) = _evaluate(env, ctx, f"{snap.model} at step {snap.step}",
-                                            policy, frozen, prior_params, prior, pairs,
+                                            policy, frozen, prior_params, prior, train_pairs,
                                             final=False)
     _write_step(env, snap.model, snap.step, summary, per_prompt)
     rows.append({"model": snap.model, "step": snap.step, **summary})
@@ -293,15 +296,23 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
                                       config.eval.reference_mutual_information),
   }
   decode = lambda ids: env.tokenizer.decode(ids)
-  if config.eval.every:
+  # Along training only when the run trained a policy (not a reference-only evaluation).
+  along = bool(config.eval.every) and os.path.isdir(preference.preference_dir(env))
+  loader = preference.SnapshotLoader(env, reference, pairs or {})
+  n_rounds = preference.num_rounds(env)
+  if along:
     _write_reference_step(env, ctx, results["reference"])
-    evaluate_along_training(env, ctx, pairs)
+    evaluate_along_training(env, ctx, pairs, loader)
+  # The policy's training pairs are its last round's (DICE's: its own samples).
+  train_pairs = pairs
+  if pairs is not None and n_rounds > 1 and os.path.isdir(preference.preference_dir(env, 0)):
+    train_pairs = loader.training_pairs(n_rounds - 1)
   # The policy and every baseline share the prompts and the sampling key.
   results["policy"], (pol, r_pol, per_prompt) = _evaluate(
-      env, ctx, config.prior.name, policy, frozen, prior_params, None, pairs, final=True)
+      env, ctx, config.prior.name, policy, frozen, prior_params, None, train_pairs, final=True)
   results["implicit_reward_accuracy"] = results["policy"].pop("implicit_reward_accuracy")
-  final_step = config.train.steps * preference.num_rounds(env)
-  if config.eval.every:
+  final_step = config.train.steps * n_rounds
+  if along:
     _write_step(env, config.prior.name, final_step, dict(
         results["policy"], implicit_reward_accuracy=results["implicit_reward_accuracy"]),
         per_prompt)
@@ -311,7 +322,7 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
   for name, params in baselines.items():
     b, (_, r_b, b_per_prompt) = _evaluate(env, ctx, name, params, {"reference": reference},
                                           None, priors.make_prior(name), pairs, final=True)
-    if config.eval.every:
+    if along:
       _write_step(env, name, config.train.steps, b, b_per_prompt)
     if r_pol is not None:
       b.update(sampling.summary("policy_win_rate_against", (r_pol > r_b) + 0.5 * (r_pol == r_b)))

@@ -36,14 +36,18 @@ seeds) and ``W/sweep.json`` (axes, commit, machine, versions, wall times).
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import fcntl
 import glob
 import importlib.util
 import json
 import multiprocessing
 import os
+import signal
 import time
 from typing import Any, Optional
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -120,6 +124,9 @@ class Plan:
         base.stages = ("sft",)
         self.shared[(task, seed)] = {"workdir": root, "config": base}
         for label, algo in sweep.algorithms.items():
+          names = [_fmt(float(a)) for a in algo.alphas]
+          if len(set(names)) != len(names):
+            raise SweepError(f"algorithm {label!r} lists an alpha twice: {list(algo.alphas)}")
           for alpha in algo.alphas:
             self.runs.append(self._run(task, seed, label, algo, float(alpha), root, base))
 
@@ -142,10 +149,14 @@ class Plan:
         raise SweepError(f"algorithm {label!r} sets {key!r} differently from the shared "
                          f"reference's config ({ours!r} != {theirs!r}): set it in the sweep's "
                          "overrides or the task's, for every run")
+    if config.eval.every <= 0:
+      raise SweepError(f"algorithm {label!r}: eval.every is {config.eval.every}; a sweep "
+                       "evaluates along training (set it in the sweep's overrides)")
     config.stages = ("preference", "eval")
     config.eval.reference_mutual_information = False  # estimated once per seed, shared
     config.sft.checkpoint = os.path.join(root, "sft")
-    config.pairs_file = os.path.join(root, "pairs", "reference_samples.jsonl")
+    if config.pairs_from == "reference":
+      config.pairs_file = os.path.join(root, "pairs", "reference_samples.jsonl")
     config.data.data_dir = os.path.join(root, "tfds")
     workdir = os.path.join(self.workdir, "runs", task, label, f"alpha_{_fmt(alpha)}",
                            f"seed_{seed}")
@@ -166,24 +177,57 @@ class Plan:
     return next(r["config"] for r in self.runs if r["algorithm"] == label)
 
 
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+  """A config as the JSON a run's ``config.json`` holds (for comparisons)."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def check_same_config(config: ml_collections.ConfigDict, path: str, what: str) -> None:
+  """Raises SweepError when ``path`` (a ``config.json`` written earlier) holds
+  another config than ``config``: a resumed sweep whose config changed.
+
+  Raises:
+    SweepError: naming up to 5 differing keys and ``what`` was made with them.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = metrics_writer.flatten(json.load(f))
+  new = metrics_writer.flatten(_config_json(config))
+  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if diff:
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
+    raise SweepError(f"{what} in {os.path.dirname(path)} was made with another config ({shown}"
+                     f"{', ...' if len(diff) > 5 else ''}); resume with the same sweep config, "
+                     "or use another --workdir")
+
+
 def prepare_shared(config: ml_collections.ConfigDict, root: str) -> dict:
-  """The SFT reference and the pairs sampled from it, made once in ``root``;
-  returns ``{"sft": bool, "pairs": bool, "seconds": float}`` (what was made now)."""
+  """The SFT reference, the pairs sampled from it, the datasets and the
+  reference's evaluation, made once in ``root``; returns ``{"sft": bool,
+  "pairs": bool, "seconds": float}`` (what was made now).
+
+  Raises:
+    SweepError: ``root`` was made with another config.
+  """
   t0 = time.perf_counter()
   done = os.path.join(root, "shared.json")
+  check_same_config(config, os.path.join(root, "config.json"), "the shared reference")
   if os.path.exists(done):
     return {"sft": False, "pairs": False, "seconds": 0.0}
   os.makedirs(root, exist_ok=True)
   config_lib.validate(config)
   env = env_lib.make_env(config, root)
+  metrics_writer.write_json(os.path.join(root, "config.json"), _config_json(config))
   try:
     made_sft = not os.path.isdir(os.path.join(root, "sft"))
     reference = sft.run_sft(env)
-    pairs = os.path.join(root, "pairs", "reference_samples.jsonl")
-    made_pairs = not os.path.exists(pairs)
-    path = sampling.sample_pairs(env, reference, "reference", 0)
+    made_pairs, pairs = False, {}
+    if config.pairs_from == "reference":
+      made_pairs = not os.path.exists(os.path.join(root, "pairs", "reference_samples.jsonl"))
+      pairs = {"samples_path": sampling.sample_pairs(env, reference, "reference", 0)}
     # Build the datasets every run reads, before several runs could race to.
-    env.batches(env.data_config(samples_path=path), "train", mode="pairs")
+    env.batches(env.data_config(**pairs), "train", mode="pairs")
     env.batches(env.data_config(), "test", mode="pairs")
     # The reference's evaluation (with its mutual-information estimate), once.
     evaluate.evaluate_reference(env, reference)
@@ -204,16 +248,41 @@ def dataset_dirs(root: str) -> list[str]:
 
 def run_one(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> dict:
   """Runs one run of the sweep (resuming it if it was started); writes
-  ``done.json``. Returns ``{"seconds": ...}`` (0 when it was already done)."""
+  ``done.json``. Returns ``{"seconds": ...}`` (0 when it was already done).
+
+  Holds an exclusive lock on ``workdir/run.lock`` while it runs.
+
+  Raises:
+    SweepError: another process runs it (a worker left over from a killed
+      sweep), or it was started with another config.
+  """
   done = os.path.join(workdir, "done.json")
+  check_same_config(config, os.path.join(workdir, "config.json"), f"run {workdir}")
   if os.path.exists(done):
     return {"seconds": 0.0, "skipped": True}
-  use_compilation_cache(cache_dir)
-  t0 = time.perf_counter()
-  train.train_and_evaluate(config, workdir)
-  out = {"seconds": time.perf_counter() - t0}
-  metrics_writer.write_json(done, out)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "run.lock"), "w") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise SweepError(f"run {workdir} is being run by another process (a worker of an "
+                       "earlier sweep still running?); stop it first") from None
+    use_compilation_cache(cache_dir)
+    t0 = time.perf_counter()
+    train.train_and_evaluate(config, workdir)
+    out = {"seconds": time.perf_counter() - t0}
+    metrics_writer.write_json(done, out)
   return out
+
+
+def _worker_init() -> None:
+  """A worker ends with the sweep's process: SIGTERM when its parent dies (so
+  it saves its checkpoint and stops instead of running on as an orphan)."""
+  try:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass  # not Linux: the per-run lock still refuses a second runner
 
 
 def use_compilation_cache(cache_dir: str) -> None:
@@ -233,6 +302,10 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str,
   """
   t_start = time.perf_counter()
   plan = Plan(sweep, sweep_file, workdir)
+  if workers > 1 and jax.default_backend() != "cpu":
+    raise SweepError(f"--workers={workers} on {jax.default_backend()}: each worker would "
+                     "need the accelerator this process holds; use --workers=1 (one run "
+                     "at a time uses the device)")
   os.makedirs(plan.workdir, exist_ok=True)
   cache_dir = os.path.join(plan.workdir, "jax_cache")
   use_compilation_cache(cache_dir)
@@ -266,15 +339,22 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str,
     logging.info("sweep: finished %s in %.1f s", key, out["seconds"])
 
   args = [(r["config"], r["workdir"], cache_dir) for r in todo]
+  failures = []
   if workers <= 1:
     for run, a in zip(todo, args):
       finished(run, run_one(*a))
   else:
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
+                                                initializer=_worker_init) as pool:
       futures = {pool.submit(run_one, *a): run for run, a in zip(todo, args)}
       for fut in concurrent.futures.as_completed(futures):
-        finished(futures[fut], fut.result())
+        try:
+          finished(futures[fut], fut.result())
+        except Exception as e:  # noqa: BLE001  (reported below, after the results)
+          logging.error("sweep: %s failed: %s: %s", futures[fut]["workdir"],
+                        type(e).__name__, e)
+          failures.append((futures[fut]["workdir"], e))
   complete = all(os.path.exists(os.path.join(r["workdir"], "done.json")) for r in plan.runs)
   runs = [{k: r[k] for k in ("task", "algorithm", "alpha", "seed", "workdir")}
           for r in plan.runs if os.path.exists(os.path.join(r["workdir"], "done.json"))]
@@ -285,9 +365,18 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str,
   sweep_lib.write_csv(results, os.path.join(plan.workdir, "results.csv"))
   summary = sweep_lib.seed_summary(results)
   sweep_lib.write_csv(summary, os.path.join(plan.workdir, "summary.csv"))
+  unmatched = results[(results.algorithm != "reference") & results.reward.notna() &
+                      results.win_rate_vs.isna()] if not results.empty else results
+  if len(unmatched):
+    logging.warning("sweep: %d row(s) have no %s run at alpha %g at the same task, seed and "
+                    "step (their win_rate_vs is empty): its evaluated steps differ",
+                    len(unmatched), sweep.compare_to, float(sweep.compare_alpha))
   info["complete"] = complete
   info["seconds"]["sessions"].append(time.perf_counter() - t_start)
   metrics_writer.write_json(info_path, info)
+  if failures:
+    raise SweepError(f"{len(failures)} run(s) failed (the others' results are written): " +
+                     "; ".join(f"{w}: {type(e).__name__}: {e}" for w, e in failures[:3]))
   if not summary.empty:
     logging.info("sweep %s (%s): mean +- standard error over seeds at the last step\n%s",
                  sweep.name, "complete" if complete else "partial",

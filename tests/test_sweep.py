@@ -134,6 +134,36 @@ def test_sweep_config_errors_name_the_problem(tmp_path):
   sweep.algorithms.dpo.overrides = {"sft": {"steps": 3}}
   with pytest.raises(sweep_driver.SweepError, match="algorithm 'dpo' sets 'sft' differently"):
     sweep_driver.Plan(sweep, TINY, str(tmp_path))
+  sweep = sweep_driver.load_config_file(TINY)
+  sweep.algorithms.dpo.alphas = (0.1, 0.10000000001)
+  with pytest.raises(sweep_driver.SweepError, match="'dpo' lists an alpha twice"):
+    sweep_driver.Plan(sweep, TINY, str(tmp_path))
+  sweep = sweep_driver.load_config_file(TINY)
+  sweep.overrides.eval.every = 0
+  with pytest.raises(sweep_driver.SweepError, match="eval.every is 0; a sweep evaluates"):
+    sweep_driver.Plan(sweep, TINY, str(tmp_path))
+
+
+def test_resuming_with_another_config_or_a_run_in_use_is_refused(tmp_path):
+  import fcntl
+
+  plan = sweep_driver.Plan(sweep_driver.load_config_file(TINY), TINY, str(tmp_path))
+  run = plan.runs[0]
+  os.makedirs(run["workdir"])
+  with open(os.path.join(run["workdir"], "config.json"), "w") as f:
+    f.write(run["config"].to_json_best_effort(indent=1, sort_keys=True))  # as the trainer does
+  sweep_driver.check_same_config(run["config"], os.path.join(run["workdir"], "config.json"),
+                                 "run")  # the same config: fine
+  changed = sweep_driver.load_config_file(TINY)
+  changed.overrides.train.steps = 9
+  other = sweep_driver.Plan(changed, TINY, str(tmp_path)).runs[0]
+  with pytest.raises(sweep_driver.SweepError, match=r"made with another config \(train.steps: "
+                                                    r"8 -> 9\)"):
+    sweep_driver.run_one(other["config"], other["workdir"], str(tmp_path / "cache"))
+  with open(os.path.join(run["workdir"], "run.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process runs it
+    with pytest.raises(sweep_driver.SweepError, match="is being run by another process"):
+      sweep_driver.run_one(run["config"], run["workdir"], str(tmp_path / "cache"))
 
 
 # -- statistics (no training) ---------------------------------------------------------
@@ -165,16 +195,30 @@ def test_reward_at_kl_interpolates_each_seed_and_pairs_against_the_comparison():
     points += [("other", s, 0.1, 10, k, (s + 1) * k + 1.0) for k in (0.5, 1.0)]
   table = sweep_lib.reward_at_kl(_frame(points), [0.75, 1.5], against="dpo", n_boot=200)
   dpo = table[table.algorithm == "dpo"].set_index("kl")
-  assert dpo.loc[0.75, "reward"] == pytest.approx(np.mean([0.75, 1.5, 2.25]))
+  values = np.array([0.75, 1.5, 2.25])
+  assert dpo.loc[0.75, "reward"] == pytest.approx(values.mean())
   assert dpo.loc[0.75, "n_seeds"] == 3
-  assert dpo.loc[0.75, "reward_ci_low"] <= dpo.loc[0.75, "reward"] <= dpo.loc[0.75,
-                                                                              "reward_ci_high"]
+  # The t-interval over 3 seeds: mean -+ t(0.975, 2) * SE.
+  half = 4.303 * values.std(ddof=1) / math.sqrt(3)
+  assert dpo.loc[0.75, "reward_ci_low"] == pytest.approx(values.mean() - half, rel=1e-4)
+  assert dpo.loc[0.75, "reward_ci_high"] == pytest.approx(values.mean() + half, rel=1e-4)
+  # The bootstrap interval of 3 seeds lies within their range.
+  assert 0.75 <= dpo.loc[0.75, "reward_boot_low"] <= dpo.loc[0.75, "reward_boot_high"] <= 2.25
   assert dpo.loc[0.75, "reward_minus_dpo"] == 0.0
   other = table[table.algorithm == "other"].set_index("kl")
   assert other.loc[0.75, "reward_minus_dpo"] == pytest.approx(1.0)
   assert other.loc[0.75, "diff_ci_low"] == pytest.approx(1.0)  # the same in every seed
-  # KL 1.5 is beyond every seed's frontier of 'other': not extrapolated.
-  assert math.isnan(other.loc[1.5, "reward"]) and other.loc[1.5, "n_seeds"] == 0
+  # KL 1.5 is beyond 'other''s last point (KL 1): its best reward within that budget.
+  np.testing.assert_allclose(other.loc[1.5, "reward"], np.mean([2.0, 3.0, 4.0]))
+  assert other.loc[1.5, "reward_minus_dpo"] == pytest.approx(np.mean([2.0, 3.0, 4.0]) -
+                                                             np.mean([1.5, 3.0, 4.5]))
+
+
+def test_t_interval_matches_the_t_quantiles():
+  m, se, lo, hi, n = sweep_lib.t_interval(np.array([1.0, 2.0, 4.0, np.nan]))
+  assert n == 3 and m == pytest.approx(7 / 3)
+  assert hi - m == pytest.approx(4.303 * se) and m - lo == pytest.approx(4.303 * se)
+  assert math.isnan(sweep_lib.t_interval(np.array([1.0]))[2])
 
 
 def test_paired_differences_are_per_seed_then_averaged():

@@ -12,8 +12,9 @@ evaluation's noise for that one trained model):
   of the same task, seed and step, then mean and standard error over seeds;
 * ``pareto``/``reward_at_kl``: each seed's reward-vs-KL frontier (the
   reference at KL 0 and every evaluated point of every alpha), interpolated
-  at given KLs; mean over seeds with a bootstrap interval over seeds, and the
-  paired difference against the comparison algorithm the same way.
+  at given KLs (the best reward within that KL budget); mean over seeds with
+  a t-interval over seeds (and a bootstrap one), and the paired difference
+  against the comparison algorithm the same way.
 """
 
 from __future__ import annotations
@@ -207,20 +208,42 @@ def _frontier_at(points: pd.DataFrame, reference: Optional[float], targets) -> n
   if reference is not None:
     kl, reward = np.append(kl, 0.0), np.append(reward, reference)
   x, y = pareto(kl, reward)
-  out = np.interp(targets, x, y)
-  out[(np.asarray(targets) < x[0]) | (np.asarray(targets) > x[-1])] = np.nan
+  out = np.interp(targets, x, y)  # flat beyond the last point: the best within the budget
+  out[np.asarray(targets) < x[0]] = np.nan
   return out
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond 30).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_interval(values: np.ndarray) -> tuple[float, float, float, float, int]:
+  """Mean, standard error and 95% t-interval over ``values`` (NaNs dropped):
+  ``(mean, se, low, high, n)``; NaN interval for fewer than 2 values."""
+  values = np.asarray(values, np.float64)
+  values = values[~np.isnan(values)]
+  n = int(values.size)
+  if n == 0:
+    return math.nan, math.nan, math.nan, math.nan, 0
+  mean = float(values.mean())
+  if n < 2:
+    return mean, math.nan, math.nan, math.nan, n
+  se = float(values.std(ddof=1) / math.sqrt(n))
+  t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+  return mean, se, mean - t * se, mean + t * se, n
+
+
 def _bootstrap(values: np.ndarray, n_boot: int, rng: np.random.Generator):
-  """Mean over seeds (rows) and a 95% percentile interval from resampled seeds."""
+  """A 95% percentile interval of the mean from resampled seeds (with 3 seeds
+  it is the range of the seeds: about a 75% interval, hence the t-interval)."""
   values = values[~np.isnan(values)]
   if values.size == 0:
-    return math.nan, math.nan, math.nan, 0
+    return math.nan, math.nan
   idx = rng.integers(0, values.size, size=(n_boot, values.size))
-  means = values[idx].mean(axis=1)
-  lo, hi = np.percentile(means, [2.5, 97.5])
-  return float(values.mean()), float(lo), float(hi), int(values.size)
+  lo, hi = np.percentile(values[idx].mean(axis=1), [2.5, 97.5])
+  return float(lo), float(hi)
 
 
 def reward_at_kl(frame: pd.DataFrame, targets: Sequence[float], *, against: str,
@@ -229,10 +252,12 @@ def reward_at_kl(frame: pd.DataFrame, targets: Sequence[float], *, against: str,
 
   Per (task, algorithm, model, seed) the frontier is the Pareto set of the
   reference (KL 0) and every evaluated (KL, reward) point of every alpha and
-  step, linearly interpolated; a KL beyond a seed's frontier is not
-  extrapolated (that seed is left out there, and ``n_seeds`` says so).
-  Returns the mean over seeds with a 95% bootstrap interval over seeds, and
-  the same for the paired difference against algorithm ``against``'s policy.
+  step, linearly interpolated, and flat beyond its last point: the best
+  reward reached within that KL budget. Returns per target the mean over
+  seeds with its standard error and 95% t-interval (``reward_ci_low/high``)
+  and bootstrap percentile interval over seeds (``reward_boot_low/high``),
+  and the same for the paired difference against algorithm ``against``'s
+  policy at the same seed (``reward_minus_<against>``, ``diff_*``).
   """
   rng = np.random.default_rng(seed)
   refs = frame[frame.algorithm == "reference"].set_index(["task", "seed"])["reward"]
@@ -247,11 +272,15 @@ def reward_at_kl(frame: pd.DataFrame, targets: Sequence[float], *, against: str,
     theirs = np.stack([curves.get((task, against, "policy", s), np.full(len(targets), np.nan))
                        for s in seeds])
     for j, k in enumerate(targets):
-      m, lo, hi, n = _bootstrap(mine[:, j], n_boot, rng)
-      d, dlo, dhi, dn = _bootstrap(mine[:, j] - theirs[:, j], n_boot, rng)
+      m, se, lo, hi, n = t_interval(mine[:, j])
+      blo, bhi = _bootstrap(mine[:, j], n_boot, rng)
+      d, dse, dlo, dhi, dn = t_interval(mine[:, j] - theirs[:, j])
+      dblo, dbhi = _bootstrap(mine[:, j] - theirs[:, j], n_boot, rng)
       rows.append({"task": task, "algorithm": algo, "model": model, "kl": float(k),
-                   "reward": m, "reward_ci_low": lo, "reward_ci_high": hi, "n_seeds": n,
-                   f"reward_minus_{against}": d, "diff_ci_low": dlo, "diff_ci_high": dhi,
+                   "reward": m, "reward_se": se, "reward_ci_low": lo, "reward_ci_high": hi,
+                   "reward_boot_low": blo, "reward_boot_high": bhi, "n_seeds": n,
+                   f"reward_minus_{against}": d, "diff_se": dse, "diff_ci_low": dlo,
+                   "diff_ci_high": dhi, "diff_boot_low": dblo, "diff_boot_high": dbhi,
                    "n_paired_seeds": dn})
   return pd.DataFrame.from_records(rows)
 

@@ -41,7 +41,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   return "\n".join(out)
 
 
-def final_table(results: pd.DataFrame) -> str:
+def final_table(results: pd.DataFrame, against: str) -> str:
   """The last step of each (task, algorithm, alpha): mean ± SE over seeds."""
   final = sweep_lib.final_rows(sweep_lib.seed_summary(results))
   rows = []
@@ -56,7 +56,8 @@ def final_table(results: pd.DataFrame) -> str:
                  _pm(r.get("implicit_reward_accuracy"), r.get("implicit_reward_accuracy_se"),
                      3), int(r["n_seeds"])])
   return markdown_table(["task", "algorithm", "alpha", "step", "true reward", "KL to ref.",
-                         "MI estimate", "length", "wins vs DPO", "implicit acc.", "seeds"], rows)
+                         "MI estimate", "length", f"wins vs {against}", "implicit acc.",
+                         "seeds"], rows)
 
 
 def difference_table(results: pd.DataFrame, against: str, against_alpha: float) -> str:
@@ -77,7 +78,7 @@ def difference_table(results: pd.DataFrame, against: str, against_alpha: float) 
 
 
 def matched_kl_table(results: pd.DataFrame, against: str, targets: Sequence[float]) -> str:
-  """Reward at matched KL, with 95% bootstrap intervals over seeds."""
+  """Reward at matched KL, with 95% t-intervals over seeds."""
   policies = results[results.model.isin(["policy", "reference"])]
   table = sweep_lib.reward_at_kl(policies, targets, against=against)
   rows = [[r["task"], r["algorithm"], f"{r['kl']:g}",
@@ -125,14 +126,15 @@ def write_report(sweep_dir: str, out: str, kl_targets: Sequence[float] = (2.0, 4
   m = info["machine"]
   parts = [
       f"# Sweep `{info['name']}`\n",
-      f"Commit `{info['commit']}`; {m['cpu']} ({m['cpu_count']} cores), {m['platform']}; "
+      f"Commit `{info['commit']}`; {m['cpu']} ({m['cpu_count']} cores, {m['device_kind']}), "
+      f"{m['system']}; "
       f"jax {info['versions']['jax']}, Python {info['versions']['python']}. "
       f"Seeds {info['axes']['seeds']}; complete: {info.get('complete')}. "
       "Every mean is over training seeds, ± its standard error over seeds.\n",
-      "## The last step\n", final_table(results), "",
+      "## The last step\n", final_table(results, against), "",
       f"## Paired differences against {against} (alpha {against_alpha:g}), same seed and step\n",
       difference_table(results, against, against_alpha), "",
-      "## Reward at matched KL (each seed's frontier interpolated; 95% bootstrap over seeds)\n",
+      "## Reward at matched KL (each seed's frontier interpolated; 95% t-interval over seeds)\n",
       matched_kl_table(results, against, kl_targets), "",
       "## The paper's inequality: final loss under each policy's own prior\n",
       inequality_table(results), ""]

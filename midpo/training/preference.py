@@ -180,7 +180,11 @@ def restore_preference(env: env_lib.Env, ref_params: PyTree) -> tuple[PyTree, Py
     FileNotFoundError: the workdir has no preference checkpoint.
   """
   directory = preference_dir(env)
-  step = ckpt_lib.Checkpointer(directory).latest_step() if os.path.isdir(directory) else None
+  step = None
+  if os.path.isdir(directory):
+    ckpt = ckpt_lib.Checkpointer(directory)
+    step = ckpt.latest_step()
+    ckpt.close()
   if step is None:
     raise FileNotFoundError(f"no preference checkpoint in {directory}; run the "
                             "'preference' stage first")
@@ -259,6 +263,14 @@ class SnapshotLoader:
       self._finals[r], _ = _restore_round(self.env, self.prior, directory,
                                           self.env.config.train.steps, self.ref_params)
     return self._finals[r]
+
+  def training_pairs(self, round_index: int) -> dict:
+    """The pair source round ``round_index`` of the run's procedure trained on
+    (DICE's later rounds: their own samples)."""
+    h = self.procedure.history
+    policies = [self._final_policy(r) for r in range(max(0, round_index - h), round_index)]
+    return self.procedure.round_pairs(self.env, round_index, self.pairs, self.ref_params,
+                                      policies)
 
   def frozen(self, round_index: int) -> dict:
     """The frozen models of the run's round ``round_index`` (reference included)."""
