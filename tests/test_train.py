@@ -65,7 +65,9 @@ def test_end_to_end_run_writes_results_logs_and_checkpoints(shared):
 def test_every_algorithm_config_runs(shared, tmp_path, name):
   extra = {"train.policy_steps_per_round": 2} if name == "constrained_prior" else {}
   if name in ("joint_prior", "ema_prior"):
-    extra = dict(tu.MI_TINY, **tu.MI_ESTIMATE_TINY)
+    extra = dict(tu.MI_TINY)
+  if name == "joint_prior":  # the post-hoc estimate, on one config (it compiles its own model)
+    extra.update(tu.MI_ESTIMATE_TINY)
   if name == "dpo":  # the README's protocol: pairs sampled from the reference
     extra["pairs_from"] = "reference"
   config = tu.tiny_config(name, **{
@@ -143,9 +145,10 @@ def _check_learned_prior_run(workdir, config, results):
   # At step 0 the policy is the reference: DPO's logits are all 0.
   assert diag[0]["heldout/loss/dpo"] == pytest.approx(np.log(2.0), abs=1e-6)
   # The post-hoc mutual-information estimate of every model, on the evaluation's samples.
-  for model in (results["reference"], results["policy"], results["baselines"]["dpo"]):
-    mi = model["mutual_information"]
-    assert np.isfinite(mi["value"]) and mi["se"] > 0 and mi["num_samples"] == 16, mi
+  if config.eval.mutual_information != "none":
+    for model in (results["reference"], results["policy"], results["baselines"]["dpo"]):
+      mi = model["mutual_information"]
+      assert np.isfinite(mi["value"]) and mi["se"] > 0 and mi["num_samples"] == 16, mi
   if config.prior.name == "mi":
     fits = tu.read_metrics(str(workdir), "prior/mle")
     assert [r["step"] for r in fits] == [0, 2]  # a round every 2 policy steps
