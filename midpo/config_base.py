@@ -86,6 +86,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.dtype = "float32"      # compute dtype
   c.model.param_dtype = "float32"
   c.model.remat = "none"
+  # Layers as one lax.scan (True) or unrolled (False); unset: the model's own
+  # (built-in tiny/micro unrolled, checkpoints scanned). MaxText's name.
+  c.model.scan_layers = ml_collections.config_dict.placeholder(bool)
   c.tokenizer = "synthetic"      # synthetic | byte | a directory with tokenizer.json
 
   # -- data -----------------------------------------------------------------

@@ -112,12 +112,14 @@ def _loss_and_grads(model, tokens):
   return f(params)
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_and_scan_give_the_same_gradients(scan_layers):
   tokens = _tokens(2, 9, SMALL.vocab_size)
-  model = create_model(SMALL, seed=1)
+  model = create_model(SMALL.replace(scan_layers=not scan_layers), seed=1)
   l0, g0 = _loss_and_grads(model, tokens)
-  for remat in ("full", "dots_no_batch"):
-    l1, g1 = _loss_and_grads(_with_config(model, SMALL.replace(remat=remat)), tokens)
+  for remat in ("none", "full", "dots_no_batch"):
+    other = SMALL.replace(remat=remat, scan_layers=scan_layers)
+    l1, g1 = _loss_and_grads(_with_config(model, other), tokens)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)

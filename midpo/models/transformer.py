@@ -190,6 +190,20 @@ def _attention(c: ModelConfig, q, k, v, mask, key_lengths=None):
   return out.reshape(b, t, h, dh)
 
 
+def _dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+  """``x [..., C...]`` times ``w [C..., O...]`` over the last ``contract`` axes
+  of ``x`` and the first of ``w``, as one 2-D matmul ``[N, C] @ [C, O]``.
+
+  The same product as ``einsum('btd,dhk->bthk')`` and friends; written 2-D
+  because XLA:CPU fuses the 3-D einsums' backward into slow transposing
+  loops (the MLP's weight gradient ran 3x slower; ``benchmarks/bench_step.py``).
+  """
+  lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
+  out = w.shape[contract:]
+  c, o = int(np.prod(inner)), int(np.prod(out))
+  return (x.reshape(-1, c) @ w.reshape(c, o)).reshape(lead + out)
+
+
 def _no_constraint(x, names):
   del names
   return x
@@ -201,9 +215,7 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
   dt = c.jnp_dtype
   w = lambda name: p[name].astype(dt)
   h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-  q = jnp.einsum("btd,dhk->bthk", h, w("q"))
-  k = jnp.einsum("btd,dhk->bthk", h, w("k"))
-  v = jnp.einsum("btd,dhk->bthk", h, w("v"))
+  q, k, v = _dense(h, w("q")), _dense(h, w("k")), _dense(h, w("v"))
   if c.qkv_bias:
     q, k, v = (q + _lead(w("q_bias"), 4), k + _lead(w("k_bias"), 4),
                v + _lead(w("v_bias"), 4))
@@ -220,17 +232,16 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
     v = jax.lax.dynamic_index_in_dim(cv, layer_idx, 0, keepdims=False).astype(dt)
     cache = (ck, cv)
   attn = _attention(c, q, k, v, mask, key_lengths)
-  out = jnp.einsum("bthk,hkd->btd", attn, w("o"))
+  out = _dense(attn, w("o"), contract=2)
   if c.o_bias:
     out = out + _lead(w("o_bias"), 3)
   x = x + out
   h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-  gate = jnp.einsum("btd,df->btf", h, w("gate"))
-  up = jnp.einsum("btd,df->btf", h, w("up"))
+  gate, up = _dense(h, w("gate")), _dense(h, w("up"))
   if c.mlp_bias:
     gate, up = gate + _lead(w("gate_bias"), 3), up + _lead(w("up_bias"), 3)
   act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-  down = jnp.einsum("btf,fd->btd", act, w("down"))
+  down = _dense(act, w("down"))
   if c.mlp_bias:
     down = down + _lead(w("down_bias"), 3)
   return constrain(x + down, ("batch", "length", "act_embed")), cache
@@ -377,7 +388,8 @@ class Transformer(nnx.Module):
     if c.remat != "none":
       body = jax.checkpoint(body, policy=_remat_policy(c.remat), prevent_cse=False)
     kv = None if cache is None else (cache.k, cache.v)
-    (x, kv), all_h = jax.lax.scan(body, (x, kv), (params, jnp.arange(c.num_layers)))
+    (x, kv), all_h = jax.lax.scan(body, (x, kv), (params, jnp.arange(c.num_layers)),
+                                     unroll=not c.scan_layers)
     h = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
     if return_all:
       all_h = jnp.moveaxis(all_h, 0, 2)  # [L, B, T, D] -> [B, T, L, D]

@@ -177,6 +177,8 @@ def make_model_config(config, tok) -> model_config_lib.ModelConfig:
   built-in one with the tokenizer's vocabulary (rounded up to a multiple of 8)."""
   overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                    remat=config.model.remat)
+  if config.model.scan_layers is not None:
+    overrides["scan_layers"] = bool(config.model.scan_layers)
   if config.model.hf_path:
     mc = hf_checkpoint.read_hf_config(config.model.hf_path, **overrides)
   else:
