@@ -36,6 +36,7 @@ seeds) and ``W/sweep.json`` (axes, commit, machine, versions, wall times).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import fcntl
 import glob
@@ -293,6 +294,45 @@ def use_compilation_cache(cache_dir: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _prepare_shared_cached(config: ml_collections.ConfigDict, root: str, cache_dir: str) -> dict:
+  """``prepare_shared`` with the sweep's compilation cache (in a worker too)."""
+  use_compilation_cache(cache_dir)
+  return prepare_shared(config, root)
+
+
+@contextlib.contextmanager
+def _pool(workers: int):
+  """``workers`` spawned processes that end with this one, or None (inline)."""
+  if workers <= 1:
+    yield None
+    return
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
+                                              initializer=_worker_init) as pool:
+    yield pool
+
+
+def _run_all(pool, fn, jobs: list, done, name=str) -> list:
+  """``fn(*args)`` for every ``(key, args)`` of ``jobs``, calling ``done(key,
+  result)`` as each finishes. Inline (``pool`` None) the first exception
+  propagates; in a pool every job runs and the failures are logged (as
+  ``name(key)``) and returned as ``[(key, exception)]``."""
+  if pool is None:
+    for key, args in jobs:
+      done(key, fn(*args))
+    return []
+  failures = []
+  futures = {pool.submit(fn, *args): key for key, args in jobs}
+  for fut in concurrent.futures.as_completed(futures):
+    key = futures[fut]
+    try:
+      done(key, fut.result())
+    except Exception as e:  # noqa: BLE001  (returned: reported after the results)
+      logging.error("sweep: %s failed: %s: %s", name(key), type(e).__name__, e)
+      failures.append((key, e))
+  return failures
+
+
 def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str,
               workers: int = 1, max_runs: Optional[int] = None) -> dict:
   """Runs (or resumes) every run of the sweep, then writes the results files.
@@ -319,18 +359,14 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str,
   info.setdefault("seconds", {"shared": {}, "runs": {}, "sessions": []})
   info.setdefault("built", {"sft": 0, "pairs": 0})
   metrics_writer.write_json(info_path, info)
-  for (task, seed), shared in plan.shared.items():
-    made = prepare_shared(shared["config"], shared["workdir"])
+
+  def shared_made(key, made):
+    task, seed = key
     info["built"]["sft"] += int(made["sft"])
     info["built"]["pairs"] += int(made["pairs"])
     if made["seconds"]:
       info["seconds"]["shared"][f"{task}/seed_{seed}"] = made["seconds"]
     metrics_writer.write_json(info_path, info)
-  todo = [r for r in plan.runs if not os.path.exists(os.path.join(r["workdir"], "done.json"))]
-  if max_runs is not None:
-    todo = todo[:max_runs]
-  logging.info("sweep %s: %d runs, %d to run, %d worker(s)", sweep.name, len(plan.runs),
-               len(todo), workers)
 
   def finished(run, out):
     key = os.path.relpath(run["workdir"], os.path.join(plan.workdir, "runs"))
@@ -338,23 +374,23 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str,
     metrics_writer.write_json(info_path, info)
     logging.info("sweep: finished %s in %.1f s", key, out["seconds"])
 
-  args = [(r["config"], r["workdir"], cache_dir) for r in todo]
-  failures = []
-  if workers <= 1:
-    for run, a in zip(todo, args):
-      finished(run, run_one(*a))
-  else:
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
-                                                initializer=_worker_init) as pool:
-      futures = {pool.submit(run_one, *a): run for run, a in zip(todo, args)}
-      for fut in concurrent.futures.as_completed(futures):
-        try:
-          finished(futures[fut], fut.result())
-        except Exception as e:  # noqa: BLE001  (reported below, after the results)
-          logging.error("sweep: %s failed: %s: %s", futures[fut]["workdir"],
-                        type(e).__name__, e)
-          failures.append((futures[fut]["workdir"], e))
+  with _pool(workers) as pool:
+    # Every seed's reference first (several at once with workers), then the runs.
+    shared = [(key, (sh["config"], sh["workdir"], cache_dir)) for key, sh in plan.shared.items()]
+    label = lambda key: plan.shared[key]["workdir"]
+    failures = _run_all(pool, _prepare_shared_cached, shared, shared_made, label)
+    if failures:
+      raise SweepError(f"{len(failures)} shared reference(s) failed, so no run was started: " +
+                       "; ".join(f"{label(k)}: {type(e).__name__}: {e}" for k, e in failures[:3]))
+    todo = [r for r in plan.runs if not os.path.exists(os.path.join(r["workdir"], "done.json"))]
+    if max_runs is not None:
+      todo = todo[:max_runs]
+    logging.info("sweep %s: %d runs, %d to run, %d worker(s)", sweep.name, len(plan.runs),
+                 len(todo), workers)
+    jobs = [(i, (r["config"], r["workdir"], cache_dir)) for i, r in enumerate(todo)]
+    failures = _run_all(pool, run_one, jobs, lambda i, out: finished(todo[i], out),
+                        lambda i: todo[i]["workdir"])
+    failures = [(todo[i]["workdir"], e) for i, e in failures]
   complete = all(os.path.exists(os.path.join(r["workdir"], "done.json")) for r in plan.runs)
   runs = [{k: r[k] for k in ("task", "algorithm", "alpha", "seed", "workdir")}
           for r in plan.runs if os.path.exists(os.path.join(r["workdir"], "done.json"))]

@@ -13,14 +13,21 @@ from midpo.training import env as env_lib
 from midpo.training import optim, pairs
 from tests import train_utils as tu
 
+# Executables made during a call: compiled by the backend, or loaded from JAX's
+# persistent compilation cache (which other tests in this process may have
+# turned on: the sweep's runs use it), so the counts do not depend on test order.
 _COMPILES: list[str] = []
 jax.monitoring.register_event_duration_secs_listener(
     lambda name, *_, **__: _COMPILES.append(name)
     if name == "/jax/core/compile/backend_compile_duration" else None)
+jax.monitoring.register_event_listener(
+    lambda name, *_, **__: _COMPILES.append(name)
+    if name == "/jax/compilation_cache/cache_hits" else None)
 
 
 def compiles(fn, *args, **kwargs):
-  """``(result, number of backend compilations during the call)``."""
+  """``(result, number of executables compiled or loaded from the persistent
+  cache during the call)``."""
   before = len(_COMPILES)
   out = fn(*args, **kwargs)
   jax.block_until_ready(jax.tree.leaves(out) if not isinstance(out, np.ndarray) else out)

@@ -344,22 +344,12 @@ def _outputs_text(cell) -> str:
 
 
 def test_notebook_runs_end_to_end(tiny_runs, tmp_path, monkeypatch):
-  import nbclient
   import nbformat
 
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
-      "commit the notebook with its outputs cleared"
-  assert nb.cells[2].source.startswith("import os\n\nWORKDIRS = [")
+  assert nbformat.read(NOTEBOOK, as_version=4).cells[2].source.startswith(
+      "import os\n\nWORKDIRS = [")
   monkeypatch.setenv("MIDPO_WORKDIRS", ":".join(tiny_runs))
-  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                   resources={"metadata": {"path": str(NOTEBOOK.parent)}})
-  client.execute()
-  nbformat.write(nb, tmp_path / "executed.ipynb")  # for a look when it fails
-
-  code = [c for c in nb.cells if c.cell_type == "code"]
-  errors = [o for c in code for o in c.outputs if o.output_type == "error"]
-  assert not errors, errors
+  code = tu.execute_notebook(NOTEBOOK, tmp_path)
   texts = [_outputs_text(c) for c in code]
   assert all(w in texts[0] for w in tiny_runs)          # WORKDIRS came from the environment
 

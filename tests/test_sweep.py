@@ -214,6 +214,27 @@ def test_reward_at_kl_interpolates_each_seed_and_pairs_against_the_comparison():
                                                              np.mean([1.5, 3.0, 4.5]))
 
 
+def test_reward_at_mutual_information_uses_the_reference_at_its_own_estimate():
+  # The MI axis: the reference (reward 10) sits at its own estimate (4.0), not
+  # at 0 as on the KL axis; points without an estimate are left out.
+  rows = []
+  for s in (0, 1, 2):
+    rows += [{"task": "t", "algorithm": "mi", "model": "policy", "alpha": 0.1, "seed": s,
+              "step": st, "kl": 1.0, "reward": r, "mutual_information": m}
+             for st, r, m in ((5, 99.0, math.nan), (10, 2.0 + s, 3.0), (10, 4.0 + s, 5.0))]
+    rows.append({"task": "t", "algorithm": "reference", "model": "reference",
+                 "alpha": math.nan, "seed": s, "step": 0, "kl": 0.0, "reward": 10.0,
+                 "mutual_information": 4.0})
+  table = sweep_lib.reward_at_kl(pd.DataFrame.from_records(rows), [2.0, 3.0, 3.5, 6.0],
+                                 against="mi", x="mutual_information", n_boot=50)
+  got = table.set_index("mutual_information").reward
+  assert math.isnan(got[2.0])  # below the frontier's first point (3.0)
+  assert got[3.0] == pytest.approx(3.0)  # the points at 3.0: rewards 2, 3, 4
+  # Halfway to the reference at (4.0, 10): ((2 + s) + 10) / 2 on average.
+  assert got[3.5] == pytest.approx(np.mean([(2.0 + s + 10.0) / 2 for s in (0, 1, 2)]))
+  assert got[6.0] == pytest.approx(10.0)  # nothing beats the reference within 6 nats
+
+
 def test_t_interval_matches_the_t_quantiles():
   m, se, lo, hi, n = sweep_lib.t_interval(np.array([1.0, 2.0, 4.0, np.nan]))
   assert n == 3 and m == pytest.approx(7 / 3)
@@ -234,25 +255,12 @@ def test_paired_differences_are_per_seed_then_averaged():
 
 
 def test_sweep_notebook_plots_every_figure_with_data(uninterrupted, tmp_path, monkeypatch):
-  import nbclient
-  import nbformat
-
   from midpo.analysis import sweep_plots
   from midpo.analysis.plots import figure_notes
 
   workdir, _ = uninterrupted
-  path = tu.ROOT / "notebooks" / "sweep.ipynb"
-  nb = nbformat.read(path, as_version=4)
-  assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
-      "commit the notebook with its outputs cleared"
   monkeypatch.setenv("MIDPO_SWEEP", str(workdir))
-  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                   resources={"metadata": {"path": str(path.parent)}})
-  client.execute()
-  nbformat.write(nb, tmp_path / "executed.ipynb")  # for a look when it fails
-  code = [c for c in nb.cells if c.cell_type == "code"]
-  errors = [o for c in code for o in c.outputs if o.output_type == "error"]
-  assert not errors, errors
+  code = tu.execute_notebook(tu.ROOT / "notebooks" / "sweep.ipynb", tmp_path)
   images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
   assert len(images) == 4  # reward-KL, reward-MI, length-KL, paths
   # The figures themselves: every panel has the runs' points, the means and the references.

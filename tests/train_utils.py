@@ -122,3 +122,27 @@ def tree_equal(a, b) -> bool:
   return len(la) == len(lb) and all(
       np.asarray(x).shape == np.asarray(y).shape and np.array_equal(np.asarray(x), np.asarray(y))
       for x, y in zip(la, lb))
+
+
+def execute_notebook(path, out_dir) -> list:
+  """Executes the committed notebook at ``path`` (its outputs must be cleared)
+  with its own folder as the working directory; writes the executed copy to
+  ``out_dir/executed.ipynb`` (for a look when a test fails) and asserts no cell
+  raised. Returns the code cells, with their outputs."""
+  import nbclient
+  import nbformat
+
+  nb = nbformat.read(path, as_version=4)
+  assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
+      "commit the notebook with its outputs cleared"
+  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                   resources={"metadata": {"path": str(Path(path).parent)}})
+  try:
+    client.execute()
+  finally:
+    nbformat.write(nb, Path(out_dir) / "executed.ipynb")
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+  assert not errors, errors
+  return code
+

@@ -12,7 +12,8 @@ evaluation's noise for that one trained model):
   of the same task, seed and step, then mean and standard error over seeds;
 * ``pareto``/``reward_at_kl``: each seed's reward-vs-KL frontier (the
   reference at KL 0 and every evaluated point of every alpha), interpolated
-  at given KLs (the best reward within that KL budget); mean over seeds with
+  at given KLs (the best reward within that KL budget), or the same on the
+  mutual-information estimate's axis (``x="mutual_information"``); mean over seeds with
   a t-interval over seeds (and a bootstrap one), and the paired difference
   against the comparison algorithm the same way.
 """
@@ -203,13 +204,17 @@ def pareto(kl: np.ndarray, reward: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.array(xs), np.array(ys)
 
 
-def _frontier_at(points: pd.DataFrame, reference: Optional[float], targets) -> np.ndarray:
-  kl, reward = points["kl"].to_numpy(), points["reward"].to_numpy()
-  if reference is not None:
-    kl, reward = np.append(kl, 0.0), np.append(reward, reference)
-  x, y = pareto(kl, reward)
-  out = np.interp(targets, x, y)  # flat beyond the last point: the best within the budget
-  out[np.asarray(targets) < x[0]] = np.nan
+def _frontier_at(points: pd.DataFrame, reference: Optional[tuple[float, float]], targets,
+                 x: str = "kl") -> np.ndarray:
+  points = points.dropna(subset=[x, "reward"])
+  cost, reward = points[x].to_numpy(), points["reward"].to_numpy()
+  if reference is not None and not any(math.isnan(v) for v in reference):
+    cost, reward = np.append(cost, reference[0]), np.append(reward, reference[1])
+  if cost.size == 0:
+    return np.full(len(targets), np.nan)
+  xs, ys = pareto(cost, reward)
+  out = np.interp(targets, xs, ys)  # flat beyond the last point: the best within the budget
+  out[np.asarray(targets) < xs[0]] = np.nan
   return out
 
 
@@ -247,24 +252,29 @@ def _bootstrap(values: np.ndarray, n_boot: int, rng: np.random.Generator):
 
 
 def reward_at_kl(frame: pd.DataFrame, targets: Sequence[float], *, against: str,
-                 n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-  """The true reward of each seed's frontier at each KL of ``targets``.
+                 n_boot: int = 2000, seed: int = 0, x: str = "kl") -> pd.DataFrame:
+  """The true reward of each seed's frontier at each value of ``targets`` of
+  the cost ``x`` (``"kl"``, or ``"mutual_information"``: the MI estimate).
 
   Per (task, algorithm, model, seed) the frontier is the Pareto set of the
-  reference (KL 0) and every evaluated (KL, reward) point of every alpha and
-  step, linearly interpolated, and flat beyond its last point: the best
-  reward reached within that KL budget. Returns per target the mean over
+  reference (at KL 0, or at its own MI estimate) and every evaluated
+  (cost, reward) point of every alpha and step where the cost was measured,
+  linearly interpolated, NaN below its first point and flat beyond its last:
+  the best reward reached within that budget. Returns (column ``x``: the
+  target) per target the mean over
   seeds with its standard error and 95% t-interval (``reward_ci_low/high``)
   and bootstrap percentile interval over seeds (``reward_boot_low/high``),
   and the same for the paired difference against algorithm ``against``'s
   policy at the same seed (``reward_minus_<against>``, ``diff_*``).
   """
   rng = np.random.default_rng(seed)
-  refs = frame[frame.algorithm == "reference"].set_index(["task", "seed"])["reward"]
+  ref_rows = frame[frame.algorithm == "reference"]
+  refs = {(t, s): (0.0 if x == "kl" else float(r[x]), float(r["reward"]))
+          for t, s, r in zip(ref_rows.task, ref_rows.seed, ref_rows.to_dict("records"))}
   curves = {}
   for (task, algo, model, s), pts in frame[frame.algorithm != "reference"].groupby(
       ["task", "algorithm", "model", "seed"], sort=False):
-    curves[(task, algo, model, s)] = _frontier_at(pts, refs.get((task, s)), targets)
+    curves[(task, algo, model, s)] = _frontier_at(pts, refs.get((task, s)), targets, x)
   rows = []
   for task, algo, model in dict.fromkeys(k[:3] for k in curves):
     seeds = [k[3] for k in curves if k[:3] == (task, algo, model)]
@@ -276,7 +286,7 @@ def reward_at_kl(frame: pd.DataFrame, targets: Sequence[float], *, against: str,
       blo, bhi = _bootstrap(mine[:, j], n_boot, rng)
       d, dse, dlo, dhi, dn = t_interval(mine[:, j] - theirs[:, j])
       dblo, dbhi = _bootstrap(mine[:, j] - theirs[:, j], n_boot, rng)
-      rows.append({"task": task, "algorithm": algo, "model": model, "kl": float(k),
+      rows.append({"task": task, "algorithm": algo, "model": model, x: float(k),
                    "reward": m, "reward_se": se, "reward_ci_low": lo, "reward_ci_high": hi,
                    "reward_boot_low": blo, "reward_boot_high": bhi, "n_seeds": n,
                    f"reward_minus_{against}": d, "diff_se": dse, "diff_ci_low": dlo,

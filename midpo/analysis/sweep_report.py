@@ -77,18 +77,33 @@ def difference_table(results: pd.DataFrame, against: str, against_alpha: float) 
                          "Δ length", "seeds"], rows)
 
 
-def matched_kl_table(results: pd.DataFrame, against: str, targets: Sequence[float]) -> str:
-  """Reward at matched KL, with 95% t-intervals over seeds."""
+def mi_targets(results: pd.DataFrame, task: str) -> list[float]:
+  """Three MI-estimate values at which to compare ``task``'s frontiers: the
+  quartiles of its policies' estimates, rounded to 0.1 nats."""
+  mi = results[(results.task == task) & (results.model == "policy")].mutual_information.dropna()
+  return sorted({round(float(v), 1) for v in mi.quantile([0.25, 0.5, 0.75])}) if len(mi) else []
+
+
+def matched_table(results: pd.DataFrame, against: str, targets, x: str = "kl") -> str:
+  """Reward at matched KL (or MI estimate, ``x``), with 95% t-intervals over
+  seeds. ``targets``: the values, or a function of the task giving them."""
   policies = results[results.model.isin(["policy", "reference"])]
-  table = sweep_lib.reward_at_kl(policies, targets, against=against)
-  rows = [[r["task"], r["algorithm"], f"{r['kl']:g}",
+  tables = []
+  for task in dict.fromkeys(policies.task):
+    at = targets(task) if callable(targets) else targets
+    if len(at):
+      tables.append(sweep_lib.reward_at_kl(policies[policies.task == task], at,
+                                           against=against, x=x))
+  table = pd.concat(tables) if tables else pd.DataFrame()
+  rows = [[r["task"], r["algorithm"], f"{r[x]:g}",
            "-" if math.isnan(r["reward"]) else
            f"{r['reward']:.2f} [{r['reward_ci_low']:.2f}, {r['reward_ci_high']:.2f}]",
            "-" if math.isnan(r[f"reward_minus_{against}"]) else
            f"{r[f'reward_minus_{against}']:+.2f} [{r['diff_ci_low']:+.2f}, "
            f"{r['diff_ci_high']:+.2f}]", f"{r['n_seeds']}/{r['n_paired_seeds']}"]
           for r in table.to_dict("records")]
-  return markdown_table(["task", "algorithm", "KL", "reward [95% CI]",
+  return markdown_table(["task", "algorithm", "KL" if x == "kl" else "MI estimate",
+                         "reward [95% CI]",
                          f"minus {against} [95% CI]", "seeds (all/paired)"], rows)
 
 
@@ -135,7 +150,11 @@ def write_report(sweep_dir: str, out: str, kl_targets: Sequence[float] = (2.0, 4
       f"## Paired differences against {against} (alpha {against_alpha:g}), same seed and step\n",
       difference_table(results, against, against_alpha), "",
       "## Reward at matched KL (each seed's frontier interpolated; 95% t-interval over seeds)\n",
-      matched_kl_table(results, against, kl_targets), "",
+      matched_table(results, against, kl_targets), "",
+      "## Reward at matched MI estimate (the same, on the mutual-information axis; the "
+      "reference at its own estimate; at each task's quartiles of the policies' estimates)\n",
+      matched_table(results, against, lambda task: mi_targets(results, task),
+                    "mutual_information"), "",
       "## The paper's inequality: final loss under each policy's own prior\n",
       inequality_table(results), ""]
   with open(os.path.join(out, "tables.md"), "w") as f:

@@ -81,7 +81,7 @@ class ModelConfig:
   remat: str = "none"
   # Layers as one `jax.lax.scan` (compile time independent of depth) or
   # unrolled (False: on XLA:CPU the 2-layer `tiny`/`micro` step runs about
-  # 15% faster; benchmarks/bench_step.py).
+  # 15% faster; BENCHMARKS.md "Models").
   scan_layers: bool = True
   # 'xla': explicit masked attention (any padding, float32 softmax).
   # 'jax' / 'cudnn': jax.nn.dot_product_attention (implementation chosen by

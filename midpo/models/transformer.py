@@ -196,7 +196,7 @@ def _dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
 
   The same product as ``einsum('btd,dhk->bthk')`` and friends; written 2-D
   because XLA:CPU fuses the 3-D einsums' backward into slow transposing
-  loops (the MLP's weight gradient ran 3x slower; ``benchmarks/bench_step.py``).
+  loops (the MLP's backward ran 3x slower; ``benchmarks/bench_model.py``, BENCHMARKS.md).
   """
   lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
   out = w.shape[contract:]
