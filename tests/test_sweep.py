@@ -287,4 +287,17 @@ def test_sweep_report_writes_figures_and_tables_from_results(uninterrupted, tmp_
   final = frame[(frame.algorithm == "dpo") & (frame.alpha == 0.1) & (frame.step == 8)]
   mean, se = final.reward.mean(), final.reward.std(ddof=1) / math.sqrt(len(final))
   assert f"| sentiment | dpo | 0.1 | 8 | {mean:.2f} ± {se:.2f} |" in tables
-  assert "## The paper's inequality" in tables
+  for section in ("## Paired differences against dpo at the same alpha",
+                  "## Reward at matched MI estimate", "## The paper's inequality"):
+    assert section in tables
+
+
+def test_significance_marks_follow_the_t_interval():
+  from midpo.analysis import sweep_report
+
+  assert sweep_lib.t_quantile(3) == pytest.approx(4.303)
+  assert sweep_lib.t_quantile(100) == 1.96
+  assert sweep_report._pm_sig(0.44, 0.1, 3) == "0.44 ± 0.10*"  # 0.44 > 4.303 * 0.1
+  assert sweep_report._pm_sig(0.43, 0.1, 3) == "0.43 ± 0.10"
+  assert sweep_report._pm_sig(-0.2, 0.1, 30) == "-0.20 ± 0.10*"  # t(29) = 2.045
+  assert sweep_report._pm_sig(0.5, math.nan, 1) == "0.50"

@@ -176,16 +176,21 @@ def seed_summary(frame: pd.DataFrame,
   return out.reset_index()
 
 
-def paired_differences(frame: pd.DataFrame, *, against: str, against_alpha: float,
+def paired_differences(frame: pd.DataFrame, *, against: str, against_alpha: Optional[float],
                        metrics: Iterable[str] = ("reward", "kl", "length")) -> pd.DataFrame:
   """Per (task, algorithm, model, alpha, step): the mean over seeds of the
-  row's metric minus the ``against`` policy's (at ``against_alpha``) of the
-  same task, seed and step, with its standard error and ``n_seeds``."""
+  row's metric minus the ``against`` policy's (at ``against_alpha``; None:
+  at the row's own alpha, rows without that alpha dropped) of the same task,
+  seed and step, with its standard error and ``n_seeds``."""
   metrics = [m for m in metrics if m in frame.columns]
-  base = frame[(frame.algorithm == against) & (frame.model == "policy") &
-               np.isclose(frame.alpha, against_alpha)]
-  base = base[["task", "seed", "step", *metrics]].rename(columns={m: f"_{m}" for m in metrics})
-  merged = frame[frame.algorithm != "reference"].merge(base, on=["task", "seed", "step"])
+  base = frame[(frame.algorithm == against) & (frame.model == "policy")]
+  keys = ["task", "seed", "step"]
+  if against_alpha is None:
+    keys.append("alpha")
+  else:
+    base = base[np.isclose(base.alpha, against_alpha)]
+  base = base[[*keys, *metrics]].rename(columns={m: f"_{m}" for m in metrics})
+  merged = frame[frame.algorithm != "reference"].merge(base, on=keys)
   for m in metrics:
     merged[f"{m}_diff"] = merged[m] - merged[f"_{m}"]
   return seed_summary(merged, [f"{m}_diff" for m in metrics])
@@ -224,6 +229,14 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
+def t_quantile(n: int) -> float:
+  """The two-sided 95% quantile of Student's t for the mean of ``n`` values
+  (``n - 1`` degrees of freedom; 1.96 beyond 31 values)."""
+  if n < 2:
+    raise ValueError(f"a t-interval needs 2 or more values; got {n}")
+  return _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+
+
 def t_interval(values: np.ndarray) -> tuple[float, float, float, float, int]:
   """Mean, standard error and 95% t-interval over ``values`` (NaNs dropped):
   ``(mean, se, low, high, n)``; NaN interval for fewer than 2 values."""
@@ -236,7 +249,7 @@ def t_interval(values: np.ndarray) -> tuple[float, float, float, float, int]:
   if n < 2:
     return mean, math.nan, math.nan, math.nan, n
   se = float(values.std(ddof=1) / math.sqrt(n))
-  t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+  t = t_quantile(n)
   return mean, se, mean - t * se, mean + t * se, n
 
 

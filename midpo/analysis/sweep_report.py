@@ -18,7 +18,7 @@ import json
 import math
 import os
 import shutil
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pandas as pd
 
@@ -60,21 +60,36 @@ def final_table(results: pd.DataFrame, against: str) -> str:
                          "seeds"], rows)
 
 
-def difference_table(results: pd.DataFrame, against: str, against_alpha: float) -> str:
-  """Each algorithm and alpha minus the comparison run, same seed, last step."""
+def _pm_sig(mean: float, se: float, n: int, digits: int = 2) -> str:
+  """``mean ± se``, with ``*`` where the 95% t-interval over the ``n`` seeds
+  (``mean ± t(0.975, n-1) se``) excludes 0."""
+  text = _pm(mean, se, digits)
+  if text == "-" or se is None or math.isnan(se) or n < 2 or se == 0:
+    return text
+  return text + ("*" if abs(mean) > sweep_lib.t_quantile(n) * se else "")
+
+
+def difference_table(results: pd.DataFrame, against: str,
+                     against_alpha: Optional[float]) -> str:
+  """Each algorithm and alpha minus the comparison run, same seed, last step
+  (``against_alpha`` None: the comparison at the same alpha)."""
   diffs = sweep_lib.final_rows(sweep_lib.paired_differences(
       results, against=against, against_alpha=against_alpha,
       metrics=("reward", "kl", "mutual_information", "length")))
   rows = []
   for r in diffs.to_dict("records"):
-    if r["model"] != "policy":
+    if r["model"] != "policy" or (against_alpha is None and r["algorithm"] == against):
       continue
+    n = int(r["n_seeds"])
     rows.append([r["task"], r["algorithm"], f"{r['alpha']:g}",
-                 _pm(r["reward_diff"], r["reward_diff_se"]), _pm(r["kl_diff"], r["kl_diff_se"]),
-                 _pm(r.get("mutual_information_diff"), r.get("mutual_information_diff_se")),
-                 _pm(r["length_diff"], r["length_diff_se"], 1), int(r["n_seeds"])])
+                 _pm_sig(r["reward_diff"], r["reward_diff_se"], n),
+                 _pm_sig(r["kl_diff"], r["kl_diff_se"], n),
+                 _pm_sig(r.get("mutual_information_diff"), r.get("mutual_information_diff_se"), n),
+                 _pm_sig(r["length_diff"], r["length_diff_se"], n, 1), n])
   return markdown_table(["task", "algorithm", "alpha", "Δ reward", "Δ KL", "Δ MI estimate",
-                         "Δ length", "seeds"], rows)
+                         "Δ length", "seeds"], rows) + (
+      "\n\nMean ± standard error over seeds of the per-seed difference; * where its 95% "
+      "t-interval over seeds excludes 0 (with 3 seeds: |mean| > 4.30 SE).")
 
 
 def mi_targets(results: pd.DataFrame, task: str) -> list[float]:
@@ -82,6 +97,15 @@ def mi_targets(results: pd.DataFrame, task: str) -> list[float]:
   quartiles of its policies' estimates, rounded to 0.1 nats."""
   mi = results[(results.task == task) & (results.model == "policy")].mutual_information.dropna()
   return sorted({round(float(v), 1) for v in mi.quantile([0.25, 0.5, 0.75])}) if len(mi) else []
+
+
+def _ci(value: float, low: float, high: float, sign: str) -> str:
+  """``value [low, high]``; the value alone where one seed gives no interval."""
+  if math.isnan(value):
+    return "-"
+  if math.isnan(low):
+    return f"{value:{sign}.2f} (one seed)"
+  return f"{value:{sign}.2f} [{low:{sign}.2f}, {high:{sign}.2f}]"
 
 
 def matched_table(results: pd.DataFrame, against: str, targets, x: str = "kl") -> str:
@@ -96,11 +120,9 @@ def matched_table(results: pd.DataFrame, against: str, targets, x: str = "kl") -
                                            against=against, x=x))
   table = pd.concat(tables) if tables else pd.DataFrame()
   rows = [[r["task"], r["algorithm"], f"{r[x]:g}",
-           "-" if math.isnan(r["reward"]) else
-           f"{r['reward']:.2f} [{r['reward_ci_low']:.2f}, {r['reward_ci_high']:.2f}]",
-           "-" if math.isnan(r[f"reward_minus_{against}"]) else
-           f"{r[f'reward_minus_{against}']:+.2f} [{r['diff_ci_low']:+.2f}, "
-           f"{r['diff_ci_high']:+.2f}]", f"{r['n_seeds']}/{r['n_paired_seeds']}"]
+           _ci(r["reward"], r["reward_ci_low"], r["reward_ci_high"], ""),
+           _ci(r[f"reward_minus_{against}"], r["diff_ci_low"], r["diff_ci_high"], "+"),
+           f"{r['n_seeds']}/{r['n_paired_seeds']}"]
           for r in table.to_dict("records")]
   return markdown_table(["task", "algorithm", "KL" if x == "kl" else "MI estimate",
                          "reward [95% CI]",
@@ -149,6 +171,8 @@ def write_report(sweep_dir: str, out: str, kl_targets: Sequence[float] = (2.0, 4
       "## The last step\n", final_table(results, against), "",
       f"## Paired differences against {against} (alpha {against_alpha:g}), same seed and step\n",
       difference_table(results, against, against_alpha), "",
+      f"## Paired differences against {against} at the same alpha, same seed and step\n",
+      difference_table(results, against, None), "",
       "## Reward at matched KL (each seed's frontier interpolated; 95% t-interval over seeds)\n",
       matched_table(results, against, kl_targets), "",
       "## Reward at matched MI estimate (the same, on the mutual-information axis; the "
