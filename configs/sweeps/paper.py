@@ -6,7 +6,7 @@ evaluation prompts), evaluated every 50 steps.
         --workers=2
 
 Its cost, estimated from the quick sweep's measured per-run cost, is in
-BENCHMARKS.md; on a 2-core CPU it is a matter of a day, so run it on an
+BENCHMARKS.md; on a 2-core CPU it is about 7 hours (estimated), so run it on an
 accelerator or a larger machine.
 
 Like for like: the same labels for every algorithm (no length-biased
