@@ -57,7 +57,7 @@ from midpo import config_base, evaluate, sampling, train
 from midpo.analysis import sweep as sweep_lib
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
-from midpo.training import metrics_writer, provenance, sft
+from midpo.training import metrics_writer, provenance, run_identity, sft
 
 # Config keys every run of a (task, seed) must share with its shared reference.
 SHARED_KEYS = ("model", "tokenizer", "data", "sft", "seed", "pairs_from", "num_pair_prompts",
@@ -180,7 +180,7 @@ class Plan:
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
   """A config as the JSON a run's ``config.json`` holds (for comparisons)."""
-  return json.loads(config.to_json_best_effort(sort_keys=True))
+  return run_identity.config_json(config)
 
 
 def check_same_config(config: ml_collections.ConfigDict, path: str, what: str) -> None:
@@ -193,11 +193,9 @@ def check_same_config(config: ml_collections.ConfigDict, path: str, what: str) -
   if not os.path.exists(path):
     return
   with open(path) as f:
-    old = metrics_writer.flatten(json.load(f))
-  new = metrics_writer.flatten(_config_json(config))
-  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diff = run_identity.differences(json.load(f), _config_json(config))
   if diff:
-    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:5])
     raise SweepError(f"{what} in {os.path.dirname(path)} was made with another config ({shown}"
                      f"{', ...' if len(diff) > 5 else ''}); resume with the same sweep config, "
                      "or use another --workdir")

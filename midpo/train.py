@@ -28,7 +28,7 @@ from midpo import algorithms  # noqa: F401  (registers every published algorithm
 from midpo import sampling
 from midpo import evaluate as eval_lib
 from midpo.training import env as env_lib
-from midpo.training import export, metrics_writer, preference, sft
+from midpo.training import export, metrics_writer, preference, run_identity, sft
 
 
 def run_pairs(env: env_lib.Env, reference) -> dict:
@@ -54,14 +54,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Runs ``config.stages``; returns the evaluation results (also in ``eval.json``).
 
   Raises:
-    ConfigError: a config value is wrong (before anything is built).
+    ConfigError: a config value is wrong, or the workdir was started with
+      another config (``midpo.training.run_identity``); before anything is built.
     Preempted: SIGTERM, after the checkpoint is saved (exit code 143).
   """
   os.makedirs(workdir, exist_ok=True)
   env = env_lib.make_env(config, workdir)
+  run_identity.check_restart(config, workdir)  # before any work
   if env.process_index == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+    metrics_writer.write_text(os.path.join(workdir, "config.json"),
+                              config.to_json_best_effort(indent=1, sort_keys=True))
     env.writer.write_hparams(metrics_writer.flatten(config.to_dict(), sep="."))
   logging.info("mesh %s over %d devices (%d processes); model %s, %.2fM parameters",
                dict(env.mesh.shape), jax.device_count(), jax.process_count(),

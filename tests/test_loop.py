@@ -1,5 +1,7 @@
 """The training loop's bookkeeping on a toy state: resume, SIGTERM, non-finite loss."""
 
+import json
+import os
 import types
 
 import jax.numpy as jnp
@@ -90,3 +92,16 @@ def test_non_finite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_pa
                            r"is step 5"):
     loop.run_loop(env, _spec(env, tmp_path, 12, loss=loss), {"params": {"x": jnp.zeros(())}})
   assert ckpt_lib.Checkpointer(str(tmp_path / "ckpt")).latest_step() == 5
+
+
+def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
+  path = str(tmp_path / "eval.json")
+  metrics_writer.write_json(path, {"reward": 1.0})
+  with pytest.raises(TypeError):
+    metrics_writer.write_json(path, {"reward": object()})  # fails while serialising
+  assert json.load(open(path)) == {"reward": 1.0}  # the previous file, intact
+  assert os.listdir(tmp_path) == ["eval.json"]  # no temporary file left behind
+  metrics_writer.write_json(path, {"b": 1, "a": float("nan")}, sort_keys=True)
+  assert open(path).read() == '{\n "a": NaN,\n "b": 1\n}'
+  with pytest.raises(OSError):  # the write itself fails: nothing is left half-written
+    metrics_writer.write_text(str(tmp_path / "missing" / "x.json"), "{}")

@@ -198,6 +198,38 @@ def test_learned_prior_on_users_files_without_a_test_split(shared, tmp_path, cap
   assert tu.read_metrics(str(tmp_path / "run"), "prior/diagnostics") == []
 
 
+def test_keys_a_restart_may_change():
+  from midpo.training import run_identity
+  for key in ("stages", "train.steps", "log_every", "eval.num_prompts", "eval.every"):
+    assert run_identity.resumable(key), key
+  for key in ("prior.name", "loss.alpha", "seed", "sft.steps", "train.steps_per_round",
+              "evaluation", "data.batch_size", "model.name"):
+    assert not run_identity.resumable(key), key
+
+
+def test_a_workdir_refuses_a_restart_with_another_config(shared, tmp_path, caplog):
+  """One workdir, one run: a restart that changes results is refused before any
+  work, naming every changed key; more steps or other stages are allowed."""
+  workdir = str(tmp_path / "run")
+  base = {"sft.checkpoint": shared["sft"], "data.data_dir": shared["data_dir"],
+          "stages": ("preference",), "train.steps": 3, "baselines": ()}
+  train.train_and_evaluate(tu.tiny_config("dpo", **base), workdir)
+  rows = len(tu.read_metrics(workdir, "preference"))
+  for changes, match in (
+      ({"prior.name": "simpo"}, r"changed: prior.name: 'dpo' -> 'simpo'"),
+      ({"loss.alpha": 0.3, "seed": 7}, r"changed: loss.alpha: 0.1 -> 0.3, seed: 0 -> 7"),
+      ({"sft.steps": 60}, r"changed: sft.steps: 12 -> 60")):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      train.train_and_evaluate(tu.tiny_config("dpo", **base, **changes), workdir)
+  assert len(tu.read_metrics(workdir, "preference")) == rows  # nothing ran
+  assert json.load(open(os.path.join(workdir, "config.json")))["prior"]["name"] == "dpo"
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(tu.tiny_config("dpo", **{**base, "train.steps": 5}), workdir)
+  assert "learning-rate schedule recomputed for 5 steps" in caplog.text
+  assert [r["step"] for r in tu.read_metrics(workdir, "preference")][-1] == 5
+  assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 5
+
+
 def test_policy_and_prior_steps_touch_only_their_own_parameters(shared, tmp_path):
   config = tu.tiny_config("sparsepo", **{
       "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
@@ -300,6 +332,16 @@ def test_dice_pair_selection_is_length_regularised():
     ({"baselines": ("dpo", "sparsepo")}, r"config.baselines: prior 'sparsepo' needs parameters"),
     ({"baselines": ("dop",)}, r"config.baselines: unknown prior 'dop'"),
     ({"train.collapse_margin": -1.0}, r"config.train.collapse_margin: must be >= 0"),
+    # Accepted once, then broken mid-run (a division by zero after the data build, a flipped
+    # gradient, a NaN step).
+    ({"checkpoint_every": 0}, r"config.checkpoint_every: must be a positive int; got 0"),
+    ({"log_every": 0}, r"config.log_every: must be a positive int; got 0"),
+    ({"train.grad_clip": -1.0}, r"config.train.grad_clip: must be a finite number >= 0"),
+    ({"train.learning_rate": float("inf")},
+     r"config.train.learning_rate: must be a finite number > 0; got inf"),
+    ({"sft.learning_rate": float("nan")}, r"config.sft.learning_rate: must be a finite number"),
+    ({"train.weight_decay": -0.1}, r"config.train.weight_decay: must be a finite number >= 0"),
+    ({"train.warmup_steps": -5}, r"config.train.warmup_steps: must be a non-negative int"),
     ({"train.diagnostics_every": -1}, r"config.train.diagnostics_every: must be a non-negative"),
     ({"dice.rounds": 2}, r"config.dice.rounds: 2 rounds are DICE's procedure; prior 'dpo'"),
     ({"prior.name": "sparsepo", "prior.mask_source": "given"},

@@ -10,6 +10,7 @@ live with the algorithm.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -27,6 +28,18 @@ PRIOR_UPDATES = ("joint", "alternate")
 
 class ConfigError(ValueError):
   """A config value is wrong; the message names the key."""
+
+
+def _get(config, key: str):
+  """``config``'s value at the dotted ``key``."""
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  return value
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def fail(key: str, msg: str):
@@ -160,20 +173,27 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   if config.train.prior_update not in PRIOR_UPDATES:
     fail("train.prior_update",
           f"must be one of {PRIOR_UPDATES}; got {config.train.prior_update!r}")
-  for key in ("sft.steps", "train.steps", "train.policy_steps_per_round",
-              "train.prior_steps_per_round", "checkpoint_every", "log_every",
-              "max_checkpoints", "eval.num_prompts", "eval.batch_size", "eval.max_new_tokens",
-              "eval.every"):
-    section, name = key.split(".") if "." in key else (None, key)
-    value = config[section][name] if section else config[name]
-    zero_ok = key.endswith("steps") or key.endswith("every")
-    if not isinstance(value, int) or value < (0 if zero_ok else 1):
+  # Counts and frequencies: 0 allowed where it means "none" or "off" (steps, eval.every).
+  for key, zero_ok in (("sft.steps", True), ("train.steps", True), ("sft.warmup_steps", True),
+                       ("train.warmup_steps", True), ("train.policy_steps_per_round", False),
+                       ("train.prior_steps_per_round", False), ("checkpoint_every", False),
+                       ("log_every", False), ("max_checkpoints", False),
+                       ("eval.num_prompts", False), ("eval.batch_size", False),
+                       ("eval.max_new_tokens", False), ("eval.every", True)):
+    value = _get(config, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
       fail(key, f"must be a {'non-negative' if zero_ok else 'positive'} int; "
             f"got {value!r}")
   for key in ("sft.learning_rate", "train.learning_rate", "train.prior_learning_rate"):
-    section, name = key.split(".")
-    if not config[section][name] > 0:
-      fail(key, f"must be > 0; got {config[section][name]}")
+    value = _get(config, key)
+    if not _is_number(value) or not math.isfinite(value) or not value > 0:
+      fail(key, f"must be a finite number > 0; got {value!r}")
+  # 0 turns clipping (weight decay) off; a negative clip would flip the gradient's sign.
+  for key in ("train.grad_clip", "sft.weight_decay", "train.weight_decay",
+              "train.prior_weight_decay"):
+    value = _get(config, key)
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+      fail(key, f"must be a finite number >= 0 (0: off); got {value!r}")
   if config.model.hf_path and not os.path.isdir(config.model.hf_path):
     fail("model.hf_path", f"{config.model.hf_path!r} is not a directory")
   if config.pairs_file and config.pairs_from != "reference":

@@ -1,0 +1,95 @@
+"""One workdir, one run: a restart must use the config the workdir was started with.
+
+``train_and_evaluate`` writes the resolved config to ``<workdir>/config.json``
+at the first start. A restart (a resume after preemption, a rerun to add the
+eval stage) compares its config with that file before any work: a change in
+a key that changes results (the prior, alpha, the seed, the data, the model,
+``sft.steps``, ...) is a ``ConfigError`` listing every changed key; keys in
+``RESUMABLE`` may change:
+
+* ``stages``: run some stages again or add one (e.g. ``("eval",)`` later);
+* ``log_every``, ``checkpoint_every``, ``max_checkpoints``,
+  ``train.diagnostics_every``: bookkeeping only;
+* ``eval.*``: what the eval stage measures (it is rerun, ``eval.json``
+  rewritten);
+* ``train.steps``: train longer (or stop earlier) from the latest checkpoint.
+  The learning-rate schedule (warmup, then cosine decay to a tenth over
+  ``train.steps``) is recomputed for the new length, so the steps after the
+  restart differ from an uninterrupted run of the new length; a warning says
+  so.
+
+``config.json`` is then rewritten with the restart's values of those keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+
+from midpo.training import config as config_lib
+from midpo.training import metrics_writer
+
+# Dotted keys (a trailing ".*": every key under it) a restart may change.
+RESUMABLE = ("stages", "log_every", "checkpoint_every", "max_checkpoints",
+             "train.diagnostics_every", "eval.*", "train.steps")
+
+
+def config_json(config) -> dict:
+  """A config as ``config.json`` holds it (for comparisons)."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+  """``(dotted key, old value, new value)`` of every key that differs
+  (a key missing on one side has value None there), sorted by key."""
+  a, b = metrics_writer.flatten(old), metrics_writer.flatten(new)
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def resumable(key: str) -> bool:
+  """Whether a restart may change ``key`` (see ``RESUMABLE``)."""
+  return any(key == r or (r.endswith(".*") and key.startswith(r[:-1])) for r in RESUMABLE)
+
+
+def _shown(diff: list[tuple[str, Any, Any]]) -> str:
+  return ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff)
+
+
+def check_restart(config, workdir: str) -> list[tuple[str, Any, Any]]:
+  """Compares ``config`` with the ``config.json`` of ``workdir`` (if any).
+
+  Returns the changed keys that a restart may change (logged, with what a
+  changed ``train.steps`` does).
+
+  Raises:
+    ConfigError: a key outside ``RESUMABLE`` changed (all of them named).
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(
+        f"{path} is not a readable config ({type(e).__name__}: {e}): it records what this "
+        "workdir was started with; restore it, or use another workdir") from None
+  diff = differences(old, config_json(config))
+  refused = [d for d in diff if not resumable(d[0])]
+  if refused:
+    raise config_lib.ConfigError(
+        f"workdir {workdir} was started with another config; changed: {_shown(refused)}. "
+        "One workdir holds one run: use the same config to resume (keys a restart may "
+        f"change: {', '.join(RESUMABLE)}), or another --workdir")
+  for key, a, b in diff:
+    if key == "train.steps":
+      logging.warning(
+          "train.steps changed from %s to %s on restart: preference training goes on from "
+          "its latest checkpoint, with the learning-rate schedule recomputed for %s steps "
+          "(not the same as an uninterrupted %s-step run)", a, b, b, b)
+  if diff:
+    logging.info("restart with changed keys a restart may change: %s", _shown(diff))
+  return diff
