@@ -297,7 +297,7 @@ def test_significance_marks_follow_the_t_interval():
 
   assert sweep_lib.t_quantile(3) == pytest.approx(4.303)
   assert sweep_lib.t_quantile(100) == 1.96
-  assert sweep_report._pm_sig(0.44, 0.1, 3) == "0.44 ± 0.10*"  # 0.44 > 4.303 * 0.1
-  assert sweep_report._pm_sig(0.43, 0.1, 3) == "0.43 ± 0.10"
-  assert sweep_report._pm_sig(-0.21, 0.1, 30) == "-0.21 ± 0.10*"  # t(29) = 2.045
-  assert sweep_report._pm_sig(0.5, math.nan, 1) == "0.50"
+  assert sweep_report.pm_significance(0.44, 0.1, 3) == "0.44 ± 0.10*"  # 0.44 > 4.303 * 0.1
+  assert sweep_report.pm_significance(0.43, 0.1, 3) == "0.43 ± 0.10"
+  assert sweep_report.pm_significance(-0.21, 0.1, 30) == "-0.21 ± 0.10*"  # t(29) = 2.045
+  assert sweep_report.pm_significance(0.5, math.nan, 1) == "0.50"

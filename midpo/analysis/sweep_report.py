@@ -60,7 +60,7 @@ def final_table(results: pd.DataFrame, against: str) -> str:
                          "seeds"], rows)
 
 
-def _pm_sig(mean: float, se: float, n: int, digits: int = 2) -> str:
+def pm_significance(mean: float, se: float, n: int, digits: int = 2) -> str:
   """``mean ± se``, with ``*`` where the 95% t-interval over the ``n`` seeds
   (``mean ± t(0.975, n-1) se``) excludes 0."""
   text = _pm(mean, se, digits)
@@ -82,10 +82,10 @@ def difference_table(results: pd.DataFrame, against: str,
       continue
     n = int(r["n_seeds"])
     rows.append([r["task"], r["algorithm"], f"{r['alpha']:g}",
-                 _pm_sig(r["reward_diff"], r["reward_diff_se"], n),
-                 _pm_sig(r["kl_diff"], r["kl_diff_se"], n),
-                 _pm_sig(r.get("mutual_information_diff"), r.get("mutual_information_diff_se"), n),
-                 _pm_sig(r["length_diff"], r["length_diff_se"], n, 1), n])
+                 pm_significance(r["reward_diff"], r["reward_diff_se"], n),
+                 pm_significance(r["kl_diff"], r["kl_diff_se"], n),
+                 pm_significance(r.get("mutual_information_diff"), r.get("mutual_information_diff_se"), n),
+                 pm_significance(r["length_diff"], r["length_diff_se"], n, 1), n])
   return markdown_table(["task", "algorithm", "alpha", "Δ reward", "Δ KL", "Δ MI estimate",
                          "Δ length", "seeds"], rows) + (
       "\n\nMean ± standard error over seeds of the per-seed difference; * where its 95% "
