@@ -56,9 +56,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Raises:
     ConfigError: a config value is wrong, or the workdir was started with
       another config (``midpo.training.run_identity``); before anything is built.
+    WorkdirInUse: another run holds the workdir (``run_identity.workdir_lock``).
     Preempted: SIGTERM, after the checkpoint is saved (exit code 143).
   """
   os.makedirs(workdir, exist_ok=True)
+  with run_identity.workdir_lock(workdir, hold=jax.process_index() == 0):
+    return _run_stages(config, workdir)
+
+
+def _run_stages(config, workdir: str) -> dict:
+  """``train_and_evaluate``'s work, with the workdir held."""
   env = env_lib.make_env(config, workdir)
   run_identity.check_restart(config, workdir)  # before any work
   if env.process_index == 0:

@@ -230,6 +230,30 @@ def test_a_workdir_refuses_a_restart_with_another_config(shared, tmp_path, caplo
   assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 5
 
 
+def test_a_second_run_on_a_workdir_in_use_is_refused(shared, tmp_path):
+  """The workdir's lock names its holder; a lock file left by a dead run is taken over."""
+  import fcntl
+
+  from midpo.training import run_identity
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  config = tu.tiny_config("dpo", **{"sft.checkpoint": shared["sft"], "baselines": (),
+                                    "data.data_dir": shared["data_dir"],
+                                    "stages": ("preference",), "train.steps": 2})
+  with open(workdir / "workdir.lock", "w") as held:  # a run in progress
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held.write('{"pid": 4242, "host": "other-host", "started": "2026-11-30T10:00:00"}')
+    held.flush()
+    with pytest.raises(run_identity.WorkdirInUse, match=r"in use by another run \(\{\"pid\": "
+                                                        r"4242, \"host\": \"other-host\""):
+      train.train_and_evaluate(config, str(workdir))
+  assert not (workdir / "metrics.jsonl").exists()  # refused before any work
+  # The holder died (its lock is gone, its file stays): the next run takes over.
+  train.train_and_evaluate(config, str(workdir))
+  assert json.load(open(workdir / "workdir.lock"))["pid"] == os.getpid()
+  assert len(tu.read_metrics(str(workdir), "preference")) == 2
+
+
 def test_policy_and_prior_steps_touch_only_their_own_parameters(shared, tmp_path):
   config = tu.tiny_config("sparsepo", **{
       "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],

@@ -19,13 +19,23 @@ a key that changes results (the prior, alpha, the seed, the data, the model,
   so.
 
 ``config.json`` is then rewritten with the restart's values of those keys.
+
+``workdir_lock`` keeps a second run off a workdir in use: process 0 holds an
+exclusive ``flock`` on ``<workdir>/workdir.lock`` (which names the holder: pid,
+host, start time) for the whole run. The kernel drops the lock when its
+process dies, so a lock file left by a killed run is taken over. It needs a
+filesystem with ``flock`` (local disks, NFS).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
-from typing import Any
+import socket
+from typing import Any, Iterator
 
 from absl import logging
 
@@ -93,3 +103,39 @@ def check_restart(config, workdir: str) -> list[tuple[str, Any, Any]]:
   if diff:
     logging.info("restart with changed keys a restart may change: %s", _shown(diff))
   return diff
+
+
+class WorkdirInUse(RuntimeError):
+  """Another process runs in this workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, *, hold: bool = True) -> Iterator[None]:
+  """Holds ``<workdir>/workdir.lock`` for the duration (``hold=False``: a
+  no-op, for processes other than 0).
+
+  Raises:
+    WorkdirInUse: another process holds it (named by pid, host and start).
+  """
+  if not hold:
+    yield
+    return
+  path = os.path.join(workdir, "workdir.lock")
+  with open(path, "a+", encoding="utf-8") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      raise WorkdirInUse(f"workdir {workdir} is in use by another run ({holder}); wait for it "
+                         "or stop it, or use another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": datetime.datetime.now().isoformat(timespec="seconds")}))
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
