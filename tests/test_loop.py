@@ -105,3 +105,28 @@ def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
   assert open(path).read() == '{\n "a": NaN,\n "b": 1\n}'
   with pytest.raises(OSError):  # the write itself fails: nothing is left half-written
     metrics_writer.write_text(str(tmp_path / "missing" / "x.json"), "{}")
+
+
+def test_diverged_parameters_are_never_checkpointed(tmp_path):
+  # Step 7's update makes the parameters NaN while every loss (computed before
+  # its update) is finite: the checkpoint at step 10 is refused, and the one the
+  # error names holds finite parameters.
+  env = _env(tmp_path)
+
+  def step(state, local, index):
+    x = state["params"]["x"] + local["x"][0]
+    if index == 6:
+      x = x * jnp.float32(np.inf) * 0.0  # NaN
+    return ({"params": {"x": x}, "steps": {"n": state["steps"]["n"] + 1}},
+            {"loss": jnp.float32(1.0)})
+
+  spec = loop.LoopSpec("toy", str(tmp_path / "ckpt"), 12, CountingIterator(),
+                       loop.count_tokens, step)
+  init = {"params": {"x": jnp.zeros(())}, "steps": {"n": jnp.zeros((), jnp.int32)}}
+  with pytest.raises(FloatingPointError, match=r"toy: non-finite parameters after step 10; not "
+                                               r"saved. The last good checkpoint is step 5"):
+    loop.run_loop(env, spec, init)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"))
+  assert ckpt.all_steps() == [5]
+  state, _ = ckpt.restore(5, ckpt_lib.abstract_like(init))
+  assert float(state["params"]["x"]) == sum(range(1, 6)) and int(state["steps"]["n"]) == 5

@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -65,8 +66,9 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
 
   Raises:
     Preempted: after SIGTERM, once the checkpoint is saved.
-    FloatingPointError: the loss of a step is not finite (names the last
-      good checkpoint).
+    FloatingPointError: the loss of a step, or the parameters about to be
+      checkpointed, are not finite (names the last good checkpoint; a
+      checkpoint is only written from finite parameters).
   """
   config = env.config
   ckpt = ckpt_lib.Checkpointer(spec.directory, max_to_keep=config.max_checkpoints,
@@ -83,6 +85,13 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
     return state
 
   def save(step, force=False):
+    # Only finite parameters are kept: the loss checked at step k was computed
+    # before update k, so the update itself could have diverged.
+    if not bool(_all_finite(state)):
+      ckpt.wait()
+      raise FloatingPointError(
+          f"{spec.stage}: non-finite parameters after step {step}; not saved. The last good "
+          f"checkpoint is step {last_good} in {spec.directory}")
     ckpt.save(step, state, {"step": step, "stage": spec.stage,
                             "data": spec.iterator.get_state()}, force=force)
 
@@ -153,6 +162,14 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
     env.sigterm.uninstall()
     env.writer.flush()
   return state
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every floating-point leaf of ``tree`` is finite everywhere."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def _periodic(done: int, every: int, keep_every: int, total: int) -> bool:
