@@ -178,11 +178,6 @@ class Plan:
     return next(r["config"] for r in self.runs if r["algorithm"] == label)
 
 
-def _config_json(config: ml_collections.ConfigDict) -> dict:
-  """A config as the JSON a run's ``config.json`` holds (for comparisons)."""
-  return run_identity.config_json(config)
-
-
 def check_same_config(config: ml_collections.ConfigDict, path: str, what: str) -> None:
   """Raises SweepError when ``path`` (a ``config.json`` written earlier) holds
   another config than ``config``: a resumed sweep whose config changed.
@@ -193,7 +188,7 @@ def check_same_config(config: ml_collections.ConfigDict, path: str, what: str) -
   if not os.path.exists(path):
     return
   with open(path) as f:
-    diff = run_identity.differences(json.load(f), _config_json(config))
+    diff = run_identity.differences(json.load(f), run_identity.config_json(config))
   if diff:
     shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:5])
     raise SweepError(f"{what} in {os.path.dirname(path)} was made with another config ({shown}"
@@ -217,7 +212,7 @@ def prepare_shared(config: ml_collections.ConfigDict, root: str) -> dict:
   os.makedirs(root, exist_ok=True)
   config_lib.validate(config)
   env = env_lib.make_env(config, root)
-  metrics_writer.write_json(os.path.join(root, "config.json"), _config_json(config))
+  metrics_writer.write_json(os.path.join(root, "config.json"), run_identity.config_json(config))
   try:
     made_sft = not os.path.isdir(os.path.join(root, "sft"))
     reference = sft.run_sft(env)
