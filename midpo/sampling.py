@@ -112,12 +112,18 @@ def _encode_prompts(env, prompts: Sequence[str], width: int):
   return tokens, mask
 
 
-def _process_chunks(env, items: Sequence):
+def _process_chunks(env, items: Sequence, what: str):
   """Global batches of ``eval.batch_size`` items per process, the last padded
-  with copies of its first: yields ``(number of real items, this process's items)``."""
+  with copies of its first: yields ``(number of real items, this process's items)``.
+
+  Raises:
+    StopRequested: a stop signal arrived (checked before each batch; ``what``
+      names the operation).
+  """
   per_process = env.config.eval.batch_size
   global_size = per_process * env.process_count
   for start in range(0, len(items), global_size):
+    env_lib.check_stop(env, f"{what} ({start} of {len(items)} done)")
     chunk = list(items[start:start + global_size])
     real = len(chunk)
     chunk += [chunk[0]] * (global_size - real)
@@ -134,7 +140,7 @@ def sample(env, params: PyTree, prompts: Sequence[str], rng, *,
   model = nnx.merge(env.graphdef, params)
   width = max(len(env.tokenizer.encode(p)) for p in prompts) + 1
   responses, lengths, logps, finished = [], [], [], []
-  for i, (real, mine) in enumerate(_process_chunks(env, prompts)):
+  for i, (real, mine) in enumerate(_process_chunks(env, prompts, "sampling")):
     tokens, mask = _encode_prompts(env, mine, width)
     g = env.global_batch({"tokens": tokens, "mask": mask})
     out = generate_fn(model, g["tokens"], g["mask"], rng=jax.random.fold_in(rng, i),
@@ -169,7 +175,7 @@ def sequence_logps(env, params: PyTree, samples: Samples) -> np.ndarray:
   rows = list(zip(*sample_ids(env, samples)))
   width = max(len(p) + len(r) for p, r in rows)
   out = []
-  for real, mine in _process_chunks(env, rows):
+  for real, mine in _process_chunks(env, rows, "scoring samples"):
     r = response_rows(*zip(*mine), width, tok.pad_id)
     g = env.global_batch({"t": r["tokens"], "a": r["attention_mask"],
                           "m": r["response_mask"].astype(np.float32)})

@@ -14,7 +14,8 @@
   ``eval.json``.
 
 Every stage checkpoints with orbax under the workdir, resumes automatically
-from its latest checkpoint, and saves before exiting on SIGTERM.
+from its latest checkpoint, and saves before exiting on SIGTERM or SIGINT
+(within about a second of work: long operations inside a stage check for it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from midpo import algorithms  # noqa: F401  (registers every published algorithm
 from midpo import sampling
 from midpo import evaluate as eval_lib
 from midpo.training import env as env_lib
-from midpo.training import export, metrics_writer, preference, run_identity, sft
+from midpo.training import export, loop, metrics_writer, preference, run_identity, sft
 
 
 def run_pairs(env: env_lib.Env, reference) -> dict:
@@ -57,7 +58,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ConfigError: a config value is wrong, or the workdir was started with
       another config (``midpo.training.run_identity``); before anything is built.
     WorkdirInUse: another run holds the workdir (``run_identity.workdir_lock``).
-    Preempted: SIGTERM, after the checkpoint is saved (exit code 143).
+    Preempted: SIGTERM (exit code 143) or SIGINT (130), after the stage in
+      progress saved what resumes exactly.
+    Diverged: the divergence guard stopped a stage (the message names the
+      last good checkpoint).
   """
   os.makedirs(workdir, exist_ok=True)
   with run_identity.workdir_lock(workdir, hold=jax.process_index() == 0):
@@ -67,8 +71,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _run_stages(config, workdir: str) -> dict:
   """``train_and_evaluate``'s work, with the workdir held."""
   env = env_lib.make_env(config, workdir)
-  run_identity.check_restart(config, workdir)  # before any work
+  changed = run_identity.check_restart(config, workdir)  # before any work
   if env.process_index == 0:
+    run_identity.record_restart(workdir, changed)
     metrics_writer.write_text(os.path.join(workdir, "config.json"),
                               config.to_json_best_effort(indent=1, sort_keys=True))
     env.writer.write_hparams(metrics_writer.flatten(config.to_dict(), sep="."))
@@ -77,6 +82,7 @@ def _run_stages(config, workdir: str) -> dict:
                config.model.hf_path or config.model.name, env.model_config.num_params() / 1e6)
   stages = tuple(config.stages)
   results = {}
+  env.sigterm.install()  # SIGTERM and SIGINT, for the whole run
   try:
     reference = sft.run_sft(env)
     policy, prior_params, frozen = reference, None, {"reference": reference}
@@ -93,6 +99,14 @@ def _run_stages(config, workdir: str) -> dict:
       export.export_hf(env, policy)
     if "eval" in stages:
       results = eval_lib.run_eval(env, policy, frozen, prior_params, baselines, pairs)
+  except env_lib.StopRequested as e:
+    # Outside a stage's step loop: sampling the pairs, evaluation. What was
+    # saved before stays; the interrupted operation is redone on restart.
+    logging.warning("%s received during %s: stopped it; every stage already finished is "
+                    "kept, and the same command redoes this one exactly.", e.signal_name,
+                    e.what)
+    raise loop.Preempted(None, e.exit_code) from None
   finally:
+    env.sigterm.uninstall()
     env.writer.close()
   return results

@@ -408,11 +408,26 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file
     overrides.update(tu.MI_TINY, **{"train.policy_steps_per_round": 3,
                                     "train.diagnostics_every": 3, "baselines": ()})
     items += ("prior", "prior_opt")
+  if "joint" in config_file:  # a first round long enough to outlast a grace period
+    overrides["train.prior_warmup_steps"] = 400  # about 8 s of MLE steps here
   straight = tmp_path / "straight"
   rc, out = tu.run_main(config_file, str(straight), overrides)
   assert rc == 0, out[-3000:]
 
   killed = tmp_path / "killed"
+  if "joint" in config_file:
+    # SIGTERM during the first round's fit: out within 5 s (the fit checks
+    # for it between its steps), its step's state saved; resumed below.
+    proc = tu.run_main(config_file, str(killed), overrides, wait=False)
+    lines = tu.lines_until(proc, "prior round 0 (step 0): sampling")
+    time.sleep(1.5)  # into the fit
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(lines) + proc.communicate(timeout=60)[0]
+    assert time.time() - sent < 5.0, out[-3000:]
+    assert proc.returncode == 143, out[-3000:]
+    assert "during step 1's prior round 0's fit" in out, out[-3000:]
+    assert "MLE steps in" not in out  # the round did not run to its end
   proc = tu.run_main(config_file, str(killed), overrides, wait=False)
   metrics = killed / "metrics.jsonl"
   deadline = time.time() + 300
@@ -423,7 +438,7 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file
     time.sleep(0.05)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 143, out[-3000:]
-  assert "saved after SIGTERM" in out
+  assert "SIGTERM received" in out and "saved (the run resumes from it exactly)" in out
   interrupted_at = len(tu.read_metrics(str(killed), "preference"))
   assert 7 <= interrupted_at < 16
   rc, out = tu.run_main(config_file, str(killed), overrides)

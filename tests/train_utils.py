@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,20 @@ def run_main(config_file, workdir, overrides, *, env=None, timeout=600, wait=Tru
     return proc
   out, _ = proc.communicate(timeout=timeout)
   return proc.returncode, out
+
+
+def lines_until(proc, text, timeout=300):
+  """Reads ``proc``'s output line by line until a line contains ``text``;
+  returns the lines read (fails if the process ends or time runs out first)."""
+  lines, deadline = [], time.time() + timeout
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    if not line:
+      raise AssertionError(f"ended before {text!r}:\n" + "".join(lines[-40:]))
+    lines.append(line)
+    if text in line:
+      return lines
+  raise AssertionError(f"no {text!r} within {timeout} s:\n" + "".join(lines[-40:]))
 
 
 def read_metrics(workdir, stage=None):

@@ -10,11 +10,18 @@ sharded on the current mesh.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of a directory can be read (each one's problem named)."""
 
 
 class Checkpointer:
@@ -56,6 +63,92 @@ class Checkpointer:
     trees = {name: (restored[name] if name in items else abstract_trees[name])
              for name in abstract_trees}
     return trees, dict(restored["meta"])
+
+  def read_meta(self, step: int) -> dict:
+    """The JSON ``meta`` item of ``step``, read directly.
+
+    Raises:
+      CheckpointError: the file is missing, empty or not JSON (named).
+    """
+    path = os.path.join(self.directory, str(step), "meta", "metadata")
+    try:
+      with open(path, encoding="utf-8") as f:
+        return json.load(f)
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from None
+
+  def restore_latest_intact(self, abstract_trees: dict[str, Any],
+                            check_meta: Optional[Callable[[dict, str], None]] = None
+                            ) -> Optional[tuple[int, dict[str, Any], dict]]:
+    """``(step, trees, meta)`` of the newest checkpoint that reads whole (None
+    when the directory holds none).
+
+    A checkpoint that does not read (an emptied or truncated file) is moved to
+    ``<directory>/damaged.<step>`` (kept for inspection) with a warning naming
+    the file and the error, and the next older one is tried. ``check_meta(meta,
+    step directory)`` runs on each candidate's ``meta`` before its arrays are
+    read; what it raises (a config that changed) is not damage and propagates.
+
+    Raises:
+      CheckpointError: checkpoints exist but none is intact (each one's
+        problem named).
+    """
+    problems = []
+    for step in sorted(self.all_steps(), reverse=True):
+      where = os.path.join(self.directory, str(step))
+      try:
+        meta = self.read_meta(step)
+      except CheckpointError as e:
+        problems.append((step, str(e)))
+        continue
+      if check_meta is not None:
+        check_meta(meta, where)
+      try:
+        trees, meta = self.restore(step, abstract_trees)
+      except Exception as e:  # orbax and tensorstore raise many types for a damaged file
+        problems.append((step, f"{where}: {type(e).__name__}: {e}"))
+        continue
+      if problems:
+        self._set_aside([s for s, _ in problems])
+        logging.warning("%s", "; ".join(f"checkpoint step {s} is damaged ({p})"
+                                        for s, p in problems)
+                        + f"; set aside as damaged.<step>. Resuming from step {step}, the "
+                        "latest intact checkpoint.")
+      return step, trees, meta
+    if problems:
+      raise CheckpointError(
+          f"no intact checkpoint in {self.directory}: "
+          + "; ".join(f"step {s}: {p}" for s, p in problems)
+          + ". Delete the directory to start the stage over.")
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged step directories out of orbax's sight (process 0)."""
+    self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      for step in steps:
+        target = os.path.join(self.directory, f"damaged.{step}")
+        suffix = 0
+        while os.path.exists(target):
+          suffix += 1
+          target = os.path.join(self.directory, f"damaged.{step}.{suffix}")
+        os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("midpo_checkpoint_set_aside")
+    self._manager.reload()
+
+  def delete(self, step: int) -> None:
+    """Deletes checkpoint ``step`` (after pending saves finish)."""
+    self._manager.wait_until_finished()
+    self._manager.delete(step)
+
+  def check_for_errors(self) -> None:
+    """Raises the error of a failed asynchronous save, if any, once that save
+    has ended (so a failure surfaces at the next step, not at the next save).
+    Does not block while a save is in progress."""
+    self._manager.check_for_errors()
+    if not self._manager.is_saving_in_progress():
+      self._manager.wait_until_finished()  # returns at once; re-raises a failure
 
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""

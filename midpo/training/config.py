@@ -38,7 +38,8 @@ def _get(config, key: str):
   return value
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+  """A real number (not a bool)."""
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -186,13 +187,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             f"got {value!r}")
   for key in ("sft.learning_rate", "train.learning_rate", "train.prior_learning_rate"):
     value = _get(config, key)
-    if not _is_number(value) or not math.isfinite(value) or not value > 0:
+    if not is_number(value) or not math.isfinite(value) or not value > 0:
       fail(key, f"must be a finite number > 0; got {value!r}")
   # 0 turns clipping (weight decay) off; a negative clip would flip the gradient's sign.
   for key in ("train.grad_clip", "sft.weight_decay", "train.weight_decay",
               "train.prior_weight_decay"):
     value = _get(config, key)
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
+    if not is_number(value) or not math.isfinite(value) or value < 0:
       fail(key, f"must be a finite number >= 0 (0: off); got {value!r}")
   if config.model.hf_path and not os.path.isdir(config.model.hf_path):
     fail("model.hf_path", f"{config.model.hf_path!r} is not a directory")

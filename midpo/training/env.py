@@ -34,24 +34,74 @@ PyTree = Any
 
 
 class SigtermFlag:
-  """Set by SIGTERM; the loops check it between steps."""
+  """Set by SIGTERM (preemption) or SIGINT (Ctrl-C) while installed.
+
+  Loops check it between steps, and long operations inside a stage (sampling,
+  the learned prior's fits, evaluation) through ``check_stop``, so a run stops
+  within about a second of work. A second SIGINT interrupts at once
+  (``KeyboardInterrupt``). ``install`` nests: the handlers stay until the
+  outermost ``uninstall``.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received = False
-    self._previous = None
+    self.signal_name = "SIGTERM"
+    self._previous: dict = {}
+    self._depth = 0
+
+  @property
+  def exit_code(self) -> int:
+    """The shell's code for death by the signal received: 143 (SIGTERM), 130 (SIGINT)."""
+    return 128 + int(getattr(signal, self.signal_name))
 
   def install(self) -> None:
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if self._depth == 0:
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    self._depth += 1
 
   def _handle(self, signum, frame) -> None:
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint after the current step.")
-    self.received = True
+    del frame
+    name = signal.Signals(signum).name
+    if self.received and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, save nothing
+    logging.warning("%s received: saving a checkpoint after the current step (or stopping "
+                    "the operation in progress); send SIGINT again to stop at once.", name)
+    self.received, self.signal_name = True, name
 
   def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    self._depth = max(self._depth - 1, 0)
+    if self._depth == 0:
+      for s, previous in self._previous.items():
+        if previous is not None:
+          signal.signal(s, previous)
+      self._previous = {}
+
+
+class StopRequested(Exception):
+  """A stop signal seen inside a long operation (``check_stop``), before it
+  finished; the stage that called it saves what resumes exactly, or nothing
+  when it is redone whole on restart."""
+
+  def __init__(self, what: str, signal_name: str, exit_code: int):
+    super().__init__(f"{signal_name} during {what}")
+    self.what, self.signal_name, self.exit_code = what, signal_name, exit_code
+
+
+def stop_requested(env) -> bool:
+  """Whether a stop signal was received (on any process: every process
+  stops at the same point; with several processes this is a collective,
+  so every process must call it at the same points)."""
+  if env.process_count > 1:
+    return bool(env.max_over_processes(int(env.sigterm.received)))
+  return env.sigterm.received
+
+
+def check_stop(env, what: str) -> None:
+  """Raises ``StopRequested`` naming ``what`` if a stop signal was received."""
+  if stop_requested(env):
+    raise StopRequested(what, env.sigterm.signal_name, env.sigterm.exit_code)
 
 
 @dataclasses.dataclass

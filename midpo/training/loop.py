@@ -11,22 +11,99 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
 from midpo.training import checkpoint as ckpt_lib
+from midpo.training import config as config_lib
+from midpo.training import env as env_lib
+from midpo.training import run_identity
 
 
 class Preempted(SystemExit):
-  """Raised after the checkpoint taken on SIGTERM is on disk (exit code 143)."""
+  """Raised after a stop signal once what resumes exactly is on disk (exit
+  code 143 after SIGTERM, 130 after SIGINT). ``step``: the step of the
+  checkpoint saved (None when the interrupted stage saves nothing)."""
 
-  def __init__(self, step: int):
-    super().__init__(143)
+  def __init__(self, step: Optional[int], code: int = 143):
+    super().__init__(code)
     self.step = step
+
+
+class Diverged(FloatingPointError):
+  """The divergence guard stopped a stage (non-finite loss or parameters, a
+  loss above ``divergence.max_loss``, a spike, a zero gradient norm)."""
+
+
+@dataclasses.dataclass
+class DivergenceGuard:
+  """When a stage's step counts as diverged (``config.divergence``).
+
+  Attributes:
+    max_loss: a loss above this (0: no bound).
+    spike_factor: a loss above this many times the median of the previous
+      ``spike_window`` steps' losses (0: off; checked once the window is full).
+    spike_window: steps in that running median.
+    zero_grad_norm: a policy gradient norm (``grad_norm``,
+      ``grad_norm/policy``) of exactly 0: the model no longer learns.
+  A non-finite loss always counts.
+  """
+  max_loss: float = 1e4
+  spike_factor: float = 0.0
+  spike_window: int = 50
+  zero_grad_norm: bool = True
+
+  @classmethod
+  def from_config(cls, config) -> "DivergenceGuard":
+    block = config.get("divergence") if hasattr(config, "get") else None
+    return cls(**dict(block)) if block is not None else cls()
+
+  def check(self, values: dict[str, float], recent: list[float]) -> Optional[str]:
+    """Why the step with metrics ``values`` diverged, after ``recent``
+    losses (None: it did not)."""
+    loss = values.get("loss")
+    if loss is not None:
+      if not math.isfinite(loss):
+        return f"non-finite loss ({loss})"
+      if self.max_loss and loss > self.max_loss:
+        return f"loss {loss:.6g} above divergence.max_loss={self.max_loss:g}"
+      if self.spike_factor and len(recent) >= self.spike_window:
+        median = float(np.median(recent[-self.spike_window:]))
+        if loss > self.spike_factor * median:
+          return (f"loss {loss:.6g} above divergence.spike_factor={self.spike_factor:g} x the "
+                  f"median {median:.6g} of the last {self.spike_window} steps")
+    if self.zero_grad_norm:
+      for key in ("grad_norm", "grad_norm/policy"):
+        if values.get(key) == 0.0:
+          return f"{key} is exactly 0 (the model no longer learns; divergence.zero_grad_norm)"
+    return None
+
+
+def default_divergence_config() -> ml_collections.ConfigDict:
+  """``config.divergence``: the guard's defaults (``DivergenceGuard``)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(DivergenceGuard()))
+
+
+def validate_divergence_config(config) -> None:
+  """Raises ``ConfigError`` naming a wrong ``config.divergence`` key."""
+  d = config.divergence
+  for key in ("max_loss", "spike_factor"):
+    value = d[key]
+    if not config_lib.is_number(value) or not math.isfinite(value) or value < 0:
+      config_lib.fail(f"divergence.{key}", f"must be a finite number >= 0 (0: off); got {value!r}")
+  if isinstance(d.spike_window, bool) or not isinstance(d.spike_window, int) or d.spike_window < 1:
+    config_lib.fail("divergence.spike_window", f"must be a positive int; got {d.spike_window!r}")
+  if not isinstance(d.zero_grad_norm, bool):
+    config_lib.fail("divergence.zero_grad_norm", f"must be a bool; got {d.zero_grad_norm!r}")
+
+
+config_lib.register_config_block("divergence", default_divergence_config,
+                                 validate_divergence_config)
 
 
 @dataclasses.dataclass
@@ -39,7 +116,10 @@ class LoopSpec:
     total_steps: steps to run in all (a resumed stage runs the rest).
     iterator: the batches; ``next``, ``get_state`` and ``set_state``.
     tokens_per_step: real tokens of a host batch (for tokens/s).
-    step: ``(state, host batch, step index) -> (state, metrics)``.
+    step: ``(state, host batch, step index) -> (state, metrics)``. It may
+      raise ``env.StopRequested`` (a stop signal seen inside a long step,
+      e.g. a learned prior's round) before it changes ``state``; the loop
+      then checkpoints the state before the step.
     keep_every: also checkpoint every this many steps and keep those
       checkpoints (0: only the latest ``max_checkpoints``), for evaluation
       along training.
@@ -62,23 +142,43 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
   """Runs ``spec.step`` to ``spec.total_steps``: resume, checkpoints, logs, SIGTERM.
 
   ``state`` is a dict of pytrees (every one is checkpointed). Metrics of step
-  ``n`` are fetched after step ``n + 1`` is dispatched.
+  ``n`` are fetched after step ``n + 1`` is dispatched. A checkpoint holds the
+  state, the data position, the run's config (a resume with another config is
+  refused, naming the keys) and the logging window's running values (a
+  resumed run logs the same rows as an uninterrupted one). A damaged latest
+  checkpoint is set aside and the stage resumes from the latest intact one.
 
   Raises:
-    Preempted: after SIGTERM, once the checkpoint is saved.
-    FloatingPointError: the loss of a step, or the parameters about to be
-      checkpointed, are not finite (names the last good checkpoint; a
-      checkpoint is only written from finite parameters).
+    Preempted: after SIGTERM or SIGINT, once the checkpoint is saved.
+    Diverged: the divergence guard (``config.divergence``) stopped the stage;
+      the message names the last good checkpoint (checkpoints are written
+      only from finite parameters, and one whose parameters' loss failed the
+      guard is deleted).
+    ConfigError: the latest checkpoint was saved with another config.
+    CheckpointError: no checkpoint of the directory can be read.
   """
   config = env.config
+  guard = DivergenceGuard.from_config(config)
   ckpt = ckpt_lib.Checkpointer(spec.directory, max_to_keep=config.max_checkpoints,
                                keep_period=spec.keep_every or None)
+  config_json = run_identity.config_json(config)
   start = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, meta = ckpt.restore(latest, ckpt_lib.abstract_like(state))
+  window: dict[str, list[float]] = {}
+  tokens = 0
+  recent: list[float] = []
+  found = ckpt.restore_latest_intact(
+      ckpt_lib.abstract_like(state),
+      check_meta=lambda meta, where: run_identity.check_checkpoint(
+          meta.get("config"), config_json, where))
+  latest = None
+  if found is not None:
+    latest, state, meta = found
     spec.iterator.set_state(meta["data"])
     start = int(meta["step"])
+    log_window = meta.get("log_window") or {}
+    window = {k: list(v) for k, v in log_window.get("values", {}).items()}
+    tokens = int(log_window.get("tokens", 0))
+    recent = list(log_window.get("recent_losses", []))
     logging.info("%s: resumed from step %d (%s)", spec.stage, start, spec.directory)
   if start >= spec.total_steps:
     ckpt.close()
@@ -89,28 +189,36 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
     # before update k, so the update itself could have diverged.
     if not bool(_all_finite(state)):
       ckpt.wait()
-      raise FloatingPointError(
+      raise Diverged(
           f"{spec.stage}: non-finite parameters after step {step}; not saved. The last good "
-          f"checkpoint is step {last_good} in {spec.directory}")
+          f"checkpoint is {_named(last_good, spec.directory)}")
     ckpt.save(step, state, {"step": step, "stage": spec.stage,
-                            "data": spec.iterator.get_state()}, force=force)
+                            "data": spec.iterator.get_state(), "config": config_json,
+                            "log_window": {"values": window, "tokens": tokens,
+                                           "recent_losses": recent[-guard.spike_window:]}},
+              force=force)
 
   pending = None
-  window: dict[str, list[float]] = {}
-  tokens = 0
   t0 = time.perf_counter()
   last_good = latest
 
   def drain(item):
-    nonlocal tokens, t0
+    nonlocal tokens, t0, last_good
     step, metrics, ntok = item
+    ckpt.check_for_errors()  # a failed asynchronous save stops the run now
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    loss = values.get("loss", 0.0)
-    if not math.isfinite(loss):
+    reason = guard.check(values, recent)
+    if reason is not None:
       ckpt.wait()
-      raise FloatingPointError(
-          f"{spec.stage}: non-finite loss ({loss}) at step {step}; the last good checkpoint "
-          f"is step {last_good} in {spec.directory}")
+      if last_good is not None and last_good >= step:
+        # That checkpoint holds the parameters whose loss just failed.
+        ckpt.delete(last_good)
+        last_good = max([s for s in ckpt.all_steps() if s < step], default=None)
+      raise Diverged(f"{spec.stage}: {reason} at step {step}; the last good checkpoint is "
+                     f"{_named(last_good, spec.directory)}")
+    if "loss" in values:
+      recent.append(values["loss"])
+      del recent[:-guard.spike_window]
     for k, v in values.items():
       window.setdefault(k, []).append(v)
     tokens += ntok
@@ -131,21 +239,33 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
       tokens = 0
       t0 = time.perf_counter()
 
+  def stop(step, during=None):
+    if last_good != step:  # not already saved by the periodic checkpoint
+      save(step, force=True)
+    ckpt.wait()
+    what = f" during {during}" if during else ""
+    logging.warning("%s: %s received%s; checkpoint at step %d saved (the run resumes from "
+                    "it exactly); exiting.", spec.stage, env.sigterm.signal_name, what, step)
+    raise Preempted(step, env.sigterm.exit_code)
+
   env.sigterm.install()
   try:
     for step in range(start, spec.total_steps):
-      if _should_stop(env):
+      if env_lib.stop_requested(env):
         if pending is not None:
           drain(pending)
           pending = None
-        if last_good != step:  # not already saved by the periodic checkpoint
-          save(step, force=True)
-        ckpt.wait()
-        logging.warning("%s: checkpoint at step %d saved after SIGTERM; exiting.", spec.stage,
-                        step)
-        raise Preempted(step)
+        stop(step)
+      position = spec.iterator.get_state()
       local = next(spec.iterator)
-      state, metrics = spec.step(state, local, step)
+      try:
+        state, metrics = spec.step(state, local, step)
+      except env_lib.StopRequested as e:
+        spec.iterator.set_state(position)  # the step is redone whole on resume
+        if pending is not None:
+          drain(pending)
+          pending = None
+        stop(step, during=f"step {step + 1}'s {e.what}")
       if pending is not None:
         drain(pending)
       pending = (step, metrics, spec.tokens_per_step(local))
@@ -164,6 +284,12 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
   return state
 
 
+def _named(step: Optional[int], directory: str) -> str:
+  if step is None:
+    return f"none (no checkpoint in {directory}: the stage starts over)"
+  return f"step {step} in {directory}"
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
   """Whether every floating-point leaf of ``tree`` is finite everywhere."""
@@ -178,13 +304,6 @@ def _periodic(done: int, every: int, keep_every: int, total: int) -> bool:
   if done >= total:
     return False
   return done % every == 0 or bool(keep_every and done % keep_every == 0)
-
-
-def _should_stop(env) -> bool:
-  """SIGTERM on any process stops every process at the same step."""
-  if env.process_count > 1:
-    return bool(env.max_over_processes(int(env.sigterm.received)))
-  return env.sigterm.received
 
 
 def _fmt_eta(seconds: float) -> str:

@@ -12,13 +12,22 @@ a key that changes results (the prior, alpha, the seed, the data, the model,
   ``train.diagnostics_every``: bookkeeping only;
 * ``eval.*``: what the eval stage measures (it is rerun, ``eval.json``
   rewritten);
+* ``divergence.*``: the divergence guard's thresholds;
 * ``train.steps``: train longer (or stop earlier) from the latest checkpoint.
   The learning-rate schedule (warmup, then cosine decay to a tenth over
   ``train.steps``) is recomputed for the new length, so the steps after the
   restart differ from an uninterrupted run of the new length; a warning says
-  so.
+  so;
+* ``train.learning_rate`` and ``train.grad_clip``: to go on after a
+  divergence at a saner rate (or clip) from the last good checkpoint. The
+  steps after the restart use the new value: the run is no longer one
+  config's run, which a warning says.
 
-``config.json`` is then rewritten with the restart's values of those keys.
+``config.json`` is then rewritten with the restart's values of those keys,
+and ``restarts.jsonl`` gets a row (time, every changed key with its old and
+new value), so a run's history of changes is on disk. Every checkpoint also
+holds the config it was saved with: resuming it with another config is
+refused (``check_checkpoint``) even when ``config.json`` was lost.
 
 ``workdir_lock`` keeps a second run off a workdir in use: process 0 holds an
 exclusive ``flock`` on ``<workdir>/workdir.lock`` (which names the holder: pid,
@@ -44,7 +53,10 @@ from midpo.training import metrics_writer
 
 # Dotted keys (a trailing ".*": every key under it) a restart may change.
 RESUMABLE = ("stages", "log_every", "checkpoint_every", "max_checkpoints",
-             "train.diagnostics_every", "eval.*", "train.steps")
+             "train.diagnostics_every", "eval.*", "divergence.*", "train.steps",
+             "train.learning_rate", "train.grad_clip")
+# Of those, the keys whose change alters the results of the steps that follow.
+CHANGES_RESULTS = ("train.steps", "train.learning_rate", "train.grad_clip")
 
 
 def config_json(config) -> dict:
@@ -100,9 +112,43 @@ def check_restart(config, workdir: str) -> list[tuple[str, Any, Any]]:
           "train.steps changed from %s to %s on restart: preference training goes on from "
           "its latest checkpoint, with the learning-rate schedule recomputed for %s steps "
           "(not the same as an uninterrupted %s-step run)", a, b, b, b)
+    elif key in CHANGES_RESULTS:
+      logging.warning(
+          "%s changed from %s to %s on restart: training goes on from the latest checkpoint "
+          "with %s; the steps after it differ from an uninterrupted run with either value "
+          "(recorded in restarts.jsonl)", key, a, b, b)
   if diff:
     logging.info("restart with changed keys a restart may change: %s", _shown(diff))
   return diff
+
+
+def record_restart(workdir: str, diff: list[tuple[str, Any, Any]]) -> None:
+  """Appends a row to ``<workdir>/restarts.jsonl``: the time and every key a
+  restart changed, ``{key: [old, new]}`` (nothing when ``diff`` is empty)."""
+  if not diff:
+    return
+  row = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
+         "changed": {k: [a, b] for k, a, b in diff}}
+  with open(os.path.join(workdir, "restarts.jsonl"), "a", encoding="utf-8") as f:
+    f.write(json.dumps(row, default=str) + "\n")
+
+
+def check_checkpoint(saved: dict | None, current: dict, where: str) -> None:
+  """Compares the config a checkpoint was saved with (its ``meta``; None for
+  checkpoints that predate it) with the current one (``config_json``).
+
+  Raises:
+    ConfigError: a key outside ``RESUMABLE`` differs (every one named, with
+      the checkpoint's directory).
+  """
+  if saved is None:
+    return
+  refused = [d for d in differences(saved, current) if not resumable(d[0])]
+  if refused:
+    raise config_lib.ConfigError(
+        f"checkpoint {where} was saved by a run with another config; changed: "
+        f"{_shown(refused)}. Resume with the config it was saved with, or use another "
+        "--workdir")
 
 
 class WorkdirInUse(RuntimeError):

@@ -84,6 +84,7 @@ def mutual_information(env: env_lib.Env, fit_samples: sampling.Samples,
   n, bsz = len(fit_samples.prompts), e.mi_batch_size
   order = np.concatenate([rng.permutation(n) for _ in range(-(-e.mi_steps * bsz // n) + 1)])
   for j in range(e.mi_steps):
+    env_lib.check_stop(env, f"the mutual-information estimate's fit ({j} of {e.mi_steps} steps)")
     params, opt, _ = step(params, opt, rounds.global_rows(env, fit_rows,
                                                           order[j * bsz:(j + 1) * bsz]))
   rows = rounds.sample_rows(env, eval_samples, multiple=16)

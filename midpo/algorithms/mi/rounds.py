@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -174,17 +175,23 @@ class MaximumLikelihood(recipes.PriorUpdate):
     env, t = self.env, self.env.config.train
     t0 = time.perf_counter()
     key = jax.random.fold_in(self.base_key, round_in_stage)
-    samples = sampling.sample(env, state["policy"], prior_prompts(env, round_in_stage),
+    steps = t.prior_warmup_steps if round_in_stage == 0 else t.prior_steps_per_round
+    prompts = prior_prompts(env, round_in_stage)
+    logging.info("prior round %d (step %d): sampling %d responses, then %d MLE steps",
+                 round_in_stage, step_index, len(prompts), steps)
+    samples = sampling.sample(env, state["policy"], prompts,
                               jax.random.fold_in(key, 0), temperature=1.0)
     rows = sample_rows(env, samples)
     n_tokens = rows["response_mask"].sum(axis=1)
     before = batched_logps(env, self.seq_logps, state["prior"], rows, t.prior_batch_size)
-    steps = t.prior_warmup_steps if round_in_stage == 0 else t.prior_steps_per_round
     rng = np.random.default_rng([int(env.config.seed), self.round_index, round_in_stage])
     n, bsz = len(samples.prompts), t.prior_batch_size
     order = np.concatenate([rng.permutation(n) for _ in range(-(-steps * bsz // n) + 1)])
-    params, opt = state["prior"], state["prior_opt"]
+    # Copies: the steps donate their inputs, and a stop signal mid-round
+    # leaves the state before the round to be checkpointed.
+    params, opt = jax.tree.map(jnp.copy, (state["prior"], state["prior_opt"]))
     for j in range(steps):
+      env_lib.check_stop(env, f"prior round {round_in_stage}'s fit ({j} of {steps} steps)")
       batch = global_rows(env, rows, order[j * bsz:(j + 1) * bsz])
       params, opt, _ = self.mle_step(params, opt, batch)
     after = batched_logps(env, self.seq_logps, params, rows, t.prior_batch_size)
