@@ -3,7 +3,10 @@
 import glob
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -254,6 +257,36 @@ def test_a_second_run_on_a_workdir_in_use_is_refused(shared, tmp_path):
   assert len(tu.read_metrics(str(workdir), "preference")) == 2
 
 
+def test_a_diverged_run_names_a_good_checkpoint_and_goes_on_at_a_sane_learning_rate(
+    shared, tmp_path, caplog):
+  """A learning rate of 1e3 drives the loss up by orders of magnitude: the guard
+  stops the run, the checkpoint it names holds finite parameters, and a rerun
+  at a sane rate resumes from it (the change recorded in restarts.jsonl)."""
+  from midpo.training import loop
+  workdir = str(tmp_path / "run")
+  base = {"sft.checkpoint": shared["sft"], "data.data_dir": shared["data_dir"],
+          "stages": ("preference",), "train.steps": 10, "baselines": (),
+          "checkpoint_every": 1, "train.warmup_steps": 2, "divergence.max_loss": 100.0}
+  with pytest.raises(loop.Diverged) as exc:
+    train.train_and_evaluate(tu.tiny_config("dpo", **{**base, "train.learning_rate": 1e3}),
+                             workdir)
+  match = re.search(r"preference: (.*) at step (\d+); the last good checkpoint is step (\d+) "
+                    r"in (\S+)$", str(exc.value))
+  assert match, str(exc.value)
+  bad, good, directory = int(match[2]), int(match[3]), match[4]
+  assert good <= bad < 10
+  step, params = tu.latest_params(directory)
+  assert step == good  # the diverged step's checkpoint is gone
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(tu.tiny_config("dpo", **base), workdir)
+  assert "train.learning_rate changed from 1000.0 to 0.0001 on restart" in caplog.text
+  rows = tu.read_metrics(workdir, "preference")
+  assert rows[-1]["step"] == 10 and np.isfinite(rows[-1]["loss"]) and rows[-1]["loss"] < 100
+  restarts = [json.loads(line) for line in open(os.path.join(workdir, "restarts.jsonl"))]
+  assert restarts[-1]["changed"] == {"train.learning_rate": [1000.0, 0.0001]}
+
+
 def test_policy_and_prior_steps_touch_only_their_own_parameters(shared, tmp_path):
   config = tu.tiny_config("sparsepo", **{
       "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
@@ -388,22 +421,59 @@ def test_command_line_errors_come_before_any_work(tmp_path):
   assert rc != 0
   assert "config.prior.name: unknown prior 'nope'" in out
   assert not os.path.exists(tmp_path / "w" / "tfds")  # nothing was built
-  rc, out = tu.run_main("configs/dpo.py", str(tmp_path / "w"), {"prior.gama": 1.0})
-  assert rc != 0 and "gamma" in out  # a typo in a key fails (locked config)
+  assert "Traceback" not in out  # a user's error is one line, not a traceback
+  rc, out = tu.run_main("configs/dpo.py", str(tmp_path / "w"), {"train.stpes": 3})
+  assert rc == 2 and "Traceback" not in out, out[-3000:]  # a typo in a key (locked config)
+  assert out.strip().splitlines()[-1] == (
+      "midpo: error: config.train.stpes: unknown key (config.train has no key 'stpes'; did you "
+      "mean config.train.steps?)")
+
+
+def test_a_write_that_fails_mid_run_stops_it_with_one_line(shared, tmp_path):
+  """A full disk, as a file-size limit (which a test can set): the first
+  checkpoint's background write fails; the run stops at the next step with one
+  line naming the error and the file, without tracebacks."""
+  overrides = {"data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
+               "stages": ("preference",), "train.steps": 10, "checkpoint_every": 5,
+               "baselines": ()}
+  # SIGXFSZ ignored: a write over the limit fails (EFBIG) instead of killing.
+  limited = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
+             " resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024));"
+             " sys.argv[0] = 'midpo.main'; runpy.run_module('midpo.main', run_name='__main__')")
+  proc = subprocess.Popen(
+      [sys.executable, "-c", limited, "--config=configs/dpo.py", f"--workdir={tmp_path / 'w'}",
+       *tu.cli_args({**tu.TINY_OVERRIDES, **overrides})],
+      cwd=tu.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false"))
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 1, out[-3000:]
+  # orbax's background threads log the failure (a line each, and asyncio's
+  # complaints); no traceback goes through midpo's code, and the last line says it.
+  assert "midpo/" not in "".join(l for l in out.splitlines() if l.startswith("  File")), out
+  last = out.strip().splitlines()[-1]
+  assert re.match(r"midpo: error: File too large writing \S+/checkpoints/5\.orbax-checkpoint-tmp/"
+                  r".*\. The run stopped there", last), last
+  steps = [r["step"] for r in tu.read_metrics(str(tmp_path / "w"), "preference")]
+  assert steps[-1] < 10, steps  # stopped before the next save
 
 
 @pytest.mark.parametrize("config_file", ["configs/dpo.py", "configs/constrained_prior.py",
                                          "configs/joint_prior.py"])
 def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file):
-  """Killed with SIGTERM mid-run and restarted == uninterrupted, bit for bit: the
-  policy, and for a learned prior its parameters, and both optimiser states
-  (the 'mi' prior's rounds sample from the policy: their samples too)."""
+  """Killed with SIGTERM (or SIGINT) mid-run and restarted == uninterrupted, bit
+  for bit: the policy, and for a learned prior its parameters, and both
+  optimiser states (the 'mi' prior's rounds sample from the policy: their
+  samples too), and metrics.jsonl row for row."""
   overrides = {"data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
                "stages": ("preference",), "train.steps": 16, "checkpoint_every": 5}
   items = ("policy", "policy_opt")
+  kill_after = 7  # logged rows
   if "constrained" in config_file:
-    overrides["train.policy_steps_per_round"] = 2
+    # Rows of 3 steps each: the kill falls inside a logging window, whose
+    # running values the checkpoint holds (the next row averages all 3 steps).
+    overrides.update({"train.policy_steps_per_round": 2, "log_every": 3})
     items += ("prior", "prior_opt")
+    kill_after = 3
   if "joint" in config_file:  # rounds start at steps 0, 3, 6, ...: not at checkpoints
     overrides.update(tu.MI_TINY, **{"train.policy_steps_per_round": 3,
                                     "train.diagnostics_every": 3, "baselines": ()})
@@ -428,19 +498,21 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file
     assert proc.returncode == 143, out[-3000:]
     assert "during step 1's prior round 0's fit" in out, out[-3000:]
     assert "MLE steps in" not in out  # the round did not run to its end
+  # Ctrl-C (SIGINT) does what SIGTERM does.
+  stop = signal.SIGINT if "dpo" in config_file else signal.SIGTERM
   proc = tu.run_main(config_file, str(killed), overrides, wait=False)
   metrics = killed / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and len(tu.read_metrics(str(killed), "preference")) >= 7:
-      proc.send_signal(signal.SIGTERM)
+    if metrics.exists() and len(tu.read_metrics(str(killed), "preference")) >= kill_after:
+      proc.send_signal(stop)
       break
     time.sleep(0.05)
   out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 143, out[-3000:]
-  assert "SIGTERM received" in out and "saved (the run resumes from it exactly)" in out
-  interrupted_at = len(tu.read_metrics(str(killed), "preference"))
-  assert 7 <= interrupted_at < 16
+  assert proc.returncode == 128 + stop, out[-3000:]  # 130 after SIGINT, 143 after SIGTERM
+  assert f"{stop.name} received" in out and "saved (the run resumes from it exactly)" in out
+  interrupted_at = tu.read_metrics(str(killed), "preference")[-1]["step"]
+  assert kill_after <= interrupted_at < 16
   rc, out = tu.run_main(config_file, str(killed), overrides)
   assert rc == 0, out[-3000:]
   assert "resumed from step" in out
@@ -461,12 +533,13 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file
     assert sorted({s for st, s, _ in pa if st == "prior/mle"}) == [0, 3, 6, 9, 12, 15]
     assert sorted({s for st, s, _ in pa if st == "prior/diagnostics"}) == [0, 3, 6, 9, 12, 15, 16]
     assert pa == pb
-  ma = {r["step"]: r for r in tu.read_metrics(str(straight), "preference")}
-  mb = {r["step"]: r for r in tu.read_metrics(str(killed), "preference")}
-  assert sorted(ma) == sorted(mb) == list(range(1, 17))
-  for step in ma:
-    for key in ("loss", "rewards/margins", "prior/log_zeta_gap"):
-      assert ma[step][key] == mb[step][key], (step, key)
+  # metrics.jsonl, row for row, but for wall times.
+  rows = lambda w: [{k: v for k, v in r.items() if not k.startswith("perf/")}
+                    for r in tu.read_metrics(str(w), "preference")]
+  ma, mb = rows(straight), rows(killed)
+  every = overrides.get("log_every", 1)
+  assert [r["step"] for r in ma] == sorted({*range(every, 17, every), 16})
+  assert ma == mb
 
 
 def test_cached_reference_gives_the_same_losses_as_the_online_reference(shared, tmp_path):

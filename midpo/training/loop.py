@@ -190,7 +190,7 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
     if not bool(_all_finite(state)):
       ckpt.wait()
       raise Diverged(
-          f"{spec.stage}: non-finite parameters after step {step}; not saved. The last good "
+          f"{spec.stage}: non-finite parameters (not saved) at step {step}; the last good "
           f"checkpoint is {_named(last_good, spec.directory)}")
     ckpt.save(step, state, {"step": step, "stage": spec.stage,
                             "data": spec.iterator.get_state(), "config": config_json,
