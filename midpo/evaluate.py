@@ -40,7 +40,7 @@ from absl import logging
 
 from midpo import sampling
 from midpo.algorithms.mi import estimate as mi_estimate
-from midpo.core import priors
+from midpo.core import files, priors
 from midpo.data import synthetic
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
@@ -193,7 +193,7 @@ def _write_step(env, model: str, step: int, summary: dict, per_prompt: dict) -> 
   if env.process_index == 0:
     path = _step_path(env, model, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    metrics_writer.write_json(path, {"model": model, "step": step, "summary": summary,
+    files.write_json(path, {"model": model, "step": step, "summary": summary,
                                      "per_prompt": per_prompt})
 
 
@@ -333,14 +333,15 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
   results["table"] = table
   results["provenance"] = provenance.record()
   if env.process_index == 0:
-    metrics_writer.write_json(os.path.join(env.workdir, "eval.json"), results)
-    with open(os.path.join(env.workdir, "eval_samples.jsonl"), "w") as f:
-      for i in range(min(32, len(prompts))):
-        row = {"prompt": prompts[i], "policy": decode(pol.responses[i]),
-               "reference": decode(ref.responses[i])}
-        if r_pol is not None:
-          row.update(policy_reward=float(r_pol[i]), reference_reward=float(r_ref[i]))
-        f.write(json.dumps(row) + "\n")
+    files.write_json(os.path.join(env.workdir, "eval.json"), results)
+    lines = []
+    for i in range(min(32, len(prompts))):
+      row = {"prompt": prompts[i], "policy": decode(pol.responses[i]),
+             "reference": decode(ref.responses[i])}
+      if r_pol is not None:
+        row.update(policy_reward=float(r_pol[i]), reference_reward=float(r_ref[i]))
+      lines.append(json.dumps(row) + "\n")
+    files.write_text(os.path.join(env.workdir, "eval_samples.jsonl"), "".join(lines))
     env.writer.write("eval", 0, metrics_writer.flatten(
         {k: v for k, v in results.items() if k != "provenance"}, sep="/", scalars_only=True))
   logging.info("eval: %s", json.dumps({k: v for k, v in results.items() if k != "table"},

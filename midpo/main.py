@@ -135,15 +135,11 @@ def main(argv):
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
-  from midpo.training import config as config_lib
-  from midpo.training import loop, run_identity
-  from midpo.training.checkpoint import CheckpointError
-
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, run_identity.WorkdirInUse) as e:
+  except train.USER_ERRORS as e:
     _fail(str(e), 2)
-  except (loop.Diverged, CheckpointError) as e:
+  except train.RUN_ERRORS as e:
     _fail(str(e), 1)
   except Exception as e:
     line = write_failure(e)

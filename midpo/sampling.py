@@ -22,7 +22,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from midpo.core import stats
+from midpo.core import files, stats
 from midpo.data import samples_file, synthetic
 from midpo.models.generate import generate as generate_fn
 from midpo.training import env as env_lib
@@ -186,9 +186,8 @@ def sequence_logps(env, params: PyTree, samples: Samples) -> np.ndarray:
 def write_samples(env, path: str, prompts, responses, extra: dict) -> str:
   """Process 0 writes a samples file atomically; every process waits for it."""
   if env.process_index == 0:
-    tmp = path + ".tmp"
-    samples_file.write_samples_file(tmp, prompts, responses, extra=extra)
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+      samples_file.write_samples_file(tmp, prompts, responses, extra=extra)
   multihost_utils.sync_global_devices(f"samples {os.path.basename(path)}")
   return path
 

@@ -55,9 +55,10 @@ from ml_collections import config_flags
 
 from midpo import config_base, evaluate, sampling, train
 from midpo.analysis import sweep as sweep_lib
+from midpo.core import files
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
-from midpo.training import metrics_writer, provenance, run_identity, sft
+from midpo.training import provenance, run_identity, sft
 
 # Config keys every run of a (task, seed) must share with its shared reference.
 SHARED_KEYS = ("model", "tokenizer", "data", "sft", "seed", "pairs_from", "num_pair_prompts",
@@ -212,7 +213,7 @@ def prepare_shared(config: ml_collections.ConfigDict, root: str) -> dict:
   os.makedirs(root, exist_ok=True)
   config_lib.validate(config)
   env = env_lib.make_env(config, root)
-  metrics_writer.write_json(os.path.join(root, "config.json"), run_identity.config_json(config))
+  files.write_json(os.path.join(root, "config.json"), run_identity.config_json(config))
   try:
     made_sft = not os.path.isdir(os.path.join(root, "sft"))
     reference = sft.run_sft(env)
@@ -229,7 +230,7 @@ def prepare_shared(config: ml_collections.ConfigDict, root: str) -> dict:
     env.writer.close()
   out = {"sft": made_sft, "pairs": made_pairs, "seconds": time.perf_counter() - t0,
          "datasets": dataset_dirs(root)}
-  metrics_writer.write_json(done, out)
+  files.write_json(done, out)
   return out
 
 
@@ -265,7 +266,7 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, cache_dir: str) -> 
     t0 = time.perf_counter()
     train.train_and_evaluate(config, workdir)
     out = {"seconds": time.perf_counter() - t0}
-    metrics_writer.write_json(done, out)
+    files.write_json(done, out)
   return out
 
 
@@ -351,7 +352,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str,
               sweep_config=json.loads(sweep.to_json_best_effort()), **provenance.record())
   info.setdefault("seconds", {"shared": {}, "runs": {}, "sessions": []})
   info.setdefault("built", {"sft": 0, "pairs": 0})
-  metrics_writer.write_json(info_path, info)
+  files.write_json(info_path, info)
 
   def shared_made(key, made):
     task, seed = key
@@ -359,12 +360,12 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str,
     info["built"]["pairs"] += int(made["pairs"])
     if made["seconds"]:
       info["seconds"]["shared"][f"{task}/seed_{seed}"] = made["seconds"]
-    metrics_writer.write_json(info_path, info)
+    files.write_json(info_path, info)
 
   def finished(run, out):
     key = os.path.relpath(run["workdir"], os.path.join(plan.workdir, "runs"))
     info["seconds"]["runs"][key] = out["seconds"]
-    metrics_writer.write_json(info_path, info)
+    files.write_json(info_path, info)
     logging.info("sweep: finished %s in %.1f s", key, out["seconds"])
 
   with _pool(workers) as pool:
@@ -402,7 +403,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str,
                     len(unmatched), sweep.compare_to, float(sweep.compare_alpha))
   info["complete"] = complete
   info["seconds"]["sessions"].append(time.perf_counter() - t_start)
-  metrics_writer.write_json(info_path, info)
+  files.write_json(info_path, info)
   if failures:
     raise SweepError(f"{len(failures)} run(s) failed (the others' results are written): " +
                      "; ".join(f"{w}: {type(e).__name__}: {e}" for w, e in failures[:3]))

@@ -28,8 +28,19 @@ from absl import logging
 from midpo import algorithms  # noqa: F401  (registers every published algorithm)
 from midpo import sampling
 from midpo import evaluate as eval_lib
+from midpo.core import files
+from midpo.training import checkpoint as ckpt_lib
+from midpo.training import config as config_lib
 from midpo.training import env as env_lib
 from midpo.training import export, loop, metrics_writer, preference, run_identity, sft
+
+
+# Errors a user fixes (a config, a busy workdir): ``midpo.main`` prints their
+# one-line message, without a traceback, and exits with code 2.
+USER_ERRORS = (config_lib.ConfigError, run_identity.WorkdirInUse)
+# A run that stopped for a reason its message states in full (a divergence, no
+# readable checkpoint): the same, with code 1.
+RUN_ERRORS = (loop.Diverged, ckpt_lib.CheckpointError)
 
 
 def run_pairs(env: env_lib.Env, reference) -> dict:
@@ -74,7 +85,7 @@ def _run_stages(config, workdir: str) -> dict:
   changed = run_identity.check_restart(config, workdir)  # before any work
   if env.process_index == 0:
     run_identity.record_restart(workdir, changed)
-    metrics_writer.write_text(os.path.join(workdir, "config.json"),
+    files.write_text(os.path.join(workdir, "config.json"),
                               config.to_json_best_effort(indent=1, sort_keys=True))
     env.writer.write_hparams(metrics_writer.flatten(config.to_dict(), sep="."))
   logging.info("mesh %s over %d devices (%d processes); model %s, %.2fM parameters",

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from midpo.core import files
 from midpo.training import checkpoint as ckpt_lib
 from midpo.training import env as env_lib
 from midpo.training import config as config_lib
@@ -97,15 +98,15 @@ def test_non_finite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_pa
 
 def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
   path = str(tmp_path / "eval.json")
-  metrics_writer.write_json(path, {"reward": 1.0})
+  files.write_json(path, {"reward": 1.0})
   with pytest.raises(TypeError):
-    metrics_writer.write_json(path, {"reward": object()})  # fails while serialising
+    files.write_json(path, {"reward": object()})  # fails while serialising
   assert json.load(open(path)) == {"reward": 1.0}  # the previous file, intact
   assert os.listdir(tmp_path) == ["eval.json"]  # no temporary file left behind
-  metrics_writer.write_json(path, {"b": 1, "a": float("nan")}, sort_keys=True)
+  files.write_json(path, {"b": 1, "a": float("nan")}, sort_keys=True)
   assert open(path).read() == '{\n "a": NaN,\n "b": 1\n}'
   with pytest.raises(OSError):  # the write itself fails: nothing is left half-written
-    metrics_writer.write_text(str(tmp_path / "missing" / "x.json"), "{}")
+    files.write_text(str(tmp_path / "missing" / "x.json"), "{}")
 
 
 def test_diverged_parameters_are_never_checkpointed(tmp_path):

@@ -287,6 +287,32 @@ def test_a_diverged_run_names_a_good_checkpoint_and_goes_on_at_a_sane_learning_r
   assert restarts[-1]["changed"] == {"train.learning_rate": [1000.0, 0.0001]}
 
 
+def test_a_stop_signal_during_evaluation_stops_it_at_the_next_batch_and_says_so(
+    shared, tmp_path, caplog, monkeypatch):
+  """SIGTERM while the eval stage samples: it stops before the next batch of
+  prompts (exit code 143), says what it stopped, and writes no partial eval.json."""
+  from midpo import sampling
+  from midpo.training import loop
+  real, calls = sampling.generate_fn, []
+
+  def generate(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:  # the first batch of evaluation prompts
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(sampling, "generate_fn", generate)
+  config = tu.tiny_config("dpo", **{"sft.checkpoint": shared["sft"], "baselines": (),
+                                    "data.data_dir": shared["data_dir"], "train.steps": 2,
+                                    "stages": ("preference", "eval"), "eval.batch_size": 8})
+  with caplog.at_level("WARNING"), pytest.raises(loop.Preempted) as exc:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert exc.value.code == 143 and len(calls) == 1
+  assert "SIGTERM received during sampling (8 of 16 done): stopped it" in caplog.text
+  assert not (tmp_path / "run" / "eval.json").exists()
+  assert tu.read_metrics(str(tmp_path / "run"), "preference")[-1]["step"] == 2  # kept
+
+
 def test_policy_and_prior_steps_touch_only_their_own_parameters(shared, tmp_path):
   config = tu.tiny_config("sparsepo", **{
       "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],

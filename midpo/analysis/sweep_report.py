@@ -24,6 +24,7 @@ import pandas as pd
 
 from midpo.analysis import sweep as sweep_lib
 from midpo.analysis import sweep_plots
+from midpo.core import files
 
 
 def _pm(mean: float, se: float, digits: int = 2) -> str:
@@ -158,7 +159,8 @@ def write_report(sweep_dir: str, out: str, kl_targets: Sequence[float] = (2.0, 4
     figures["frontier_mi.png"] = sweep_plots.plot_frontier(
         results.dropna(subset=["mutual_information"]), "mutual_information", "reward")
   for name, fig in figures.items():
-    fig.savefig(os.path.join(out, name), dpi=90, bbox_inches="tight")
+    with files.atomic_path(os.path.join(out, name)) as tmp:
+      fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
     written.append(name)
   m = info["machine"]
   parts = [
@@ -181,8 +183,7 @@ def write_report(sweep_dir: str, out: str, kl_targets: Sequence[float] = (2.0, 4
                     "mutual_information"), "",
       "## The paper's inequality: final loss under each policy's own prior\n",
       inequality_table(results), ""]
-  with open(os.path.join(out, "tables.md"), "w") as f:
-    f.write("\n".join(parts))
+  files.write_text(os.path.join(out, "tables.md"), "\n".join(parts))
   written.append("tables.md")
   return written
 

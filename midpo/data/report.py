@@ -41,6 +41,8 @@ import json
 import os
 from typing import Any, Iterable, Mapping
 
+from midpo.core import files
+
 # Reasons a row is dropped. Each has one meaning everywhere.
 UNDECODABLE_LINE = "undecodable_line"  # not valid UTF-8 or not valid JSON / not an object
 MISSING_FIELD = "missing_field"  # a required field is absent or null
@@ -200,10 +202,7 @@ def write_data_report(
     "bad_rows_total": dict(sorted(total.items())),
     "batches": dict(sorted({**old_batches, **dict(batches or {})}.items())),
   }
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  files.write_json(path, report, indent=2, sort_keys=True)
   return path
 
 

@@ -25,6 +25,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from midpo.core import files
 from midpo.models import sharding as sharding_lib
 from midpo.models.config import MODEL_TYPES, ModelConfig, RopeScaling
 from midpo.models.transformer import Transformer, layer_param_shapes
@@ -417,21 +418,25 @@ def save_hf_checkpoint(model: Transformer, path: str, *, dtype: str | None = Non
       size = 0
     shards[-1][name] = arr
     size += arr.nbytes
+  # Every file is written whole or not at all (a temporary name, then a rename).
   written = [CONFIG_FILE]
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(hf_config, f, indent=2, sort_keys=True)
+  files.write_json(os.path.join(path, CONFIG_FILE), hf_config, indent=2, sort_keys=True)
   metadata = {"format": "pt"}  # transformers expects it.
+
+  def save(shard, fname):
+    with files.atomic_path(os.path.join(path, fname)) as tmp:
+      save_file(shard, tmp, metadata=metadata)
+
   if len(shards) == 1:
-    save_file(shards[0], os.path.join(path, SINGLE_FILE), metadata=metadata)
+    save(shards[0], SINGLE_FILE)
     return written + [SINGLE_FILE]
   weight_map = {}
   for i, shard in enumerate(shards):
     fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(path, fname), metadata=metadata)
+    save(shard, fname)
     weight_map.update({name: fname for name in shard})
     written.append(fname)
   index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))},
            "weight_map": weight_map}
-  with open(os.path.join(path, INDEX_FILE), "w") as f:
-    json.dump(index, f, indent=2, sort_keys=True)
+  files.write_json(os.path.join(path, INDEX_FILE), index, indent=2, sort_keys=True)
   return written + [INDEX_FILE]

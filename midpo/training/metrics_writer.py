@@ -15,25 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-
-def write_text(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` atomically (a temporary file, then a
-  rename), so a kill mid-write never leaves a truncated file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)  # a full disk or a kill: no half-written file left behind
-    raise
-
-
-def write_json(path: str, obj: Any, *, indent: int | None = 1, **dump_kwargs) -> None:
-  """Writes ``obj`` as JSON to ``path`` atomically (``write_text``);
-  ``dump_kwargs`` go to ``json.dumps``."""
-  write_text(path, json.dumps(obj, indent=indent, **dump_kwargs))
+from midpo.core import files
 
 
 def _scalar(v) -> float:
@@ -83,8 +65,8 @@ class MetricsWriter:
     if not self.enabled:
       return
     self._tb.add_text("hparams", "\n".join(f"    {k}: {v}" for k, v in sorted(flat.items())), 0)
-    write_json(os.path.join(os.path.dirname(self.path), "hparams.json"), dict(flat),
-               sort_keys=True, default=str)
+    files.write_json(os.path.join(os.path.dirname(self.path), "hparams.json"), dict(flat),
+                     sort_keys=True, default=str)
 
   def flush(self) -> None:
     if self._tb is not None:
