@@ -38,9 +38,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from midpo import sampling
+from midpo import files, sampling
 from midpo.algorithms.mi import estimate as mi_estimate
-from midpo.core import files, priors
+from midpo.core import priors
 from midpo.data import synthetic
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib

@@ -52,9 +52,14 @@ class _QuietLibraries:
     return record.levelno >= 30 or not noisy
 
 
-def _fail(message: str, code: int):
-  """One line on stderr, no traceback: for errors the user can fix."""
+def _fail(message: str, code: int, *, now: bool = False):
+  """One line on stderr, no traceback: for errors the user can fix. ``now``:
+  exit at once, without the interpreter's shutdown (after a failed write,
+  orbax's background threads would otherwise log after this line)."""
   print(f"midpo: error: {message}", file=sys.stderr, flush=True)
+  if now:
+    sys.stdout.flush()
+    os._exit(code)
   sys.exit(code)
 
 
@@ -146,7 +151,7 @@ def main(argv):
     if line is None:
       raise
     _fail(f"{line}. The run stopped there; its earlier checkpoints are intact: free some "
-          "space (or lower --config.max_checkpoints) and rerun the same command.", 1)
+          "space (or lower --config.max_checkpoints) and rerun the same command.", 1, now=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from midpo.core import files, stats
+from midpo import files
+from midpo.core import stats
 from midpo.data import samples_file, synthetic
 from midpo.models.generate import generate as generate_fn
 from midpo.training import env as env_lib

@@ -53,9 +53,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from midpo import config_base, evaluate, sampling, train
+from midpo import config_base, evaluate, files, sampling, train
 from midpo.analysis import sweep as sweep_lib
-from midpo.core import files
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
 from midpo.training import provenance, run_identity, sft

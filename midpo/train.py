@@ -26,9 +26,8 @@ import jax
 from absl import logging
 
 from midpo import algorithms  # noqa: F401  (registers every published algorithm)
-from midpo import sampling
+from midpo import files, sampling
 from midpo import evaluate as eval_lib
-from midpo.core import files
 from midpo.training import checkpoint as ckpt_lib
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib

@@ -2,7 +2,7 @@
 
 Layers, each importing only from itself and the layers before it:
 
-    core -> models -> data -> training -> sampling -> algorithms
+    files -> core -> models -> data -> training -> sampling -> algorithms
          -> evaluate, analysis -> config_base, train -> sweep, main
 
 No import cycle between modules, no import of a midpo module inside a
@@ -19,6 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "midpo"
 
 LAYERS = [
+    ("midpo.files",),
     ("midpo.core",),
     ("midpo.models",),
     ("midpo.data",),

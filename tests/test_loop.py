@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from midpo.core import files
+from midpo import files
 from midpo.training import checkpoint as ckpt_lib
 from midpo.training import env as env_lib
 from midpo.training import config as config_lib
@@ -307,3 +307,20 @@ def test_a_failed_asynchronous_save_stops_the_loop_at_the_next_step(tmp_path, mo
   with pytest.raises(OSError, match="No space left on device"):
     _run(env, _spec(env, tmp_path, 12, on_step=steps.append))
   assert steps[-1] <= 6  # at the first step after the failure, not at the next save (10)
+
+
+def test_a_checkpoint_resumed_on_other_data_is_a_config_error(tmp_path):
+  env = _env(tmp_path)
+  with pytest.raises(loop.Preempted):
+    _run(env, _spec(env, tmp_path, 12, on_step=lambda i: setattr(env.sigterm, "received",
+                                                                  i == 6)))
+  env.sigterm.received = False
+  spec = _spec(env, tmp_path, 12)
+
+  def refuse(state):
+    raise ValueError("iterator state was saved for other data (fingerprint a != b)")
+
+  spec.iterator.set_state = refuse
+  with pytest.raises(config_lib.ConfigError, match=r"checkpoint .*ckpt/7 was saved with other "
+                                                   r"data .*fingerprint a != b"):
+    _run(env, spec)

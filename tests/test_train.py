@@ -25,18 +25,6 @@ ALGORITHMS = ("dpo", "dice", "hdpo", "rdpo", "simpo", "tdpo", "tis_dpo", "sparse
               "constrained_prior", "joint_prior", "ema_prior")
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-  """One SFT run whose checkpoint and TFDS data every other run reuses."""
-  root = tmp_path_factory.mktemp("shared")
-  data_dir = str(root / "tfds")
-  config = tu.tiny_config("dpo", **{"data.data_dir": data_dir})
-  workdir = str(root / "sft_run")
-  results = train.train_and_evaluate(config, workdir)
-  return {"data_dir": data_dir, "sft": os.path.join(workdir, "sft"), "workdir": workdir,
-          "results": results}
-
-
 def test_end_to_end_run_writes_results_logs_and_checkpoints(shared):
   w = shared["workdir"]
   results = json.load(open(os.path.join(w, "eval.json")))

@@ -14,14 +14,10 @@ import pytest
 from tests import train_utils as tu
 
 
-@pytest.fixture(scope="module")
-def sft(tmp_path_factory):
-  """One SFT run (on one device) and its data, shared by the tests below."""
-  root = tmp_path_factory.mktemp("multidevice")
-  rc, out = tu.run_main("configs/dpo.py", str(root / "sft_run"),
-                        {"stages": ("sft",), "data.data_dir": str(root / "tfds")})
-  assert rc == 0, out[-3000:]
-  return {"data.data_dir": str(root / "tfds"), "sft.checkpoint": str(root / "sft_run" / "sft")}
+@pytest.fixture
+def sft(shared):
+  """The suite's shared SFT run (on one device) and its data."""
+  return {"data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"]}
 
 
 def test_eight_devices_give_the_same_losses_as_one(tmp_path, sft):

@@ -22,12 +22,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
-  data_dir = str(tmp_path / "tfds")
-  rc, out = tu.run_main("configs/dpo.py", str(tmp_path / "sft_run"),
-                        {"stages": ("sft",), "data.data_dir": data_dir})
-  assert rc == 0, out[-3000:]
-  common = {"data.data_dir": data_dir, "sft.checkpoint": str(tmp_path / "sft_run" / "sft"),
+def test_two_processes_match_one_process(tmp_path, shared):
+  common = {"data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
             "stages": ("preference", "eval"), "train.steps": 6, "train.warmup_steps": 0,
             "data.num_shards": 2, "checkpoint_every": 3, **tu.MI_TINY}
   rc, out1 = tu.run_main("configs/joint_prior.py", str(tmp_path / "one"), common)

@@ -24,7 +24,7 @@ import pandas as pd
 
 from midpo.analysis import sweep as sweep_lib
 from midpo.analysis import sweep_plots
-from midpo.core import files
+from midpo import files
 
 
 def _pm(mean: float, se: float, digits: int = 2) -> str:

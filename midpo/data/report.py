@@ -41,7 +41,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping
 
-from midpo.core import files
+from midpo import files
 
 # Reasons a row is dropped. Each has one meaning everywhere.
 UNDECODABLE_LINE = "undecodable_line"  # not valid UTF-8 or not valid JSON / not an object

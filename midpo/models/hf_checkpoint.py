@@ -25,7 +25,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from midpo.core import files
+from midpo import files
 from midpo.models import sharding as sharding_lib
 from midpo.models.config import MODEL_TYPES, ModelConfig, RopeScaling
 from midpo.models.transformer import Transformer, layer_param_shapes

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Any, Callable, Optional
 
@@ -173,7 +174,14 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
   latest = None
   if found is not None:
     latest, state, meta = found
-    spec.iterator.set_state(meta["data"])
+    try:
+      spec.iterator.set_state(meta["data"])
+    except ValueError as e:
+      raise config_lib.ConfigError(
+          f"checkpoint {os.path.join(spec.directory, str(latest))} was saved with other data "
+          f"(config.data.* and the config are the same, so the data files' content, "
+          f"data.num_shards or the process count changed): {e}. Resume with the data it was "
+          "saved with, or use another --workdir") from None
     start = int(meta["step"])
     log_window = meta.get("log_window") or {}
     window = {k: list(v) for k, v in log_window.get("values", {}).items()}

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from midpo.core import files
+from midpo import files
 
 
 def _scalar(v) -> float:
