@@ -209,7 +209,9 @@ def test_a_workdir_refuses_a_restart_with_another_config(shared, tmp_path, caplo
   for changes, match in (
       ({"prior.name": "simpo"}, r"changed: prior.name: 'dpo' -> 'simpo'"),
       ({"loss.alpha": 0.3, "seed": 7}, r"changed: loss.alpha: 0.1 -> 0.3, seed: 0 -> 7"),
-      ({"sft.steps": 60}, r"changed: sft.steps: 12 -> 60")):
+      ({"sft.steps": 60}, r"changed: sft.steps: 12 -> 60"),
+      ({"data.batch_size": 4, "model.name": "micro"},
+       r"changed: data.batch_size: 8 -> 4, model.name: 'tiny' -> 'micro'")):
     with pytest.raises(config_lib.ConfigError, match=match):
       train.train_and_evaluate(tu.tiny_config("dpo", **base, **changes), workdir)
   assert len(tu.read_metrics(workdir, "preference")) == rows  # nothing ran
