@@ -93,12 +93,15 @@ def _run_stages(config, workdir: str) -> dict:
   stages = tuple(config.stages)
   results = {}
   env.sigterm.install()  # SIGTERM and SIGINT, for the whole run
+  doing = "the sft stage"  # what a stop signal interrupts, for its message
   try:
     reference = sft.run_sft(env)
     policy, prior_params, frozen = reference, None, {"reference": reference}
     baselines, pairs = {}, None
     if "preference" in stages:
+      doing = "the preference pairs' sampling"
       pairs = run_pairs(env, reference)
+      doing = "the preference stage"
       policy, prior_params, frozen = preference.run_preference(env, reference, pairs)
       baselines = preference.run_baselines(env, reference, pairs)
     elif "eval" in stages and os.path.isdir(preference.preference_dir(env)):
@@ -108,13 +111,14 @@ def _run_stages(config, workdir: str) -> dict:
     if "preference" in stages and config.model.hf_path:
       export.export_hf(env, policy)
     if "eval" in stages:
+      doing = "the eval stage"
       results = eval_lib.run_eval(env, policy, frozen, prior_params, baselines, pairs)
   except env_lib.StopRequested as e:
-    # Outside a stage's step loop: sampling the pairs, evaluation. What was
-    # saved before stays; the interrupted operation is redone on restart.
-    logging.warning("%s received during %s: stopped it; every stage already finished is "
+    # Outside a stage's step loop (the pairs' sampling, evaluation, a
+    # stage's setup). What was saved before stays; that work is redone.
+    logging.warning("%s received during %s (%s): stopped it; every stage already finished is "
                     "kept, and the same command redoes this one exactly.", e.signal_name,
-                    e.what)
+                    doing, e.what)
     raise loop.Preempted(None, e.exit_code) from None
   finally:
     env.sigterm.uninstall()

@@ -163,6 +163,9 @@ def test_the_guard_stops_a_dead_model_and_a_loss_spike(tmp_path):
   assert "grad_norm/policy is exactly 0" in guard.check({"loss": 1.0, "grad_norm/policy": 0.0},
                                                          [])
   assert "grad_norm is exactly 0" in guard.check({"loss": 1.0, "grad_norm": 0.0}, [])
+  # The hinge link's loss is exactly 0, with no gradient, once every pair
+  # clears its margin: not a dead model.
+  assert guard.check({"loss": 0.0, "grad_norm/policy": 0.0}, []) is None
   assert guard.check({"loss": 11.0}, [1.0] * 3) is None  # the window is not full yet
   assert "above divergence.spike_factor=10 x the median 1" in guard.check({"loss": 11.0},
                                                                           [1.0, 1.0, 0.9, 5.0])

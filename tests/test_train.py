@@ -292,15 +292,16 @@ def test_a_stop_signal_during_evaluation_stops_it_at_the_next_batch_and_says_so(
     return real(*args, **kwargs)
 
   monkeypatch.setattr(sampling, "generate_fn", generate)
+  # The eval stage alone: it evaluates the reference (the SFT checkpoint).
   config = tu.tiny_config("dpo", **{"sft.checkpoint": shared["sft"], "baselines": (),
-                                    "data.data_dir": shared["data_dir"], "train.steps": 2,
-                                    "stages": ("preference", "eval"), "eval.batch_size": 8})
+                                    "data.data_dir": shared["data_dir"], "stages": ("eval",),
+                                    "eval.batch_size": 8})
   with caplog.at_level("WARNING"), pytest.raises(loop.Preempted) as exc:
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert exc.value.code == 143 and len(calls) == 1
-  assert "SIGTERM received during sampling (8 of 16 done): stopped it" in caplog.text
+  assert ("SIGTERM received during the eval stage (sampling (8 of 16 done)): stopped it"
+          in caplog.text)
   assert not (tmp_path / "run" / "eval.json").exists()
-  assert tu.read_metrics(str(tmp_path / "run"), "preference")[-1]["step"] == 2  # kept
 
 
 def test_policy_and_prior_steps_touch_only_their_own_parameters(shared, tmp_path):
@@ -416,6 +417,10 @@ def test_dice_pair_selection_is_length_regularised():
     ({"train.weight_decay": -0.1}, r"config.train.weight_decay: must be a finite number >= 0"),
     ({"train.warmup_steps": -5}, r"config.train.warmup_steps: must be a non-negative int"),
     ({"train.diagnostics_every": -1}, r"config.train.diagnostics_every: must be a non-negative"),
+    ({"divergence.spike_factor": -2.0}, r"config.divergence.spike_factor: must be a finite"),
+    ({"loss.link": "ipo", "loss.alpha": 0.01},
+     r"config.divergence.max_loss: 10000 is within 10x of the IPO link's starting loss "
+     r"1/\(4 alpha\^2\) = 2500 at loss.alpha=0.01: raise it"),
     ({"dice.rounds": 2}, r"config.dice.rounds: 2 rounds are DICE's procedure; prior 'dpo'"),
     ({"prior.name": "sparsepo", "prior.mask_source": "given"},
      r"config.prior: prior 'sparsepo' reads \['mask_reward', 'mask_kl'\], which no input"),
@@ -447,11 +452,13 @@ def test_command_line_errors_come_before_any_work(tmp_path):
 
 def test_a_write_that_fails_mid_run_stops_it_with_one_line(shared, tmp_path):
   """A full disk, as a file-size limit (which a test can set): the first
-  checkpoint's background write fails; the run stops at the next step with one
-  line naming the error and the file, without tracebacks."""
-  overrides = {"data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
-               "stages": ("preference",), "train.steps": 10, "checkpoint_every": 5,
-               "baselines": ()}
+  checkpoint's background write fails; the run stops at the first step after
+  that, with one line naming the error and the file, without tracebacks."""
+  # The SFT stage (one model to compile) on the shared data.
+  # The save at step 100 fails in the background while steps go on; the run
+  # stops at the first step after that, long before the next save (step 200).
+  overrides = {"data.data_dir": shared["data_dir"], "stages": ("sft",), "sft.steps": 200,
+               "checkpoint_every": 100, "log_every": 10}
   # SIGXFSZ ignored: a write over the limit fails (EFBIG) instead of killing.
   limited = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
              " resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024));"
@@ -467,10 +474,10 @@ def test_a_write_that_fails_mid_run_stops_it_with_one_line(shared, tmp_path):
   # complaints); no traceback goes through midpo's code, and the last line says it.
   assert "midpo/" not in "".join(l for l in out.splitlines() if l.startswith("  File")), out
   last = out.strip().splitlines()[-1]
-  assert re.match(r"midpo: error: File too large writing \S+/checkpoints/5\.orbax-checkpoint-tmp/"
+  assert re.match(r"midpo: error: File too large writing \S+/sft/100\.orbax-checkpoint-tmp/"
                   r".*\. The run stopped there", last), last
-  steps = [r["step"] for r in tu.read_metrics(str(tmp_path / "w"), "preference")]
-  assert steps[-1] < 10, steps  # stopped before the next save
+  steps = [r["step"] for r in tu.read_metrics(str(tmp_path / "w"), "sft")]
+  assert 100 <= steps[-1] < 200, steps  # stopped before the next save
 
 
 @pytest.mark.parametrize("config_file", ["configs/dpo.py", "configs/constrained_prior.py",

@@ -29,19 +29,10 @@ def test_two_processes_match_one_process(tmp_path, shared):
   rc, out1 = tu.run_main("configs/joint_prior.py", str(tmp_path / "one"), common)
   assert rc == 0, out1[-3000:]
 
-  port = _free_port()
-  procs = []
-  for i in range(2):
-    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-           "JAX_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu"}
-    # Batch sizes count rows per process: 4 + 4 pairs = the one-process run's
-    # 8, and 8 + 8 sampled prompts its 16.
-    procs.append(tu.run_main("configs/joint_prior.py", str(tmp_path / "two"),
-                             {**common, "data.batch_size": 4, "eval.batch_size": 8},
-                             env=env, wait=False))
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+  # Batch sizes count rows per process: 4 + 4 pairs = the one-process run's
+  # 8, and 8 + 8 sampled prompts its 16.
+  two_processes = {**common, "data.batch_size": 4, "eval.batch_size": 8}
+  outs = _run_two_processes(tmp_path / "two", two_processes)
   assert "process 0 of 2" in outs[0] and "process 1 of 2" in outs[1]
 
   for stage, keys in (("preference", ("loss", "rewards/margins", "logps/chosen",
@@ -69,3 +60,26 @@ def test_two_processes_match_one_process(tmp_path, shared):
   import jax
   for x, y in zip(jax.tree.leaves(p1["policy"]), jax.tree.leaves(p2["policy"])):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+
+  # Both processes resume from the checkpoint, each at its own data position
+  # (every process's position is in the checkpoint): two more steps.
+  outs = _run_two_processes(tmp_path / "two", {**two_processes, "train.steps": 8,
+                                                  "stages": ("preference",)})
+  assert all("preference: resumed from step 6" in out for out in outs), outs[1][-3000:]
+  steps = [r["step"] for r in tu.read_metrics(str(tmp_path / "two"), "preference")]
+  assert steps == list(range(1, 9))
+
+
+def _run_two_processes(workdir, overrides) -> list[str]:
+  """``python -m midpo.main`` as 2 processes of one jax.distributed run."""
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+           "JAX_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu"}
+    procs.append(tu.run_main("configs/joint_prior.py", str(workdir), overrides, env=env,
+                             wait=False))
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs

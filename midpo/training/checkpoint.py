@@ -15,6 +15,7 @@ import os
 from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -22,6 +23,13 @@ from jax.experimental import multihost_utils
 
 class CheckpointError(RuntimeError):
   """No checkpoint of a directory can be read (each one's problem named)."""
+
+
+def _on_every_process(flag: bool) -> bool:
+  """Whether ``flag`` holds on every process (a collective with several)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.min(multihost_utils.process_allgather(np.array(int(flag)))))
 
 
 class Checkpointer:
@@ -103,10 +111,14 @@ class Checkpointer:
         continue
       if check_meta is not None:
         check_meta(meta, where)
+      problem = None
       try:
         trees, meta = self.restore(step, abstract_trees)
-      except Exception as e:  # orbax and tensorstore raise many types for a damaged file
-        problems.append((step, f"{where}: {type(e).__name__}: {e}"))
+      except (ValueError, OSError, KeyError) as e:  # what orbax and tensorstore raise on a
+        problem = f"{where}: {type(e).__name__}: {e}"  # damaged or missing file
+      # Each process reads its own shards: every process takes the same decision.
+      if not _on_every_process(problem is None):
+        problems.append((step, problem or f"{where}: unreadable on another process"))
         continue
       if problems:
         self._set_aside([s for s, _ in problems])

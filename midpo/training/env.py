@@ -10,6 +10,7 @@ later stage takes the ``Env``; parameters are plain pytrees merged with
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 from typing import Any, Optional
@@ -96,6 +97,20 @@ def stop_requested(env) -> bool:
   if env.process_count > 1:
     return bool(env.max_over_processes(int(env.sigterm.received)))
   return env.sigterm.received
+
+
+def gather_json(env, obj: Any) -> list:
+  """Every process's ``obj`` (JSON-able), in process order: a collective with
+  several processes (each must call it at the same point); ``[obj]`` with one."""
+  if env.process_count == 1:
+    return [obj]
+  data = np.frombuffer(json.dumps(obj, sort_keys=True).encode("utf-8"), np.uint8)
+  width = env.max_over_processes(len(data))
+  padded = np.zeros(width, np.uint8)
+  padded[:len(data)] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  lengths = np.asarray(multihost_utils.process_allgather(np.array(len(data))))
+  return [json.loads(bytes(row[:n]).decode("utf-8")) for row, n in zip(rows, lengths)]
 
 
 def check_stop(env, what: str) -> None:

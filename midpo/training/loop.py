@@ -51,8 +51,12 @@ class DivergenceGuard:
       ``spike_window`` steps' losses (0: off; checked once the window is full).
     spike_window: steps in that running median.
     zero_grad_norm: a policy gradient norm (``grad_norm``,
-      ``grad_norm/policy``) of exactly 0: the model no longer learns.
-  A non-finite loss always counts.
+      ``grad_norm/policy``) of exactly 0 while the loss is not 0: the model
+      no longer learns (saturated). A loss of exactly 0 with no gradient, as
+      the hinge link gives when every pair clears its margin, is not counted.
+  A non-finite loss always counts. The IPO link's starting loss is
+  ``1/(4 alpha^2)`` (above the default ``max_loss`` for ``alpha < 0.005``):
+  ``validate_divergence_config`` asks for a larger bound then.
   """
   max_loss: float = 1e4
   spike_factor: float = 0.0
@@ -78,7 +82,7 @@ class DivergenceGuard:
         if loss > self.spike_factor * median:
           return (f"loss {loss:.6g} above divergence.spike_factor={self.spike_factor:g} x the "
                   f"median {median:.6g} of the last {self.spike_window} steps")
-    if self.zero_grad_norm:
+    if self.zero_grad_norm and loss != 0.0:
       for key in ("grad_norm", "grad_norm/policy"):
         if values.get(key) == 0.0:
           return f"{key} is exactly 0 (the model no longer learns; divergence.zero_grad_norm)"
@@ -101,6 +105,12 @@ def validate_divergence_config(config) -> None:
     config_lib.fail("divergence.spike_window", f"must be a positive int; got {d.spike_window!r}")
   if not isinstance(d.zero_grad_norm, bool):
     config_lib.fail("divergence.zero_grad_norm", f"must be a bool; got {d.zero_grad_norm!r}")
+  alpha = config.loss.alpha
+  if (d.max_loss and config.loss.link == "ipo" and config_lib.is_number(alpha) and alpha > 0
+      and 1.0 / (4.0 * alpha**2) >= d.max_loss / 10):
+    config_lib.fail("divergence.max_loss", f"{d.max_loss:g} is within 10x of the IPO link's "
+                    f"starting loss 1/(4 alpha^2) = {1.0 / (4.0 * alpha**2):g} at loss.alpha="
+                    f"{alpha:g}: raise it (or 0: no bound)")
 
 
 config_lib.register_config_block("divergence", default_divergence_config,
@@ -175,7 +185,7 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
   if found is not None:
     latest, state, meta = found
     try:
-      spec.iterator.set_state(meta["data"])
+      spec.iterator.set_state(_own_data_state(meta["data"], env))
     except ValueError as e:
       raise config_lib.ConfigError(
           f"checkpoint {os.path.join(spec.directory, str(latest))} was saved with other data "
@@ -200,8 +210,10 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
       raise Diverged(
           f"{spec.stage}: non-finite parameters (not saved) at step {step}; the last good "
           f"checkpoint is {_named(last_good, spec.directory)}")
-    ckpt.save(step, state, {"step": step, "stage": spec.stage,
-                            "data": spec.iterator.get_state(), "config": config_json,
+    # Every process's data position (the meta item is written by process 0).
+    data = env_lib.gather_json(env, spec.iterator.get_state())
+    ckpt.save(step, state, {"step": step, "stage": spec.stage, "data": data,
+                            "config": config_json,
                             "log_window": {"values": window, "tokens": tokens,
                                            "recent_losses": recent[-guard.spike_window:]}},
               force=force)
@@ -290,6 +302,21 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
     env.sigterm.uninstall()
     env.writer.flush()
   return state
+
+
+def _own_data_state(saved, env) -> dict:
+  """This process's data position from a checkpoint's ``data`` (one per
+  process; a single dict in checkpoints written before positions were
+  gathered, which hold process 0's only)."""
+  if isinstance(saved, dict):
+    if env.process_count > 1:
+      raise ValueError("the checkpoint holds one process's data position; this run has "
+                       f"{env.process_count} processes")
+    return saved
+  if len(saved) != env.process_count:
+    raise ValueError(f"the checkpoint was saved by {len(saved)} processes; this run has "
+                     f"{env.process_count} (keep the process count)")
+  return saved[env.process_index]
 
 
 def _named(step: Optional[int], directory: str) -> str:
