@@ -2,9 +2,21 @@
 and in every ``python -m midpo.main`` a test starts); the one tiny default run
 whose SFT checkpoint and TFDS data the trainer's tests reuse (``shared``)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
+
+# One JAX persistent compilation cache for the session, shared by every
+# ``python -m midpo.main`` a test starts: the tiny runs compile the same
+# programs again and again (a cache hit loads the same executable).
+_CACHE = tempfile.mkdtemp(prefix="midpo-tests-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 
