@@ -90,7 +90,7 @@ def test_non_finite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_pa
   env = _env(tmp_path)
   loss = lambda index: jnp.float32(np.nan) if index == 7 else jnp.float32(1.0)
   with pytest.raises(FloatingPointError,
-                     match=r"toy: non-finite loss \(nan\) at step 7; the last good checkpoint "
+                     match=r"toy: non-finite loss \(nan\) at step 8; the last good checkpoint "
                            r"is step 5"):
     loop.run_loop(env, _spec(env, tmp_path, 12, loss=loss), {"params": {"x": jnp.zeros(())}})
   assert ckpt_lib.Checkpointer(str(tmp_path / "ckpt")).latest_step() == 5
@@ -148,7 +148,7 @@ def test_a_diverged_loss_deletes_the_checkpoint_it_came_from_and_names_the_good_
   # computed on them, fails the guard: checkpoint 10 is deleted and 5 named.
   env = _env(tmp_path)
   loss = lambda index: jnp.float32(bad_loss if index == 10 else 1.0)
-  with pytest.raises(loop.Diverged, match=rf"toy: {reason} at step 10; the last good "
+  with pytest.raises(loop.Diverged, match=rf"toy: {reason} at step 11; the last good "
                                           r"checkpoint is step 5 in "):
     _run(env, _spec(env, tmp_path, 12, loss=loss))
   assert ckpt_lib.Checkpointer(str(tmp_path / "ckpt")).all_steps() == [5]
@@ -179,7 +179,7 @@ def test_the_guard_stops_a_dead_model_and_a_loss_spike(tmp_path):
 
   spec = loop.LoopSpec("toy", str(tmp_path / "ckpt"), 12, CountingIterator(), loop.count_tokens,
                        step)
-  with pytest.raises(loop.Diverged, match=r"grad_norm is exactly 0 .* at step 3; the last good "
+  with pytest.raises(loop.Diverged, match=r"grad_norm is exactly 0 .* at step 4; the last good "
                                           r"checkpoint is none"):
     _run(env, spec)
 
@@ -258,6 +258,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(
   assert float(state["params"]["x"]) == sum(range(1, 13))
   warning = caplog.text
   assert "checkpoint step 7 is damaged" in warning and "Resuming from step 5" in warning
+  assert "set aside as damaged.7." in warning
   if how == "empty meta":
     assert f"{directory / '7' / 'meta' / 'metadata'}: JSONDecodeError" in warning
   assert (directory / "damaged.7").is_dir()  # kept for inspection
@@ -327,3 +328,13 @@ def test_a_checkpoint_resumed_on_other_data_is_a_config_error(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"checkpoint .*ckpt/7 was saved with other "
                                                    r"data .*fingerprint a != b"):
     _run(env, spec)
+
+
+def test_a_run_cannot_be_shortened_after_it_trained(tmp_path):
+  env = _env(tmp_path)
+  _run(env, _spec(env, tmp_path, 12))
+  with pytest.raises(config_lib.ConfigError, match=r"toy: its latest checkpoint is at step 12 in "
+                                                   r".*ckpt, past the 10 steps the config asks"):
+    _run(env, _spec(env, tmp_path, 10))
+  state = _run(env, _spec(env, tmp_path, 12))  # complete: restored, nothing run
+  assert float(state["params"]["x"]) == sum(range(1, 13))

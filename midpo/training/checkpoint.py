@@ -121,10 +121,10 @@ class Checkpointer:
         problems.append((step, problem or f"{where}: unreadable on another process"))
         continue
       if problems:
-        self._set_aside([s for s, _ in problems])
+        moved = self._set_aside([s for s, _ in problems])
         logging.warning("%s", "; ".join(f"checkpoint step {s} is damaged ({p})"
                                         for s, p in problems)
-                        + f"; set aside as damaged.<step>. Resuming from step {step}, the "
+                        + f"; set aside as {', '.join(moved)}. Resuming from step {step}, the "
                         "latest intact checkpoint.")
       return step, trees, meta
     if problems:
@@ -134,20 +134,24 @@ class Checkpointer:
           + ". Delete the directory to start the stage over.")
     return None
 
-  def _set_aside(self, steps: list[int]) -> None:
-    """Moves damaged step directories out of orbax's sight (process 0)."""
+  def _set_aside(self, steps: list[int]) -> list[str]:
+    """Moves damaged step directories out of orbax's sight (process 0);
+    returns their new names."""
     self._manager.wait_until_finished()
+    names = []
+    for step in steps:
+      name, suffix = f"damaged.{step}", 0
+      while os.path.exists(os.path.join(self.directory, name)):
+        suffix += 1
+        name = f"damaged.{step}.{suffix}"
+      names.append(name)
     if jax.process_index() == 0:
-      for step in steps:
-        target = os.path.join(self.directory, f"damaged.{step}")
-        suffix = 0
-        while os.path.exists(target):
-          suffix += 1
-          target = os.path.join(self.directory, f"damaged.{step}.{suffix}")
-        os.rename(os.path.join(self.directory, str(step)), target)
+      for step, name in zip(steps, names):
+        os.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, name))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("midpo_checkpoint_set_aside")
     self._manager.reload()
+    return names
 
   def delete(self, step: int) -> None:
     """Deletes checkpoint ``step`` (after pending saves finish)."""

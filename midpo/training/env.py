@@ -68,7 +68,8 @@ class SigtermFlag:
     if self.received and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: stop now, save nothing
     logging.warning("%s received: saving a checkpoint after the current step (or stopping "
-                    "the operation in progress); send SIGINT again to stop at once.", name)
+                    "the operation in progress)%s.", name,
+                    "; a second Ctrl-C stops without saving" if signum == signal.SIGINT else "")
     self.received, self.signal_name = True, name
 
   def uninstall(self) -> None:

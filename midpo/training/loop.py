@@ -198,8 +198,15 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
     tokens = int(log_window.get("tokens", 0))
     recent = list(log_window.get("recent_losses", []))
     logging.info("%s: resumed from step %d (%s)", spec.stage, start, spec.directory)
-  if start >= spec.total_steps:
+  if start > spec.total_steps:
     ckpt.close()
+    raise config_lib.ConfigError(
+        f"{spec.stage}: its latest checkpoint is at step {start} in {spec.directory}, past the "
+        f"{spec.total_steps} steps the config asks for: a run cannot be shortened after it "
+        f"trained; ask for at least {start} steps, or use another --workdir")
+  if start == spec.total_steps:
+    ckpt.close()
+    logging.info("%s: already complete at step %d (%s)", spec.stage, start, spec.directory)
     return state
 
   def save(step, force=False):
@@ -234,7 +241,9 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
         # That checkpoint holds the parameters whose loss just failed.
         ckpt.delete(last_good)
         last_good = max([s for s in ckpt.all_steps() if s < step], default=None)
-      raise Diverged(f"{spec.stage}: {reason} at step {step}; the last good checkpoint is "
+      # Step numbers count steps done, as the log's: the loss of step step + 1 is
+      # computed on the parameters after ``step`` updates (checkpoint ``step``).
+      raise Diverged(f"{spec.stage}: {reason} at step {step + 1}; the last good checkpoint is "
                      f"{_named(last_good, spec.directory)}")
     if "loss" in values:
       recent.append(values["loss"])

@@ -13,7 +13,8 @@ a key that changes results (the prior, alpha, the seed, the data, the model,
 * ``eval.*``: what the eval stage measures (it is rerun, ``eval.json``
   rewritten);
 * ``divergence.*``: the divergence guard's thresholds;
-* ``train.steps``: train longer (or stop earlier) from the latest checkpoint.
+* ``train.steps``: train longer (or stop earlier, but not below a step a
+  checkpoint already holds: ``run_loop`` refuses that) from the latest checkpoint.
   The learning-rate schedule (warmup, then cosine decay to a tenth over
   ``train.steps``) is recomputed for the new length, so the steps after the
   restart differ from an uninterrupted run of the new length; a warning says
