@@ -148,7 +148,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.baselines = ()
   c.loss = ml_collections.ConfigDict({
       "alpha": 0.1, "link": "sigmoid", "label_smoothing": 0.0, "nll_weight": 0.0,
-      "nll_normalization": "token"})
+      "nll_normalization": "token", "discopop_tau": 0.05})
 
   # -- evaluation -------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()

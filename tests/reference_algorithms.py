@@ -201,3 +201,71 @@ def finite_difference_grad(fn, b, keys=("pol_w", "pol_l"), h=1e-5):
       g[idx] = (up - down) / (2 * h)
     grads[key] = g
   return grads
+
+
+# TRL 1.16's other pair loss types (DPOTrainer), written from their papers'
+# equations; ``lr_w``/``lr_l`` are the policy/reference log-ratios of each side.
+def _logratios(b):
+  lr_w = seq_logps(b["pol_w"], b["tgt_w"], b["m_w"]) - seq_logps(b["ref_w"], b["tgt_w"], b["m_w"])
+  lr_l = seq_logps(b["pol_l"], b["tgt_l"], b["m_l"]) - seq_logps(b["ref_l"], b["tgt_l"], b["m_l"])
+  return lr_w, lr_l
+
+
+def _sigmoid(x):
+  return np.exp(log_sigmoid(x))
+
+
+def exo_pair(b, beta, eps):
+  """EXO-pref (arXiv 2402.00856, eq. 16): KL from the model's two-way
+  distribution softmax(beta * log-ratios) to (1 - eps, eps)."""
+  lr_w, lr_l = _logratios(b)
+  q = np.stack([_sigmoid(beta * (lr_w - lr_l)), _sigmoid(beta * (lr_l - lr_w))])
+  p = np.array([1 - eps, eps])[:, None]
+  return (q * (np.log(q) - np.log(p))).sum(0)
+
+
+def nca_pair(b, beta):
+  """NCA (arXiv 2402.05369), pairwise: the chosen reward pushed up, both
+  rewards' 'noise' terms down, each with weight 1/2."""
+  lr_w, lr_l = _logratios(b)
+  return (-log_sigmoid(beta * lr_w) - 0.5 * log_sigmoid(-beta * lr_w)
+          - 0.5 * log_sigmoid(-beta * lr_l))
+
+
+def bco_pair(b, beta):
+  """BCO's pairwise form: chosen classified positive, rejected negative."""
+  lr_w, lr_l = _logratios(b)
+  return -log_sigmoid(beta * lr_w) - log_sigmoid(-beta * lr_l)
+
+
+def sppo_hard(b, beta):
+  """SPPO (arXiv 2405.00675, eq. 4.7) with P(win) = 1 for the chosen, 0 for the
+  rejected: each log-ratio regressed to +-1/(2 beta)."""
+  lr_w, lr_l = _logratios(b)
+  return (lr_w - 1 / (2 * beta)) ** 2 + (lr_l + 1 / (2 * beta)) ** 2
+
+
+def apo_zero(b, beta):
+  """APO-zero (arXiv 2408.06266, eq. 7)."""
+  lr_w, lr_l = _logratios(b)
+  return (1 - _sigmoid(beta * lr_w)) + _sigmoid(beta * lr_l)
+
+
+def apo_down(b, beta):
+  """APO-down (arXiv 2408.06266, eq. 8)."""
+  lr_w, lr_l = _logratios(b)
+  return _sigmoid(beta * lr_w) + (1 - _sigmoid(beta * (lr_w - lr_l)))
+
+
+def discopop(b, beta, tau):
+  """DiscoPOP's log-ratio modulated loss (arXiv 2406.08414, eq. 5)."""
+  lr_w, lr_l = _logratios(b)
+  rho = beta * (lr_w - lr_l)
+  mix = _sigmoid(rho / tau)
+  return (1 - mix) * -log_sigmoid(rho) + mix * np.exp(-rho)
+
+
+def sigmoid_norm(b, beta):
+  """The sigmoid loss on per-token-averaged log-ratios."""
+  lr_w, lr_l = _logratios(b)
+  return -log_sigmoid(beta * (lr_w / b["m_w"].sum(-1) - lr_l / b["m_l"].sum(-1)))

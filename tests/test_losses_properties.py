@@ -193,6 +193,9 @@ def test_empty_response_is_a_clear_error_eagerly_and_counted_under_jit():
     (dict(link="nope"), r"LossConfig.link: must be one of"),
     (dict(nll_weight=-1.0), r"LossConfig.nll_weight"),
     (dict(nll_normalization="pair"), r"LossConfig.nll_normalization"),
+    (dict(link="exo_pair"), r"label_smoothing: is EXO's eps, in \(0, 0.5\]"),
+    (dict(link="nca_pair", label_smoothing=0.1), r"not defined for the nca_pair link"),
+    (dict(link="discopop", discopop_tau=0.0), r"LossConfig.discopop_tau: must be a finite"),
 ])
 def test_bad_loss_config_names_the_key(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -284,3 +287,28 @@ def test_tis_contrastive_scores_flip_sign_on_rejected():
       np.asarray(token_weights.contrastive_scores(lp_plus, lp_minus, mask, "chosen")), [[0.5, -1.0]])
   np.testing.assert_allclose(
       np.asarray(token_weights.contrastive_scores(lp_plus, lp_minus, mask, "rejected")), [[-0.5, 1.0]])
+
+
+def test_every_link_over_every_prior_gives_a_finite_loss_and_gradient():
+  """Each link is an option of the loss whatever the prior: value and gradient
+  with respect to the policy's logits finite, the gradient not zero (but for
+  the hinge link past its margin)."""
+  a = _random_side(jax.random.PRNGKey(0))
+  b = _random_side(jax.random.PRNGKey(1))
+  for link in losses.LINKS:
+    config = losses.LossConfig(alpha=0.5, link=link,
+                               label_smoothing=1e-3 if link == "exo_pair" else 0.0)
+    for name, hp in ROLE_FREE_PRIORS:
+      prior = algorithms.make_prior(name, **hp)
+
+      def loss(logits_w, logits_l):
+        sw = _stats(logits_w, *a[1:], **_full_extra(a[3]))
+        sl = _stats(logits_l, *b[1:], **_full_extra(b[3]))
+        return losses.mi_dpo_loss(sw, sl, prior, config).loss
+
+      value, grads = jax.value_and_grad(loss, argnums=(0, 1))(a[0], b[0])
+      assert np.isfinite(float(value)), (link, name)
+      g = np.concatenate([np.ravel(x) for x in grads])
+      assert np.isfinite(g).all(), (link, name)
+      # No gradient only where the loss is flat: hinge with every margin cleared.
+      assert np.abs(g).max() > 0 or (link == "hinge" and float(value) == 0.0), (link, name)

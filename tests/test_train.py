@@ -419,7 +419,7 @@ def test_dice_pair_selection_is_length_regularised():
     ({"train.diagnostics_every": -1}, r"config.train.diagnostics_every: must be a non-negative"),
     ({"divergence.spike_factor": -2.0}, r"config.divergence.spike_factor: must be a finite"),
     ({"loss.link": "ipo", "loss.alpha": 0.01},
-     r"config.divergence.max_loss: 10000 is within 10x of the IPO link's starting loss "
+     r"config.divergence.max_loss: 10000 is within 10x of the ipo link's starting loss "
      r"1/\(4 alpha\^2\) = 2500 at loss.alpha=0.01: raise it"),
     ({"dice.rounds": 2}, r"config.dice.rounds: 2 rounds are DICE's procedure; prior 'dpo'"),
     ({"prior.name": "sparsepo", "prior.mask_source": "given"},

@@ -100,6 +100,16 @@ CASES = [
     ("hinge", dict(beta=0.1), dict(alpha=0.1, link="hinge")),
     ("ipo", dict(beta=0.1), dict(alpha=0.1, link="ipo")),
     ("sigmoid", dict(beta=2.0), dict(alpha=2.0)),
+    ("exo_pair", dict(beta=0.1, label_smoothing=1e-3),
+     dict(alpha=0.1, link="exo_pair", label_smoothing=1e-3)),
+    ("nca_pair", dict(beta=0.1), dict(alpha=0.1, link="nca_pair")),
+    ("bco_pair", dict(beta=0.1), dict(alpha=0.1, link="bco_pair")),
+    ("sppo_hard", dict(beta=0.1), dict(alpha=0.1, link="sppo_hard")),
+    ("apo_zero", dict(beta=0.1), dict(alpha=0.1, link="apo_zero")),
+    ("apo_down", dict(beta=0.1), dict(alpha=0.1, link="apo_down")),
+    ("discopop", dict(beta=0.1, discopop_tau=0.05),
+     dict(alpha=0.1, link="discopop", discopop_tau=0.05)),
+    ("sigmoid_norm", dict(beta=0.1), dict(alpha=0.1, link="sigmoid_norm")),
 ]
 
 

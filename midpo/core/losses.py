@@ -17,6 +17,28 @@ orthogonal to the prior, as TRL users expect them:
 * ``ipo``: ``(s_w/|y_w| - s_l/|y_l| - 1/(2 alpha))^2`` on length-normalised
   scores, as TRL's ``ipo`` (IPO, "A General Theoretical Paradigm to Understand
   Learning from Human Preferences", 2023).
+* TRL 1.16's other pair loss types (``DPOTrainer``, ``loss_type=``), over any
+  prior, with ``r = alpha * s`` each side's implicit reward:
+
+  - ``exo_pair``: ``KL(q || p)`` with ``q = (s(z), s(-z))`` and
+    ``p = (1 - eps, eps)``, ``eps = label_smoothing`` in ``(0, 0.5]`` (EXO,
+    "Towards Efficient Exact Optimization of Language Model Alignment", 2024,
+    eq. 16; TRL's ``exo_pair``, which the EXO authors run at ``eps = 1e-3``).
+  - ``nca_pair``: ``-log s(r_w) - log s(-r_w)/2 - log s(-r_l)/2`` (NCA, "Noise
+    Contrastive Alignment of Language Models with Explicit Rewards", 2024).
+  - ``bco_pair``: ``-log s(r_w) - log s(-r_l)`` (TRL's ``bco_pair``: BCO's
+    pairwise form, without the running reward mean of TRL's BCO trainer).
+  - ``sppo_hard``: ``(s_w - 1/(2 alpha))^2 + (s_l + 1/(2 alpha))^2`` (SPPO with
+    hard win probabilities, "Self-Play Preference Optimization", 2024, eq. 4.7).
+  - ``apo_zero``: ``1 - s(r_w) + s(r_l)``; ``apo_down``: ``s(r_w) + 1 - s(z)``
+    (APO, "Anchored Preference Optimization", 2024, eqs. 7 and 8).
+  - ``discopop``: ``-log s(z) (1 - m) + exp(-z) m`` with ``m = s(z / tau)``,
+    ``tau = discopop_tau`` (DiscoPOP, "Discovering Preference Optimization
+    Algorithms with and for Large Language Models", 2024, eq. 5; TRL's default
+    tau 0.05).
+  - ``sigmoid_norm``: ``-log s(alpha (s_w/|y_w| - s_l/|y_l|))`` (TRL's
+    length-normalised sigmoid).
+
 * ``nll_weight``: adds ``nll_weight * NLL`` of the chosen response (RPO,
   SimPO's ``sft_weight``); ``nll_normalization="token"`` averages over all
   chosen tokens of the batch (TRL), ``"sequence"`` averages per response then
@@ -44,7 +66,10 @@ from midpo.core.stats import SequenceStats
 
 Array = jax.Array
 
-LINKS = ("sigmoid", "robust", "hinge", "ipo")
+LINKS = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+         "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+# Links that read label_smoothing.
+_SMOOTHED = ("sigmoid", "robust", "exo_pair")
 NLL_NORMALIZATIONS = ("token", "sequence")
 
 
@@ -55,15 +80,19 @@ class LossConfig:
   Attributes:
     alpha: the scale of the implicit reward (each algorithm's ``beta``), > 0.
     link: one of ``LINKS``.
-    label_smoothing: ``eps`` for the ``sigmoid`` and ``robust`` links.
+    label_smoothing: ``eps`` for the ``sigmoid``, ``robust`` and
+      ``exo_pair`` links.
     nll_weight: weight of the chosen response's NLL, >= 0.
     nll_normalization: ``"token"`` or ``"sequence"``.
+    discopop_tau: the ``discopop`` link's temperature, > 0 (TRL's name and
+      default).
   """
   alpha: float = 0.1
   link: str = "sigmoid"
   label_smoothing: float = 0.0
   nll_weight: float = 0.0
   nll_normalization: str = "token"
+  discopop_tau: float = 0.05
 
   def __post_init__(self):
     def fail(key, msg):
@@ -80,8 +109,14 @@ class LossConfig:
       fail("label_smoothing", f"must be in [0, 0.5] for the sigmoid link; got {eps}")
     if self.link == "robust" and not 0.0 <= eps < 0.5:
       fail("label_smoothing", f"must be in [0, 0.5) for the robust link; got {eps}")
-    if self.link in ("hinge", "ipo") and eps != 0.0:
+    if self.link == "exo_pair" and not 0.0 < eps <= 0.5:
+      fail("label_smoothing", f"is EXO's eps, in (0, 0.5] (the EXO authors use 1e-3); "
+           f"got {eps}")
+    if self.link not in _SMOOTHED and eps != 0.0:
       fail("label_smoothing", f"is not defined for the {self.link} link; got {eps}")
+    tau = self.discopop_tau
+    if not _is_real(tau) or not math.isfinite(tau) or tau <= 0:
+      fail("discopop_tau", f"must be a finite number > 0; got {tau!r}")
     if not _is_real(self.nll_weight) or not math.isfinite(self.nll_weight) or self.nll_weight < 0:
       fail("nll_weight", f"must be a finite number >= 0; got {self.nll_weight!r}")
     if self.nll_normalization not in NLL_NORMALIZATIONS:
@@ -166,6 +201,28 @@ def _link(z: Array, s_w: Array, s_l: Array, n_w: Array, n_l: Array, cfg: LossCon
   if cfg.link == "ipo":
     delta = s_w / jnp.maximum(n_w, 1.0) - s_l / jnp.maximum(n_l, 1.0)
     return jnp.square(delta - 1.0 / (2.0 * cfg.alpha))
+  log_sig, sig = jax.nn.log_sigmoid, jax.nn.sigmoid
+  r_w, r_l = cfg.alpha * s_w, cfg.alpha * s_l
+  if cfg.link == "exo_pair":
+    return (sig(z) * (log_sig(z) - math.log1p(-eps))
+            + sig(-z) * (log_sig(-z) - math.log(eps)))
+  if cfg.link == "nca_pair":
+    return -log_sig(r_w) - 0.5 * log_sig(-r_w) - 0.5 * log_sig(-r_l)
+  if cfg.link == "bco_pair":
+    return -log_sig(r_w) - log_sig(-r_l)
+  if cfg.link == "sppo_hard":
+    half = 0.5 / cfg.alpha
+    return jnp.square(s_w - half) + jnp.square(s_l + half)
+  if cfg.link == "apo_zero":
+    return 1.0 - sig(r_w) + sig(r_l)
+  if cfg.link == "apo_down":
+    return sig(r_w) + 1.0 - sig(z)
+  if cfg.link == "discopop":
+    m = sig(z / cfg.discopop_tau)
+    return -log_sig(z) * (1.0 - m) + jnp.exp(-z) * m
+  if cfg.link == "sigmoid_norm":
+    delta = s_w / jnp.maximum(n_w, 1.0) - s_l / jnp.maximum(n_l, 1.0)
+    return -log_sig(cfg.alpha * delta)
   raise AssertionError(cfg.link)
 
 

@@ -54,8 +54,8 @@ class DivergenceGuard:
       ``grad_norm/policy``) of exactly 0 while the loss is not 0: the model
       no longer learns (saturated). A loss of exactly 0 with no gradient, as
       the hinge link gives when every pair clears its margin, is not counted.
-  A non-finite loss always counts. The IPO link's starting loss is
-  ``1/(4 alpha^2)`` (above the default ``max_loss`` for ``alpha < 0.005``):
+  A non-finite loss always counts. The squared links start at a large loss
+  for a small alpha (IPO's ``1/(4 alpha^2)``, SPPO's ``1/(2 alpha^2)``):
   ``validate_divergence_config`` asks for a larger bound then.
   """
   max_loss: float = 1e4
@@ -105,12 +105,15 @@ def validate_divergence_config(config) -> None:
     config_lib.fail("divergence.spike_window", f"must be a positive int; got {d.spike_window!r}")
   if not isinstance(d.zero_grad_norm, bool):
     config_lib.fail("divergence.zero_grad_norm", f"must be a bool; got {d.zero_grad_norm!r}")
-  alpha = config.loss.alpha
-  if (d.max_loss and config.loss.link == "ipo" and config_lib.is_number(alpha) and alpha > 0
-      and 1.0 / (4.0 * alpha**2) >= d.max_loss / 10):
-    config_lib.fail("divergence.max_loss", f"{d.max_loss:g} is within 10x of the IPO link's "
-                    f"starting loss 1/(4 alpha^2) = {1.0 / (4.0 * alpha**2):g} at loss.alpha="
-                    f"{alpha:g}: raise it (or 0: no bound)")
+  # The squared links start far from 0 at a small alpha (policy = reference).
+  alpha, link = config.loss.alpha, config.loss.link
+  start = {"ipo": ("1/(4 alpha^2)", 0.25), "sppo_hard": ("1/(2 alpha^2)", 0.5)}.get(link)
+  if d.max_loss and start and config_lib.is_number(alpha) and alpha > 0:
+    value = start[1] / alpha**2
+    if value >= d.max_loss / 10:
+      config_lib.fail("divergence.max_loss", f"{d.max_loss:g} is within 10x of the {link} "
+                      f"link's starting loss {start[0]} = {value:g} at loss.alpha={alpha:g}: "
+                      "raise it (or 0: no bound)")
 
 
 config_lib.register_config_block("divergence", default_divergence_config,
