@@ -146,9 +146,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Priors trained in the same command, on the same pairs, budget and seed,
   # for comparison (e.g. ('dpo',)): each a row of eval.json's table.
   c.baselines = ()
+  # The link and the regularisers (midpo.core.losses.LossConfig; TRL's names):
+  # link may list several comma-separated links, weighted by loss_weights
+  # (empty: 1 each); ld_alpha None is off.
   c.loss = ml_collections.ConfigDict({
       "alpha": 0.1, "link": "sigmoid", "label_smoothing": 0.0, "nll_weight": 0.0,
-      "nll_normalization": "token", "discopop_tau": 0.05})
+      "nll_normalization": "token", "discopop_tau": 0.05, "loss_weights": (),
+      "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5,
+      "use_weighting": False, "ld_alpha": config_dict.placeholder(float)})
 
   # -- evaluation -------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()

@@ -269,3 +269,102 @@ def sigmoid_norm(b, beta):
   """The sigmoid loss on per-token-averaged log-ratios."""
   lr_w, lr_l = _logratios(b)
   return -log_sigmoid(beta * (lr_w / b["m_w"].sum(-1) - lr_l / b["m_l"].sum(-1)))
+
+
+def _seq(b, who, side, weights=None):
+  """Sequence log-prob of side ``w``/``l`` under ``who`` (pol, ref, sg_pol),
+  with optional per-token weights."""
+  lp = gather(log_softmax(b[f"{who}_{side}"]), b[f"tgt_{side}"], b[f"m_{side}"])
+  return (lp if weights is None else lp * weights).sum(-1)
+
+
+def _smoothed(z, eps):
+  return -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
+
+
+def aot(b, beta, eps=0.0):
+  """AOT paired (arXiv 2406.05882): the policy's and the reference's
+  chosen-minus-rejected log-ratios each sorted over the batch, then the
+  sigmoid loss on the difference of the order statistics."""
+  pi = np.sort(_seq(b, "pol", "w") - _seq(b, "pol", "l"))
+  rf = np.sort(_seq(b, "ref", "w") - _seq(b, "ref", "l"))
+  return _smoothed(beta * (pi - rf), eps)
+
+
+def aot_unpaired(b, beta, eps=0.0):
+  """AOT unpaired: the chosen and the rejected log-ratios sorted apart."""
+  lr_w, lr_l = _logratios(b)
+  return _smoothed(beta * (np.sort(lr_w) - np.sort(lr_l)), eps)
+
+
+def sft(b):
+  """The chosen tokens' NLL averaged over all of the batch's chosen tokens,
+  the same on every pair."""
+  return np.full(len(b["m_w"]), -_seq(b, "pol", "w").sum() / b["m_w"].sum())
+
+
+def mpo(b, beta, weights=(0.8, 0.2, 1.0)):
+  """MPO (arXiv 2411.10442): w1 * sigmoid + w2 * BCO-pair + w3 * SFT."""
+  return weights[0] * dpo(b, beta) + weights[1] * bco_pair(b, beta) + weights[2] * sft(b)
+
+
+def f_dpo(b, beta, kind, a=0.5):
+  """f-DPO (arXiv 2309.16240): f'(u) of each side's policy/reference ratio
+  u in place of log u inside DPO's sigmoid."""
+  u_w, u_l = (np.exp(x) for x in _logratios(b))
+  f = {"forward_kl": lambda u: 1 - 1 / u,
+       "js_divergence": lambda u: np.log(2 * u / (1 + u)),
+       "alpha_divergence": lambda u: (u ** (a - 1) - 1) / (a - 1)}[kind]
+  return -log_sigmoid(beta * (f(u_w) - f(u_l)))
+
+
+def wpo_weight(b, side):
+  """WPO (arXiv 2406.11827, eq. 2, TRL's form): exp of the mean over the
+  response of log p(y_t) - log sum_v p(v)^2, on the detached policy."""
+  lp_all = log_softmax(b[f"sg_pol_{side}"])
+  m = b[f"m_{side}"]
+  aligned = gather(lp_all, b[f"tgt_{side}"], m) - np.log(np.exp(2 * lp_all).sum(-1)) * m
+  return np.exp(aligned.sum(-1) / m.sum(-1))
+
+
+def wpo(b, beta):
+  """DPO with each pair weighted by w(y_w) w(y_l)."""
+  return dpo(b, beta) * wpo_weight(b, "w") * wpo_weight(b, "l")
+
+
+def ld_weights(b, ld_alpha):
+  """LD-DPO (arXiv 2409.06411): weight 1 on the first min(|y_w|, |y_l|)
+  response tokens, ld_alpha on the rest."""
+  shared = np.minimum(b["m_w"].sum(-1), b["m_l"].sum(-1))[:, None]
+  out = []
+  for side in ("w", "l"):
+    pos = np.cumsum(b[f"m_{side}"], -1)
+    out.append(np.where(pos <= shared, 1.0, ld_alpha) * b[f"m_{side}"])
+  return out
+
+
+def ld_dpo(b, beta, ld_alpha):
+  """DPO on length-desensitised log-probs of policy and reference."""
+  w_w, w_l = ld_weights(b, ld_alpha)
+  lr_w = _seq(b, "pol", "w", w_w) - _seq(b, "ref", "w", w_w)
+  lr_l = _seq(b, "pol", "l", w_l) - _seq(b, "ref", "l", w_l)
+  return -log_sigmoid(beta * (lr_w - lr_l))
+
+
+def ipo_over_tdpo(b, beta, alpha=0.5):
+  """IPO's squared loss on TDPO2's per-token-averaged scores: the score of
+  each side is its log-ratio plus its (chosen: detached) weighted KL."""
+  mw, kw = _tdpo_side(b["pol_w"], b["ref_w"], b["tgt_w"], b["m_w"])
+  ml, kl = _tdpo_side(b["pol_l"], b["ref_l"], b["tgt_l"], b["m_l"])
+  _, kw_sg = _tdpo_side(b["sg_pol_w"], b["ref_w"], b["tgt_w"], b["m_w"])
+  s_w = (mw + alpha * kw_sg) / b["m_w"].sum(-1)
+  s_l = (ml + alpha * kl) / b["m_l"].sum(-1)
+  return (s_w - s_l - 1 / (2 * beta)) ** 2
+
+
+def discopop_over_model_prior(b, beta, tau):
+  """DiscoPOP's loss with a language-model prior zeta_phi in place of the reference."""
+  rho = beta * ((_seq(b, "pol", "w") - _seq(b, "zeta", "w"))
+                - (_seq(b, "pol", "l") - _seq(b, "zeta", "l")))
+  mix = _sigmoid(rho / tau)
+  return (1 - mix) * -log_sigmoid(rho) + mix * np.exp(-rho)

@@ -64,7 +64,7 @@ def midpo_side(b, side, pol):
   m = jnp.asarray(b[f"m_{side}"])
   tgt = jnp.asarray(b[f"tgt_{side}"])
   ts = stats.token_stats(pol, tgt, m, jnp.asarray(b[f"ref_{side}"]), kl_ref_policy=True,
-                         kl_policy_ref=True, vocab_chunk=4)  # 11 = 2 * 4 + 3: remainder chunk
+                         kl_policy_ref=True, log_sum_sq_probs=True, vocab_chunk=4)  # 11 = 2 * 4 + 3: remainder chunk
   prev = stats.token_logprobs(jnp.asarray(b[f"prev_{side}"]), tgt, m, vocab_chunk=4)
   zeta = stats.token_logprobs(jnp.asarray(b[f"zeta_{side}"]), tgt, m, vocab_chunk=4)
   return stats.SequenceStats.from_token_stats(
@@ -103,6 +103,32 @@ CASES = [
      lambda b: ref.discopop(b, 0.1, 0.05)),
     ("sigmoid_norm", "dpo", {}, dict(alpha=0.1, link="sigmoid_norm"),
      lambda b: ref.sigmoid_norm(b, 0.1)),
+    ("aot", "dpo", {}, dict(alpha=0.5, link="aot"), lambda b: ref.aot(b, 0.5)),
+    ("aot_smoothed", "dpo", {}, dict(alpha=0.5, link="aot", label_smoothing=0.1),
+     lambda b: ref.aot(b, 0.5, 0.1)),
+    ("aot_unpaired", "dpo", {}, dict(alpha=0.5, link="aot_unpaired"),
+     lambda b: ref.aot_unpaired(b, 0.5)),
+    ("sft", "dpo", {}, dict(alpha=0.1, link="sft"), ref.sft),
+    ("mpo", "dpo", {}, dict(alpha=0.1, link="sigmoid,bco_pair,sft", loss_weights=(0.8, 0.2, 1.0)),
+     lambda b: ref.mpo(b, 0.1)),
+    # (exp(-s) saturates the sigmoid on this batch's large log-ratios at a
+    # larger alpha: the gradient would vanish.)
+    ("forward_kl", "dpo", {}, dict(alpha=0.01, f_divergence_type="forward_kl"),
+     lambda b: ref.f_dpo(b, 0.01, "forward_kl")),
+    ("js_divergence", "dpo", {}, dict(alpha=0.5, f_divergence_type="js_divergence"),
+     lambda b: ref.f_dpo(b, 0.5, "js_divergence")),
+    ("alpha_divergence", "dpo", {}, dict(alpha=0.01, f_divergence_type="alpha_divergence",
+                                         f_alpha_divergence_coef=0.3),
+     lambda b: ref.f_dpo(b, 0.01, "alpha_divergence", 0.3)),
+    ("wpo", "dpo", {}, dict(alpha=0.5, use_weighting=True), lambda b: ref.wpo(b, 0.5)),
+    ("wpo_sft", "dpo", {}, dict(alpha=0.5, link="sft", use_weighting=True),
+     lambda b: ref.sft(b) * ref.wpo_weight(b, "w") * ref.wpo_weight(b, "l")),
+    ("ld_dpo", "dpo", {}, dict(alpha=0.5, ld_alpha=0.4), lambda b: ref.ld_dpo(b, 0.5, 0.4)),
+    # Links over other priors (what TRL cannot express).
+    ("ipo_over_tdpo2", "tdpo", dict(version=2, kl_coef=0.5), dict(alpha=0.5, link="ipo"),
+     lambda b: ref.ipo_over_tdpo(b, 0.5, 0.5)),
+    ("discopop_over_mi", "mi", {}, dict(alpha=0.5, link="discopop"),
+     lambda b: ref.discopop_over_model_prior(b, 0.5, 0.05)),
     ("dice", "dice", {}, dict(alpha=0.1), lambda b: ref.dice(b, 0.1)),
     ("hdpo", "hdpo", dict(eta=0.7), dict(alpha=0.1), lambda b: ref.hdpo(b, 0.1, 0.7)),
     ("rdpo", "rdpo", dict(length_coef=0.05), dict(alpha=0.1), lambda b: ref.rdpo(b, 0.1, 0.05)),
@@ -130,6 +156,10 @@ CASES = [
 ]
 
 
+# Losses of the chosen responses alone: no gradient reaches the rejected logits.
+CHOSEN_ONLY = ("sft", "wpo_sft")
+
+
 def test_every_registered_prior_has_a_parity_case():
   assert {c[1] for c in CASES} == set(algorithms.registered_priors())
 
@@ -147,13 +177,16 @@ def test_prior_matches_original_algorithm(case):
     b["sg_pol_w"], b["sg_pol_l"] = b["pol_w"].copy(), b["pol_l"].copy()
     want = reference(b)
     want_grads = ref.finite_difference_grad(reference, b)
-  if case[0] == "rpo":
+  if case[0] in ("rpo", "mpo"):
     # The token-averaged NLL is a batch quantity: TRL adds the batch mean to
     # every pair, midpo splits it into per-pair shares. The means agree.
     got, want = got.mean(), want.mean()
   np.testing.assert_allclose(got, want, rtol=RTOL, atol=0)
   for key in ("pol_w", "pol_l"):
     g, w = got_grads[key], want_grads[key]
+    if key == "pol_l" and case[0] in CHOSEN_ONLY:
+      assert np.all(g == 0) and np.all(w == 0)
+      continue
     assert np.abs(w).max() > 1e-4, "the reference gradient should not vanish on this batch"
     np.testing.assert_allclose(g, w, rtol=RTOL, atol=RTOL * np.abs(w).max(), err_msg=key)
     # Padding positions of the policy logits get exactly zero gradient.

@@ -421,6 +421,23 @@ def test_dice_pair_selection_is_length_regularised():
     ({"loss.link": "ipo", "loss.alpha": 0.01},
      r"config.divergence.max_loss: 10000 is within 10x of the ipo link's starting loss "
      r"1/\(4 alpha\^2\) = 2500 at loss.alpha=0.01: raise it"),
+    ({"loss.link": "sigmoid,ipo", "loss.loss_weights": (1.0, 2.0), "loss.alpha": 0.02},
+     r"config.divergence.max_loss: 10000 is within 10x of the ipo link's starting loss "
+     r"1/\(4 alpha\^2\) = 1250 at loss.alpha=0.02 \(weight 2\)"),
+    # A link or option and a prior that does not supply what it needs: both named.
+    ({"prior.name": "simpo", "prior.gamma": 0.5, "loss.link": "nca_pair"},
+     r"config.loss.link: the nca_pair link reads each response's reward alpha\*s on its own, "
+     r"and prior 'simpo' splits a pair-level term"),
+    ({"prior.name": "tdpo", "loss.ld_alpha": 0.5},
+     r"config.loss.ld_alpha: ld_alpha \(LD-DPO\) weights per-token log-probs, and prior "
+     r"'tdpo' reads per-token kl_ref_policy"),
+    ({"loss.link": "nca_pair", "loss.f_divergence_type": "forward_kl"},
+     r"config.loss: LossConfig.f_divergence_type: 'forward_kl' is not defined for the nca_pair"),
+    ({"loss.link": "sigmoid,bco_pair", "loss.loss_weights": (1.0,)},
+     r"config.loss: LossConfig.loss_weights: has 1 weight\(s\) for 2 link\(s\)"),
+    ({"loss.link": "aot", "loss.use_weighting": True},
+     r"config.loss: LossConfig.use_weighting: is not defined for the aot links"),
+    ({"loss.link": "sigmoid,simpo"}, r"config.loss: LossConfig.link: must be one of"),
     ({"dice.rounds": 2}, r"config.dice.rounds: 2 rounds are DICE's procedure; prior 'dpo'"),
     ({"prior.name": "sparsepo", "prior.mask_source": "given"},
      r"config.prior: prior 'sparsepo' reads \['mask_reward', 'mask_kl'\], which no input"),
@@ -579,3 +596,24 @@ def test_cached_reference_gives_the_same_losses_as_the_online_reference(shared, 
     for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
       assert a[key] == b[key], (a["step"], key, a[key], b[key])
   assert runs["online"][-1]["loss"] != runs["online"][0]["loss"]  # it trained
+
+
+def test_a_mixture_with_every_option_trains_from_the_command_line(shared, tmp_path):
+  """TRL's options as a user types them: a weighted mixture of links (one of
+  them TRL's sft), WPO's weights, LD-DPO's length split and an f-divergence,
+  over R-DPO's prior, through ``midpo.main``; a few finite steps, the WPO
+  weight logged, and the resolved config holding the parsed values."""
+  w = tmp_path / "w"
+  rc, out = tu.run_main("configs/rdpo.py", str(w), {
+      "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
+      "stages": ("preference",), "train.steps": 3, "loss.link": "sigmoid,sft",
+      "loss.loss_weights": "0.8,0.5", "loss.use_weighting": True, "loss.ld_alpha": 0.5,
+      "loss.f_divergence_type": "js_divergence"})
+  assert rc == 0, out[-3000:]
+  rows = tu.read_metrics(str(w), "preference")
+  assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+  # (exp(mean(lp - log sum p^2)) exceeds 1 where the tokens are likelier
+  # than the policy's expected probability.)
+  assert all(0 < r["wpo/pair_weight"] < np.inf for r in rows)
+  resolved = json.load(open(w / "config.json"))["loss"]
+  assert resolved["loss_weights"] == [0.8, 0.5] and resolved["ld_alpha"] == 0.5

@@ -32,6 +32,14 @@ class SimPO(Prior):
   def validate(self):
     require(is_finite(self.gamma), self.name, f"gamma must be finite; got {self.gamma}")
 
+  @property
+  def splits_pair_term(self) -> bool:
+    return self.gamma != 0
+
+  @property
+  def split_term_description(self) -> str:
+    return f"the target margin gamma={self.gamma}, gamma/(2 alpha) on each side"
+
   def score(self, stats, role, *, alpha, params=None, rng=None, train=False):
     n = jnp.maximum(lengths(stats), 1.0)  # empty responses are reported by the loss
     sign = 1.0 if role == "chosen" else -1.0

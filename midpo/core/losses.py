@@ -8,37 +8,11 @@
 prior (``midpo.core.priors``) gives ``s``; the link and the regularisers are options
 orthogonal to the prior, as TRL users expect them:
 
-* ``sigmoid``: ``-(1-eps) log s(z) - eps log s(-z)`` (DPO; with
-  ``label_smoothing = eps > 0`` conservative DPO (cDPO), as in
-  TRL's CPO trainer and older DPO trainers). ``eps`` in ``[0, 0.5]``.
-* ``robust``: ``(-(1-eps) log s(z) + eps log s(-z)) / (1 - 2 eps)`` (robust
-  DPO, "Provably Robust DPO", 2024; TRL ``loss_type="robust"``). ``eps`` in ``[0, 0.5)``.
-* ``hinge``: ``relu(1 - z)`` (SLiC; TRL ``hinge``).
-* ``ipo``: ``(s_w/|y_w| - s_l/|y_l| - 1/(2 alpha))^2`` on length-normalised
-  scores, as TRL's ``ipo`` (IPO, "A General Theoretical Paradigm to Understand
-  Learning from Human Preferences", 2023).
-* TRL 1.16's other pair loss types (``DPOTrainer``, ``loss_type=``), over any
-  prior, with ``r = alpha * s`` each side's implicit reward:
-
-  - ``exo_pair``: ``KL(q || p)`` with ``q = (s(z), s(-z))`` and
-    ``p = (1 - eps, eps)``, ``eps = label_smoothing`` in ``(0, 0.5]`` (EXO,
-    "Towards Efficient Exact Optimization of Language Model Alignment", 2024,
-    eq. 16; TRL's ``exo_pair``, which the EXO authors run at ``eps = 1e-3``).
-  - ``nca_pair``: ``-log s(r_w) - log s(-r_w)/2 - log s(-r_l)/2`` (NCA, "Noise
-    Contrastive Alignment of Language Models with Explicit Rewards", 2024).
-  - ``bco_pair``: ``-log s(r_w) - log s(-r_l)`` (TRL's ``bco_pair``: BCO's
-    pairwise form, without the running reward mean of TRL's BCO trainer).
-  - ``sppo_hard``: ``(s_w - 1/(2 alpha))^2 + (s_l + 1/(2 alpha))^2`` (SPPO with
-    hard win probabilities, "Self-Play Preference Optimization", 2024, eq. 4.7).
-  - ``apo_zero``: ``1 - s(r_w) + s(r_l)``; ``apo_down``: ``s(r_w) + 1 - s(z)``
-    (APO, "Anchored Preference Optimization", 2024, eqs. 7 and 8).
-  - ``discopop``: ``-log s(z) (1 - m) + exp(-z) m`` with ``m = s(z / tau)``,
-    ``tau = discopop_tau`` (DiscoPOP, "Discovering Preference Optimization
-    Algorithms with and for Large Language Models", 2024, eq. 5; TRL's default
-    tau 0.05).
-  - ``sigmoid_norm``: ``-log s(alpha (s_w/|y_w| - s_l/|y_l|))`` (TRL's
-    length-normalised sigmoid).
-
+* the link: one of ``midpo.core.links.LINKS`` (DPO's sigmoid, cDPO, robust,
+  hinge, IPO and every other pair loss type of TRL 1.16's ``DPOTrainer``), or
+  a weighted mixture of several; ``f_divergence_type``, ``use_weighting``
+  (WPO) and ``ld_alpha`` (LD-DPO) as TRL names them. Their formulas and
+  sources are in ``midpo.core.links``.
 * ``nll_weight``: adds ``nll_weight * NLL`` of the chosen response (RPO,
   SimPO's ``sft_weight``); ``nll_normalization="token"`` averages over all
   chosen tokens of the batch (TRL), ``"sequence"`` averages per response then
@@ -61,15 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from midpo.core import links as links_lib
 from midpo.core import priors as priors_lib
+from midpo.core.links import (F_DIVERGENCE_LINKS, F_DIVERGENCES, LD_FIELDS, LINKS, NOT_LD_FIELDS,
+                              PER_SIDE_LINKS, SMOOTHING_RANGES)
 from midpo.core.stats import SequenceStats
 
 Array = jax.Array
 
-LINKS = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-         "apo_zero", "apo_down", "discopop", "sigmoid_norm")
-# Links that read label_smoothing.
-_SMOOTHED = ("sigmoid", "robust", "exo_pair")
 NLL_NORMALIZATIONS = ("token", "sequence")
 
 
@@ -79,13 +52,26 @@ class LossConfig:
 
   Attributes:
     alpha: the scale of the implicit reward (each algorithm's ``beta``), > 0.
-    link: one of ``LINKS``.
-    label_smoothing: ``eps`` for the ``sigmoid``, ``robust`` and
-      ``exo_pair`` links.
+    link: one of ``LINKS``, or several comma-separated (a mixture; TRL's
+      ``loss_type`` list).
+    label_smoothing: ``eps`` for the ``sigmoid``, ``robust``, ``exo_pair``,
+      ``aot`` and ``aot_unpaired`` links.
     nll_weight: weight of the chosen response's NLL, >= 0.
     nll_normalization: ``"token"`` or ``"sequence"``.
     discopop_tau: the ``discopop`` link's temperature, > 0 (TRL's name and
       default).
+    loss_weights: one finite weight per link, or None/empty for weights 1
+      (TRL's name; MPO's ``(0.8, 0.2, 1.0)``).
+    f_divergence_type: one of ``F_DIVERGENCES`` (TRL's name and default).
+    f_alpha_divergence_coef: ``a`` of ``alpha_divergence`` (TRL's name and
+      default 0.5).
+    use_weighting: WPO's weights on every pair (TRL's name).
+    ld_alpha: LD-DPO's weight of the tokens past the pair's shared length, in
+      ``[0, 1]``; None is off (TRL's name and default).
+
+  Raises:
+    ValueError: naming the field, for any value out of range or an option
+      not defined for a chosen link.
   """
   alpha: float = 0.1
   link: str = "sigmoid"
@@ -93,6 +79,27 @@ class LossConfig:
   nll_weight: float = 0.0
   nll_normalization: str = "token"
   discopop_tau: float = 0.05
+  loss_weights: Optional[tuple] = None
+  f_divergence_type: str = "reverse_kl"
+  f_alpha_divergence_coef: float = 0.5
+  use_weighting: bool = False
+  ld_alpha: Optional[float] = None
+
+  @property
+  def links(self) -> tuple[str, ...]:
+    """The links of the (possibly mixed) loss, in order."""
+    return tuple(part.strip() for part in str(self.link).split(","))
+
+  @property
+  def weights(self) -> tuple[float, ...]:
+    """One weight per link (``loss_weights``, or 1 each)."""
+    if not self.loss_weights:
+      return (1.0,) * len(self.links)
+    return tuple(float(w) for w in self.loss_weights)
+
+  def required_fields(self) -> tuple[str, ...]:
+    """SequenceStats fields the options read beyond ``logps`` and ``mask``."""
+    return ("log_sum_sq_probs",) if self.use_weighting else ()
 
   def __post_init__(self):
     def fail(key, msg):
@@ -100,20 +107,56 @@ class LossConfig:
 
     if not _is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
       fail("alpha", f"must be a finite number > 0; got {self.alpha!r}")
-    if self.link not in LINKS:
-      fail("link", f"must be one of {LINKS}; got {self.link!r}")
+    if not isinstance(self.link, str):
+      fail("link", f"must be a string (comma-separated for a mixture); got {self.link!r}")
+    links = self.links
+    for link in links:
+      if link not in LINKS:
+        fail("link", f"must be one of {LINKS}, or several comma-separated; got {link!r}")
+    if len(set(links)) != len(links):
+      fail("link", f"names a link twice: {self.link!r}")
     eps = self.label_smoothing
     if not _is_real(eps) or not math.isfinite(eps):
       fail("label_smoothing", f"must be a number; got {eps!r}")
-    if self.link == "sigmoid" and not 0.0 <= eps <= 0.5:
-      fail("label_smoothing", f"must be in [0, 0.5] for the sigmoid link; got {eps}")
-    if self.link == "robust" and not 0.0 <= eps < 0.5:
-      fail("label_smoothing", f"must be in [0, 0.5) for the robust link; got {eps}")
-    if self.link == "exo_pair" and not 0.0 < eps <= 0.5:
-      fail("label_smoothing", f"is EXO's eps, in (0, 0.5] (the EXO authors use 1e-3); "
-           f"got {eps}")
-    if self.link not in _SMOOTHED and eps != 0.0:
+    for link in links:
+      if link not in SMOOTHING_RANGES:
+        continue
+      lo, hi, hi_in = SMOOTHING_RANGES[link]
+      if link == "exo_pair" and not lo < eps <= hi:
+        fail("label_smoothing", f"is EXO's eps, in (0, 0.5] (the EXO authors use 1e-3); "
+             f"got {eps}")
+      if not lo <= eps or not (eps <= hi if hi_in else eps < hi):
+        fail("label_smoothing", f"must be in [{lo:g}, {hi:g}{']' if hi_in else ')'} for the "
+             f"{link} link; got {eps}")
+    if eps != 0.0 and not any(link in SMOOTHING_RANGES for link in links):
       fail("label_smoothing", f"is not defined for the {self.link} link; got {eps}")
+    if self.loss_weights is not None and not isinstance(self.loss_weights, (tuple, list)):
+      fail("loss_weights", f"must be a tuple of numbers, one per link; got {self.loss_weights!r}")
+    if self.loss_weights:
+      if len(self.loss_weights) != len(links):
+        fail("loss_weights", f"has {len(self.loss_weights)} weight(s) for {len(links)} link(s) "
+             f"{links}")
+      for w in self.loss_weights:
+        if not _is_real(w) or not math.isfinite(w):
+          fail("loss_weights", f"must hold finite numbers; got {self.loss_weights!r}")
+    if self.f_divergence_type not in F_DIVERGENCES:
+      fail("f_divergence_type", f"must be one of {F_DIVERGENCES}; got "
+           f"{self.f_divergence_type!r}")
+    if self.f_divergence_type != "reverse_kl":
+      bad = [link for link in links if link not in F_DIVERGENCE_LINKS]
+      if bad:
+        fail("f_divergence_type", f"{self.f_divergence_type!r} is not defined for the "
+             f"{bad[0]} link (only for {F_DIVERGENCE_LINKS}, as in TRL)")
+    a = self.f_alpha_divergence_coef
+    if not _is_real(a) or not math.isfinite(a):
+      fail("f_alpha_divergence_coef", f"must be a finite number; got {a!r}")
+    if not isinstance(self.use_weighting, (bool, np.bool_)):
+      fail("use_weighting", f"must be True or False; got {self.use_weighting!r}")
+    if self.use_weighting and any(link in ("aot", "aot_unpaired") for link in links):
+      fail("use_weighting", "is not defined for the aot links, which sort the batch (as in TRL)")
+    ld = self.ld_alpha
+    if ld is not None and (not _is_real(ld) or not 0.0 <= ld <= 1.0):
+      fail("ld_alpha", f"must be None (off) or a number in [0, 1]; got {ld!r}")
     tau = self.discopop_tau
     if not _is_real(tau) or not math.isfinite(tau) or tau <= 0:
       fail("discopop_tau", f"must be a finite number > 0; got {tau!r}")
@@ -174,7 +217,7 @@ def check_pairs(chosen: SequenceStats, rejected: SequenceStats,
       raise ValueError(f"{empty.size} {side} response(s) have no real tokens (mask sums to 0)"
                        f"{extra}; first at pair {int(empty[0])}")
     for name in ("logps", "ref_logps", "prev_logps", "kl_ref_policy", "kl_policy_ref",
-                 "token_weights"):
+                 "token_weights", "log_sum_sq_probs"):
       value = getattr(stats, name)
       if value is None:
         continue
@@ -186,44 +229,30 @@ def check_pairs(chosen: SequenceStats, rejected: SequenceStats,
                          f"position {t}: {value[b, t]}")
 
 
-def _link(z: Array, s_w: Array, s_l: Array, n_w: Array, n_l: Array, cfg: LossConfig) -> Array:
-  eps = cfg.label_smoothing
-  if cfg.link == "sigmoid":
-    out = -jax.nn.log_sigmoid(z)
-    if eps:
-      out = -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
-    return out
-  if cfg.link == "robust":
-    return ((-(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z))
-            / (1.0 - 2.0 * eps))
-  if cfg.link == "hinge":
-    return jax.nn.relu(1.0 - z)
-  if cfg.link == "ipo":
-    delta = s_w / jnp.maximum(n_w, 1.0) - s_l / jnp.maximum(n_l, 1.0)
-    return jnp.square(delta - 1.0 / (2.0 * cfg.alpha))
-  log_sig, sig = jax.nn.log_sigmoid, jax.nn.sigmoid
-  r_w, r_l = cfg.alpha * s_w, cfg.alpha * s_l
-  if cfg.link == "exo_pair":
-    return (sig(z) * (log_sig(z) - math.log1p(-eps))
-            + sig(-z) * (log_sig(-z) - math.log(eps)))
-  if cfg.link == "nca_pair":
-    return -log_sig(r_w) - 0.5 * log_sig(-r_w) - 0.5 * log_sig(-r_l)
-  if cfg.link == "bco_pair":
-    return -log_sig(r_w) - log_sig(-r_l)
-  if cfg.link == "sppo_hard":
-    half = 0.5 / cfg.alpha
-    return jnp.square(s_w - half) + jnp.square(s_l + half)
-  if cfg.link == "apo_zero":
-    return 1.0 - sig(r_w) + sig(r_l)
-  if cfg.link == "apo_down":
-    return sig(r_w) + 1.0 - sig(z)
-  if cfg.link == "discopop":
-    m = sig(z / cfg.discopop_tau)
-    return -log_sig(z) * (1.0 - m) + jnp.exp(-z) * m
-  if cfg.link == "sigmoid_norm":
-    delta = s_w / jnp.maximum(n_w, 1.0) - s_l / jnp.maximum(n_l, 1.0)
-    return -log_sig(cfg.alpha * delta)
-  raise AssertionError(cfg.link)
+def check_compatible(config: LossConfig, prior: priors_lib.Prior) -> None:
+  """Raises ValueError naming the link (or option) and the prior when ``prior``
+  does not supply what ``config`` needs.
+
+  * A link of ``PER_SIDE_LINKS`` reads each side's ``s`` on its own: a prior
+    that splits a pair-level term between the sides (SimPO's margin) does not
+    define it.
+  * ``ld_alpha`` weights per-token log-probs; a prior that reads per-token KLs
+    (``kl_ref_policy``, ``kl_policy_ref``) would keep the verbose tail in its
+    KL term, which LD-DPO does not define.
+  """
+  if prior.splits_pair_term:
+    for link in config.links:
+      if link in PER_SIDE_LINKS:
+        raise ValueError(
+            f"the {link} link reads each response's reward alpha*s on its own, and prior "
+            f"{prior.name!r} splits a pair-level term between the two sides "
+            f"({prior.split_term_description}); use a link of the pair's margin, or the prior "
+            "without that term")
+  if config.ld_alpha is not None:
+    kl = [f for f in prior.required_fields() if f in NOT_LD_FIELDS]
+    if kl:
+      raise ValueError(f"ld_alpha (LD-DPO) weights per-token log-probs, and prior "
+                       f"{prior.name!r} reads per-token {kl[0]}, which it would not weight")
 
 
 def mi_dpo_loss(chosen: SequenceStats, rejected: SequenceStats,
@@ -263,7 +292,15 @@ def mi_dpo_loss(chosen: SequenceStats, rejected: SequenceStats,
   if not any(_is_tracer(x) for x in jax.tree.leaves((chosen, rejected))):
     check_pairs(chosen, rejected, prior)
 
+  check_compatible(config, prior)
+  if config.use_weighting and chosen.log_sum_sq_probs is None:
+    raise ValueError("use_weighting (WPO) needs SequenceStats.log_sum_sq_probs on both sides")
+
   alpha = float(config.alpha)
+  raw_w, raw_l = chosen, rejected
+  if config.ld_alpha is not None:
+    w_w, w_l = links_lib.ld_weights(chosen.mask, rejected.mask, float(config.ld_alpha))
+    chosen, rejected = links_lib.desensitise(chosen, w_w), links_lib.desensitise(rejected, w_l)
   rng_w, rng_l = (None, None) if rng is None else tuple(jax.random.split(rng))
   out_w = prior.score(chosen, "chosen", alpha=alpha, params=prior_params, rng=rng_w,
                       train=train)
@@ -271,19 +308,34 @@ def mi_dpo_loss(chosen: SequenceStats, rejected: SequenceStats,
                       train=train)
   s_w, s_l = out_w.score, out_l.score
   n_w, n_l = priors_lib.lengths(chosen), priors_lib.lengths(rejected)
-  z = alpha * (s_w - s_l)
-  per_pair = _link(z, s_w, s_l, n_w, n_l, config)
+  f_kind, f_coef = config.f_divergence_type, config.f_alpha_divergence_coef
+  f_w, f_l = links_lib.f_prime(s_w, f_kind, f_coef), links_lib.f_prime(s_l, f_kind, f_coef)
+  z = alpha * (f_w - f_l)
+  lp_w = priors_lib.masked_sum(chosen.logps, chosen.mask)
+  lp_l = priors_lib.masked_sum(rejected.logps, rejected.mask)
+  raw_lp_w = priors_lib.masked_sum(raw_w.logps, raw_w.mask)
+  # TRL's sft: the mean NLL over every chosen token of the batch.
+  sft = -jnp.sum(raw_lp_w) / jnp.maximum(jnp.sum(n_w), 1.0)
+  pair_weight = None
+  if config.use_weighting:
+    pair_weight = links_lib.wpo_weights(raw_w) * links_lib.wpo_weights(raw_l)
+  per_pair = 0.0
+  for link, weight in zip(config.links, config.weights):
+    term = links_lib.link_loss(
+        link, alpha=alpha, eps=config.label_smoothing, tau=config.discopop_tau, z=z, f_w=f_w,
+        f_l=f_l, s_w=s_w, s_l=s_l, lp_w=lp_w, lp_l=lp_l, n_w=n_w, n_l=n_l, sft=sft)
+    if pair_weight is not None:
+      term = term * pair_weight
+    per_pair = per_pair + weight * term
   if "penalty" in out_w.aux:
     per_pair = per_pair + out_w.aux["penalty"] + out_l.aux["penalty"]
 
-  lp_w = priors_lib.masked_sum(chosen.logps, chosen.mask)
-  lp_l = priors_lib.masked_sum(rejected.logps, rejected.mask)
   nll = None
   if config.nll_weight:
     if config.nll_normalization == "token":
-      nll = -lp_w * (chosen.batch_size / jnp.maximum(jnp.sum(n_w), 1.0))
+      nll = -raw_lp_w * (chosen.batch_size / jnp.maximum(jnp.sum(n_w), 1.0))
     else:
-      nll = -lp_w / jnp.maximum(n_w, 1.0)
+      nll = -raw_lp_w / jnp.maximum(n_w, 1.0)
     per_pair = per_pair + config.nll_weight * nll
   loss = jnp.mean(per_pair)
 
@@ -308,6 +360,8 @@ def mi_dpo_loss(chosen: SequenceStats, rejected: SequenceStats,
   }
   if nll is not None:
     metrics["nll"] = mean(sg(nll))
+  if pair_weight is not None:
+    metrics["wpo/pair_weight"] = mean(sg(pair_weight))
   for side, stats in (("chosen", chosen), ("rejected", rejected)):
     if stats.kl_ref_policy is not None:
       metrics[f"kl/{side}"] = mean(priors_lib.masked_sum(sg(stats.kl_ref_policy), stats.mask))
@@ -320,4 +374,7 @@ def mi_dpo_loss(chosen: SequenceStats, rejected: SequenceStats,
   return LossOutput(loss=loss, per_pair=per_pair, logits=z, metrics=metrics)
 
 
-__all__ = ["LINKS", "LossConfig", "LossOutput", "check_pairs", "mi_dpo_loss"]
+__all__ = [
+    "F_DIVERGENCES", "F_DIVERGENCE_LINKS", "LD_FIELDS", "LINKS", "LossConfig", "LossOutput",
+    "PER_SIDE_LINKS", "check_compatible", "check_pairs", "mi_dpo_loss",
+]

@@ -135,6 +135,18 @@ class Prior:
     return False
 
   @property
+  def splits_pair_term(self) -> bool:
+    """Whether ``score`` adds a term that belongs to the pair (not to either
+    response), split between the two sides (SimPO's margin). Links that read
+    each side's ``s`` alone (``losses.PER_SIDE_LINKS``) are then not defined."""
+    return False
+
+  @property
+  def split_term_description(self) -> str:
+    """What the split pair-level term is, for error messages."""
+    return ""
+
+  @property
   def scores_with_params(self) -> bool:
     """Whether ``score`` reads ``params`` (the loss then requires them)."""
     return self.has_params

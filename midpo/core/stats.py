@@ -56,6 +56,7 @@ class TokenStats:
   ref_logps: Optional[Array] = None
   kl_ref_policy: Optional[Array] = None
   kl_policy_ref: Optional[Array] = None
+  log_sum_sq_probs: Optional[Array] = None
 
 
 def _check_shapes(logits_BxTxV, targets_BxT, mask_BxT, ref_logits_BxTxV=None) -> None:
@@ -116,6 +117,20 @@ def _logsumexp(x_BxTxV, chunks: _Chunks, dtype):
 
   s_BxT = _reduce_chunks(block_fn, jnp.zeros(m_BxT.shape, dtype), chunks)
   return m_BxT + jnp.log(s_BxT)
+
+
+def _log_sum_sq_probs(x_BxTxV, chunks: _Chunks, dtype):
+  """``log sum_v softmax(x)_v^2 = logsumexp(2x) - 2 logsumexp(x)``, chunked."""
+  m_BxT = jnp.max(x_BxTxV, axis=-1).astype(dtype)
+
+  def block_fn(carry, start, size):
+    s1, s2 = carry
+    e = jnp.exp(_block(x_BxTxV, start, size, dtype) - m_BxT[..., None])
+    return s1 + jnp.sum(e, -1), s2 + jnp.sum(e * e, -1)
+
+  zeros = jnp.zeros(m_BxT.shape, dtype)
+  s1, s2 = _reduce_chunks(block_fn, (zeros, zeros), chunks)
+  return jnp.log(s2) - 2.0 * jnp.log(s1)
 
 
 def _gather(x_BxTxV, targets_BxT, dtype):
@@ -203,11 +218,14 @@ _stats.defvjp(_stats_fwd, _stats_bwd)
 def token_stats(policy_logits_BxTxV: Array, targets_BxT: Array, mask_BxT: Array,
                 ref_logits_BxTxV: Optional[Array] = None, *,
                 kl_ref_policy: bool = False, kl_policy_ref: bool = False,
+                log_sum_sq_probs: bool = False,
                 vocab_chunk: Optional[int] = DEFAULT_VOCAB_CHUNK) -> TokenStats:
   """Label log-probs of the policy (and reference) and the requested KLs.
 
   KLs are only computed when asked for: each costs another pass over the
-  vocabulary. ``vocab_chunk=None`` reduces the whole vocabulary at once.
+  vocabulary. ``log_sum_sq_probs`` (``log sum_v p_v^2`` of the policy, WPO's
+  alignment term) is computed without gradient, also in a pass of its own.
+  ``vocab_chunk=None`` reduces the whole vocabulary at once.
   """
   _check_shapes(policy_logits_BxTxV, targets_BxT, mask_BxT, ref_logits_BxTxV)
   if (kl_ref_policy or kl_policy_ref) and ref_logits_BxTxV is None:
@@ -218,8 +236,12 @@ def token_stats(policy_logits_BxTxV: Array, targets_BxT: Array, mask_BxT: Array,
   # real tokens are a data error that `validate_targets` reports on the host.
   safe = jnp.clip(jnp.where(real, targets_BxT, 0), 0, vocab - 1).astype(jnp.int32)
   ref = None if ref_logits_BxTxV is None else jax.lax.stop_gradient(ref_logits_BxTxV)
-  out = _stats(policy_logits_BxTxV, ref, safe, bool(kl_ref_policy), bool(kl_policy_ref),
-               _chunks(vocab, vocab_chunk))
+  chunks = _chunks(vocab, vocab_chunk)
+  out = _stats(policy_logits_BxTxV, ref, safe, bool(kl_ref_policy), bool(kl_policy_ref), chunks)
+  if log_sum_sq_probs:
+    frozen = jax.lax.stop_gradient(policy_logits_BxTxV)
+    out["log_sum_sq_probs"] = _log_sum_sq_probs(frozen, chunks,
+                                                compute_dtype(frozen.dtype))
   return TokenStats(**{k: jnp.where(real, v, 0.0) for k, v in out.items()})
 
 
@@ -272,6 +294,8 @@ class SequenceStats:
       input of SparsePO's learned mask head.
     prior_logps: token log-probs of a prior that is a model (``zeta_phi`` of
       the 'mi' and 'ema' priors), frozen in the policy's steps.
+    log_sum_sq_probs: ``log sum_v p(v)^2`` of the policy at each position,
+      without gradient (WPO's weights, ``LossConfig.use_weighting``).
     extras: any other per-token ``[B, T]`` input by name, for priors
       registered outside midpo (filled by the trainer's input providers,
       ``midpo.training.inputs``); read with ``get(name)``.
@@ -287,6 +311,7 @@ class SequenceStats:
   mask_kl: Optional[Array] = None
   ref_hidden: Optional[Array] = None
   prior_logps: Optional[Array] = None
+  log_sum_sq_probs: Optional[Array] = None
   extras: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
@@ -298,7 +323,7 @@ class SequenceStats:
     others = {k: v for k, v in extra.items() if k not in known}
     return cls(logps=ts.logps, mask=mask, ref_logps=ts.ref_logps,
                kl_ref_policy=ts.kl_ref_policy, kl_policy_ref=ts.kl_policy_ref,
-               extras=others, **named)
+               log_sum_sq_probs=ts.log_sum_sq_probs, extras=others, **named)
 
   def get(self, name: str) -> Optional[Array]:
     """The field ``name``: an attribute, else an entry of ``extras`` (None if absent)."""

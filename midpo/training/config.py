@@ -116,8 +116,11 @@ def make_prior(config) -> priors.Prior:
 
 def make_loss_config(config) -> losses.LossConfig:
   """``config.loss`` -> a ``LossConfig``; ``ConfigError`` naming the key if it is wrong."""
+  values = dict(config.loss)
+  if isinstance(values.get("loss_weights"), list):
+    values["loss_weights"] = tuple(values["loss_weights"])
   try:
-    return losses.LossConfig(**dict(config.loss))
+    return losses.LossConfig(**values)
   except (ValueError, TypeError) as e:
     fail("loss", str(e))
 
@@ -216,7 +219,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   except ValueError as e:
     raise ConfigError(str(e)) from None
   prior = make_prior(config)
-  make_loss_config(config)
+  loss_config = make_loss_config(config)
+  try:
+    losses.check_compatible(loss_config, prior)
+  except ValueError as e:
+    key = "loss.ld_alpha" if str(e).startswith("ld_alpha") else "loss.link"
+    fail(key, f"{e} (config.prior.name={prior.name!r})")
   if config.train.reference == "cached" and any(
       f in prior.required_fields() for f in ("kl_ref_policy", "kl_policy_ref", "ref_hidden")):
     fail("train.reference", f"prior {prior.name!r} needs the reference's full distribution at "

@@ -110,7 +110,8 @@ def register_input(field: str) -> Callable:
 
 
 # Computed by the pair step from the policy's and the reference's logits.
-BUILT_IN = ("logps", "mask", "ref_logps", "kl_ref_policy", "kl_policy_ref", "ref_hidden")
+BUILT_IN = ("logps", "mask", "ref_logps", "kl_ref_policy", "kl_policy_ref", "ref_hidden",
+            "log_sum_sq_probs")
 
 
 def registered_inputs() -> tuple[str, ...]:

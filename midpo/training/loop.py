@@ -106,14 +106,20 @@ def validate_divergence_config(config) -> None:
   if not isinstance(d.zero_grad_norm, bool):
     config_lib.fail("divergence.zero_grad_norm", f"must be a bool; got {d.zero_grad_norm!r}")
   # The squared links start far from 0 at a small alpha (policy = reference).
-  alpha, link = config.loss.alpha, config.loss.link
-  start = {"ipo": ("1/(4 alpha^2)", 0.25), "sppo_hard": ("1/(2 alpha^2)", 0.5)}.get(link)
-  if d.max_loss and start and config_lib.is_number(alpha) and alpha > 0:
-    value = start[1] / alpha**2
+  alpha = config.loss.alpha
+  links = [part.strip() for part in str(config.loss.link).split(",")]
+  weights = list(config.loss.get("loss_weights") or ()) or [1.0] * len(links)
+  for link, weight in zip(links, weights):
+    start = {"ipo": ("1/(4 alpha^2)", 0.25), "sppo_hard": ("1/(2 alpha^2)", 0.5)}.get(link)
+    if not (d.max_loss and start and config_lib.is_number(alpha) and alpha > 0
+            and config_lib.is_number(weight)):
+      continue
+    value = abs(weight) * start[1] / alpha**2
     if value >= d.max_loss / 10:
       config_lib.fail("divergence.max_loss", f"{d.max_loss:g} is within 10x of the {link} "
-                      f"link's starting loss {start[0]} = {value:g} at loss.alpha={alpha:g}: "
-                      "raise it (or 0: no bound)")
+                      f"link's starting loss {start[0]} = {value:g} at loss.alpha={alpha:g}"
+                      f"{f' (weight {weight:g})' if weight != 1 else ''}: raise it (or 0: no "
+                      "bound)")
 
 
 config_lib.register_config_block("divergence", default_divergence_config,

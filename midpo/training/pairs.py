@@ -69,6 +69,7 @@ def make_pair_stats(env, fields, *, prior: Optional[priors.Prior] = None,
   cached = reference == "cached" and uses_reference
   klr = "kl_ref_policy" in fields
   klp = "kl_policy_ref" in fields
+  sum_sq = "log_sum_sq_probs" in fields
   want_hidden = "ref_hidden" in fields
   chunk = env.config.train.vocab_chunk
   providers = inputs_lib.providers_for(env, prior, sorted(fields))
@@ -88,7 +89,7 @@ def make_pair_stats(env, fields, *, prior: Optional[priors.Prior] = None,
       else:
         ref_logits = ref_model(inputs, in_mask)
     ts = stats.token_stats(logits, targets, mask, ref_logits, kl_ref_policy=klr,
-                           kl_policy_ref=klp, vocab_chunk=chunk)
+                           kl_policy_ref=klp, log_sum_sq_probs=sum_sq, vocab_chunk=chunk)
     ref_logps = None
     if cached:
       ref_logps = jnp.where(mask > 0, to_rows(batch["ref_logps"])[:, 1:], 0.0)
@@ -126,7 +127,8 @@ def make_pair_loss(env, prior: priors.Prior, loss_config: losses.LossConfig, *,
   """``loss(policy, prior_params, frozen, batch, rng, train) -> (loss, (metrics, logits))``
   with the MI-DPO loss (``midpo.core.losses``) under ``prior``; ``logits`` is
   ``z = alpha (s_w - s_l)``, ``[B]``."""
-  stats_fn = make_pair_stats(env, prior.required_fields(), prior=prior, reference=reference)
+  fields = tuple(prior.required_fields()) + loss_config.required_fields()
+  stats_fn = make_pair_stats(env, fields, prior=prior, reference=reference)
 
   def loss_fn(policy_params, prior_params, frozen, batch, rng, train):
     chosen, rejected = stats_fn(policy_params, prior_params, frozen, batch)
