@@ -368,3 +368,39 @@ def discopop_over_model_prior(b, beta, tau):
                 - (_seq(b, "pol", "l") - _seq(b, "zeta", "l")))
   mix = _sigmoid(rho / tau)
   return (1 - mix) * -log_sigmoid(rho) + mix * np.exp(-rho)
+
+
+def _alphapo_reward(logp, a):
+  """AlphaPO (arXiv 2501.03884): r = (1 - p^(-a)) / a, p = exp(logp)."""
+  return logp if a == 0 else (1 - np.exp(logp) ** (-a)) / a
+
+
+def _chosen_token_nll(b):
+  lp = gather(log_softmax(b["pol_w"]), b["tgt_w"], b["m_w"])
+  return -lp.sum() / b["m_w"].sum()
+
+
+def cpo(b, beta, cpo_alpha, a=0.0):
+  """CPO (arXiv 2401.08417, eq. 3 plus the NLL term): the reference-free
+  sigmoid loss on sequence log-probs (their AlphaPO rewards for a != 0) plus
+  cpo_alpha times the chosen tokens' mean NLL over the batch."""
+  r_w = _alphapo_reward(_seq(b, "pol", "w"), a)
+  r_l = _alphapo_reward(_seq(b, "pol", "l"), a)
+  return -log_sigmoid(beta * (r_w - r_l)) + cpo_alpha * _chosen_token_nll(b)
+
+
+def alphapo(b, beta, gamma, a):
+  """AlphaPO: SimPO's loss on AlphaPO rewards of the per-token-mean probability."""
+  r_w = _alphapo_reward(_seq(b, "pol", "w") / b["m_w"].sum(-1), a)
+  r_l = _alphapo_reward(_seq(b, "pol", "l") / b["m_l"].sum(-1), a)
+  return -log_sigmoid(beta * (r_w - r_l) - gamma)
+
+
+def orpo(b, lam):
+  """ORPO (arXiv 2403.07691, eqs. 4, 6, 7): the chosen tokens' NLL plus
+  lambda times -log sigmoid of the log odds ratio of the per-token-mean
+  probabilities."""
+  def odds(side):
+    p = np.exp(_seq(b, "pol", side) / b[f"m_{side}"].sum(-1))
+    return np.log(p / (1 - p))
+  return _chosen_token_nll(b) - lam * log_sigmoid(odds("w") - odds("l"))

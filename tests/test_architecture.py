@@ -37,7 +37,8 @@ FUNCTION_IMPORTS = {
     ("midpo.main", "midpo.train"),
 }
 
-ALGORITHM_WORDS = r"dice|tis_dpo|sparsepo|simpo|tdpo|hdpo|rdpo|mi|ema|constrained|param_update"
+ALGORITHM_WORDS = (r"dice|tis_dpo|sparsepo|simpo|tdpo|hdpo|rdpo|mi|ema|constrained|cpo|orpo|"
+                   r"alphapo|param_update")
 
 
 def rel(path: pathlib.Path) -> str:

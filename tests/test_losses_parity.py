@@ -129,6 +129,14 @@ CASES = [
      lambda b: ref.ipo_over_tdpo(b, 0.5, 0.5)),
     ("discopop_over_mi", "mi", {}, dict(alpha=0.5, link="discopop"),
      lambda b: ref.discopop_over_model_prior(b, 0.5, 0.05)),
+    # CPO, AlphaPO and ORPO: reference-free priors, the NLL their constraint.
+    ("cpo", "cpo", {}, dict(alpha=0.1, nll_weight=1.0), lambda b: ref.cpo(b, 0.1, 1.0)),
+    ("cpo_alphapo_reward", "cpo", dict(reward_alpha=0.05), dict(alpha=0.1, nll_weight=1.0),
+     lambda b: ref.cpo(b, 0.1, 1.0, 0.05)),
+    ("alphapo", "alphapo", dict(reward_alpha=0.25, gamma=0.5), dict(alpha=2.0),
+     lambda b: ref.alphapo(b, 2.0, 0.5, 0.25)),
+    ("orpo", "orpo", {}, dict(alpha=1.0, loss_weights=(0.1,), nll_weight=1.0),
+     lambda b: ref.orpo(b, 0.1)),
     ("dice", "dice", {}, dict(alpha=0.1), lambda b: ref.dice(b, 0.1)),
     ("hdpo", "hdpo", dict(eta=0.7), dict(alpha=0.1), lambda b: ref.hdpo(b, 0.1, 0.7)),
     ("rdpo", "rdpo", dict(length_coef=0.05), dict(alpha=0.1), lambda b: ref.rdpo(b, 0.1, 0.05)),
@@ -177,7 +185,7 @@ def test_prior_matches_original_algorithm(case):
     b["sg_pol_w"], b["sg_pol_l"] = b["pol_w"].copy(), b["pol_l"].copy()
     want = reference(b)
     want_grads = ref.finite_difference_grad(reference, b)
-  if case[0] in ("rpo", "mpo"):
+  if case[0] in ("rpo", "mpo", "cpo", "cpo_alphapo_reward", "orpo"):
     # The token-averaged NLL is a batch quantity: TRL adds the batch mean to
     # every pair, midpo splits it into per-pair shares. The means agree.
     got, want = got.mean(), want.mean()

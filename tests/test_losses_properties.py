@@ -294,7 +294,8 @@ EVERY_PRIOR = ROLE_FREE_PRIORS + [
     ("simpo", dict(gamma=0.5)), ("tis_dpo", {}),
     ("sparsepo", dict(mask_source="given", l1_reward=0.01, l1_kl=0.02)),
     ("constrained", dict(len_bounds=(-1.0, 1.0), kl_bounds=(-1.0, 0.0))),
-    ("mi", {}), ("ema", dict(decay=0.9)),
+    ("mi", {}), ("ema", dict(decay=0.9)), ("cpo", {}), ("cpo", dict(reward_alpha=0.05)),
+    ("alphapo", {}), ("orpo", {}),
 ]
 
 
@@ -349,7 +350,8 @@ def test_every_link_over_every_compatible_prior_descends_for_a_few_steps(name, h
       compatible.append(config)
     except ValueError as e:
       assert name in str(e), str(e)
-      assert (any(link in str(e) for link in config.links) or "ld_alpha" in str(e)), str(e)
+      assert (any(link in str(e) for link in config.links) or "ld_alpha" in str(e)
+              or "f_divergence_type" in str(e)), str(e)
       refused.append(config)
 
   def total(theta, params):
@@ -377,9 +379,12 @@ def test_every_link_over_every_compatible_prior_descends_for_a_few_steps(name, h
       continue
     assert last < first, (config, name, history[:, k])
   # SimPO's split margin refuses exactly the per-side links; ld_alpha is
-  # refused by the priors that read per-token KLs.
+  # refused by the priors that read per-token KLs, the f-divergences by the
+  # reference-free priors.
+  fields = set(prior.required_fields())
   want_refused = [c for c in _link_configs()
                   if (prior.splits_pair_term and set(c.links) & set(losses.PER_SIDE_LINKS))
-                  or (c.ld_alpha is not None and set(prior.required_fields())
-                      & {"kl_ref_policy", "kl_policy_ref"})]
+                  or (c.ld_alpha is not None and fields & {"kl_ref_policy", "kl_policy_ref"})
+                  or (c.f_divergence_type != "reverse_kl"
+                      and not fields & {"ref_logps", "prev_logps", "prior_logps"})]
   assert refused == want_refused

@@ -22,7 +22,7 @@ from midpo.training import optim, pairs, preference, recipes, sft
 from tests import train_utils as tu
 
 ALGORITHMS = ("dpo", "dice", "hdpo", "rdpo", "simpo", "tdpo", "tis_dpo", "sparsepo",
-              "constrained_prior", "joint_prior", "ema_prior")
+              "constrained_prior", "joint_prior", "ema_prior", "cpo", "orpo")
 
 
 def test_end_to_end_run_writes_results_logs_and_checkpoints(shared):
@@ -433,6 +433,9 @@ def test_dice_pair_selection_is_length_regularised():
      r"'tdpo' reads per-token kl_ref_policy"),
     ({"loss.link": "nca_pair", "loss.f_divergence_type": "forward_kl"},
      r"config.loss: LossConfig.f_divergence_type: 'forward_kl' is not defined for the nca_pair"),
+    ({"prior.name": "simpo", "loss.f_divergence_type": "js_divergence"},
+     r"config.loss.f_divergence_type: f_divergence_type='js_divergence' is defined on the ratio "
+     r"of the policy to a model's distribution, and prior 'simpo' reads no model's log-probs"),
     ({"loss.link": "sigmoid,bco_pair", "loss.loss_weights": (1.0,)},
      r"config.loss: LossConfig.loss_weights: has 1 weight\(s\) for 2 link\(s\)"),
     ({"loss.link": "aot", "loss.use_weighting": True},

@@ -17,12 +17,16 @@ from midpo.algorithms import dpo, hdpo, rdpo, simpo, tdpo  # noqa: I001
 from midpo.algorithms import dice, tis_dpo
 from midpo.algorithms import diagnostics, sparsepo, constrained
 from midpo.algorithms import mi, ema
+from midpo.algorithms import cpo, alphapo, orpo
+from midpo.algorithms.alphapo import AlphaPO
 from midpo.algorithms.constrained import COEFFICIENTS, Constrained
+from midpo.algorithms.cpo import CPO
 from midpo.algorithms.dice import DICE
 from midpo.algorithms.dpo import DPO
 from midpo.algorithms.ema import EMA
 from midpo.algorithms.hdpo import HDPO
 from midpo.algorithms.mi import ModelPrior, MutualInformation
+from midpo.algorithms.orpo import ORPO
 from midpo.algorithms.rdpo import RDPO
 from midpo.algorithms.simpo import SimPO
 from midpo.algorithms.sparsepo import SparsePO, apply_mask_head, init_mask_head
@@ -32,9 +36,9 @@ from midpo.core.priors import (Prior, PriorOutput, lengths, make_prior, masked_s
                                register_prior, registered_priors)
 
 __all__ = [
-    "COEFFICIENTS", "Constrained", "DICE", "DPO", "EMA", "HDPO", "ModelPrior",
-    "MutualInformation", "Prior", "PriorOutput", "RDPO", "SimPO", "SparsePO", "TDPO", "TISDPO",
-    "apply_mask_head", "constrained", "diagnostics", "dice", "dpo", "ema", "hdpo",
-    "init_mask_head", "lengths", "make_prior", "masked_sum", "mi", "prior_class", "rdpo",
+    "AlphaPO", "COEFFICIENTS", "CPO", "Constrained", "DICE", "DPO", "EMA", "HDPO", "ModelPrior",
+    "MutualInformation", "ORPO", "Prior", "PriorOutput", "RDPO", "SimPO", "SparsePO", "TDPO", "TISDPO",
+    "alphapo", "apply_mask_head", "constrained", "cpo", "diagnostics", "dice", "dpo", "ema", "hdpo",
+    "init_mask_head", "lengths", "make_prior", "masked_sum", "mi", "orpo", "prior_class", "rdpo",
     "register_prior", "registered_priors", "simpo", "sparsepo", "tdpo", "tis_dpo",
 ]

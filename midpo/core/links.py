@@ -102,6 +102,9 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 # The links TRL 1.16 generalises to the other f-divergences.
 F_DIVERGENCE_LINKS = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
                       "sft")
+# Per-token log-probs of a model's distribution (reference, previous policy,
+# prior model): the f-divergences need a prior that reads one of them.
+MODEL_LOGP_FIELDS = ("ref_logps", "prev_logps", "prior_logps")
 # The per-token log-prob fields LD-DPO's weights apply to.
 LD_FIELDS = ("logps", "ref_logps", "prev_logps", "prior_logps")
 # Fields of per-token quantities that are not log-probs of the response's
@@ -237,7 +240,8 @@ def wpo_weights(stats: SequenceStats) -> Array:
 
 
 __all__ = [
-    "F_DIVERGENCES", "F_DIVERGENCE_LINKS", "LD_FIELDS", "LINKS", "NOT_LD_FIELDS",
+    "F_DIVERGENCES", "F_DIVERGENCE_LINKS", "LD_FIELDS", "LINKS", "MODEL_LOGP_FIELDS",
+    "NOT_LD_FIELDS",
     "PER_SIDE_LINKS", "SMOOTHING_RANGES", "desensitise", "f_prime", "ld_weights", "link_loss",
     "smoothed_sigmoid", "wpo_weights",
 ]

@@ -37,8 +37,8 @@ import numpy as np
 
 from midpo.core import links as links_lib
 from midpo.core import priors as priors_lib
-from midpo.core.links import (F_DIVERGENCE_LINKS, F_DIVERGENCES, LD_FIELDS, LINKS, NOT_LD_FIELDS,
-                              PER_SIDE_LINKS, SMOOTHING_RANGES)
+from midpo.core.links import (F_DIVERGENCE_LINKS, F_DIVERGENCES, LD_FIELDS, LINKS,
+                              MODEL_LOGP_FIELDS, NOT_LD_FIELDS, PER_SIDE_LINKS, SMOOTHING_RANGES)
 from midpo.core.stats import SequenceStats
 
 Array = jax.Array
@@ -236,6 +236,9 @@ def check_compatible(config: LossConfig, prior: priors_lib.Prior) -> None:
   * A link of ``PER_SIDE_LINKS`` reads each side's ``s`` on its own: a prior
     that splits a pair-level term between the sides (SimPO's margin) does not
     define it.
+  * An f-divergence other than reverse KL acts on ``u = exp(s)`` as the
+    ratio of the policy to a model's distribution (reference, previous
+    policy, prior model): a reference-free prior (SimPO, CPO, ORPO) has none.
   * ``ld_alpha`` weights per-token log-probs; a prior that reads per-token KLs
     (``kl_ref_policy``, ``kl_policy_ref``) would keep the verbose tail in its
     KL term, which LD-DPO does not define.
@@ -248,6 +251,12 @@ def check_compatible(config: LossConfig, prior: priors_lib.Prior) -> None:
             f"{prior.name!r} splits a pair-level term between the two sides "
             f"({prior.split_term_description}); use a link of the pair's margin, or the prior "
             "without that term")
+  if config.f_divergence_type != "reverse_kl" and not set(prior.required_fields()) & set(
+      MODEL_LOGP_FIELDS):
+    raise ValueError(
+        f"f_divergence_type={config.f_divergence_type!r} is defined on the ratio of the policy "
+        f"to a model's distribution, and prior {prior.name!r} reads no model's log-probs "
+        f"(one of {MODEL_LOGP_FIELDS}): its exp(s) is not such a ratio")
   if config.ld_alpha is not None:
     kl = [f for f in prior.required_fields() if f in NOT_LD_FIELDS]
     if kl:

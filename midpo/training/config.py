@@ -223,7 +223,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   try:
     losses.check_compatible(loss_config, prior)
   except ValueError as e:
-    key = "loss.ld_alpha" if str(e).startswith("ld_alpha") else "loss.link"
+    key = next((f"loss.{k}" for k in ("ld_alpha", "f_divergence_type") if str(e).startswith(k)),
+               "loss.link")
     fail(key, f"{e} (config.prior.name={prior.name!r})")
   if config.train.reference == "cached" and any(
       f in prior.required_fields() for f in ("kl_ref_policy", "kl_policy_ref", "ref_hidden")):
