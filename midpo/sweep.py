@@ -7,6 +7,11 @@ A sweep config (``configs/sweeps/*.py``) names its axes:
 * ``algorithms``: ``{label: {"config": "dpo.py", "alphas": (...), "overrides": {...}}}``;
   ``config`` is an algorithm config file of ``configs/`` (the directory above
   the sweep config's), ``overrides`` nested dicts applied to it;
+* ``links`` (optional): ``{name: loss overrides}`` (``{"ipo": {"link": "ipo"},
+  "mpo": {"link": "sigmoid,bco_pair,sft", "loss_weights": (0.8, 0.2, 1.0)}}``)
+  or a tuple of link names: one more axis, each algorithm run with each link
+  and labelled ``<algorithm>+<link>`` (``compare_to`` names such a label); a
+  link its algorithm's prior does not define is an error before any run;
 * ``tasks``: ``{name: overrides}`` (the known-reward task and its variants);
 * ``seeds``: training seeds; ``overrides``: applied to every run (steps,
   evaluation sizes, ``eval.every``); ``compare_to``/``compare_alpha``: the
@@ -54,6 +59,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from midpo import config_base, evaluate, files, sampling, train
+from midpo.core import losses
 from midpo.analysis import sweep as sweep_lib
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
@@ -91,6 +97,29 @@ def _update(config: ml_collections.ConfigDict, overrides: Any, where: str) -> No
       config[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
+def _algorithms_by_link(sweep: ml_collections.ConfigDict) -> dict:
+  """The algorithms axis crossed with the optional links axis: ``{label:
+  algorithm}``, the link's loss overrides merged into the algorithm's."""
+  algorithms = dict(sweep.algorithms.items())
+  links = sweep.get("links")
+  if not links:
+    return algorithms
+  if not isinstance(links, (dict, ml_collections.ConfigDict)):
+    links = {name: {"link": name} for name in links}
+  out = {}
+  for label, algo in algorithms.items():
+    for name, loss in dict(links).items():
+      crossed = ml_collections.ConfigDict(algo.to_dict())
+      overrides = crossed.get("overrides", {})
+      overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+      merged_loss = dict(overrides.get("loss", {}))
+      merged_loss.update(loss.to_dict() if hasattr(loss, "to_dict") else dict(loss))
+      overrides["loss"] = merged_loss
+      crossed.overrides = overrides
+      out[f"{label}+{name}"] = crossed
+  return out
+
+
 def _fmt(alpha: float) -> str:
   return f"{alpha:g}"
 
@@ -109,11 +138,12 @@ class Plan:
     for axis in ("algorithms", "tasks", "seeds"):
       if not len(sweep[axis]):
         raise SweepError(f"sweep axis {axis!r} is empty")
-    if sweep.compare_to not in sweep.algorithms:
+    self.algorithms = _algorithms_by_link(sweep)
+    if sweep.compare_to not in self.algorithms:
       raise SweepError(f"compare_to {sweep.compare_to!r} is not one of the algorithms "
-                       f"{list(sweep.algorithms)}")
+                       f"{list(self.algorithms)}")
     if float(sweep.compare_alpha) not in [float(a) for a in
-                                          sweep.algorithms[sweep.compare_to].alphas]:
+                                          self.algorithms[sweep.compare_to].alphas]:
       raise SweepError(f"compare_alpha {sweep.compare_alpha} is not one of "
                        f"{sweep.compare_to}'s alphas")
     self.shared: dict[tuple[str, int], dict] = {}
@@ -124,7 +154,7 @@ class Plan:
         base = self._config(config_base.get_config(), task, seed, {})
         base.stages = ("sft",)
         self.shared[(task, seed)] = {"workdir": root, "config": base}
-        for label, algo in sweep.algorithms.items():
+        for label, algo in self.algorithms.items():
           names = [_fmt(float(a)) for a in algo.alphas]
           if len(set(names)) != len(names):
             raise SweepError(f"algorithm {label!r} lists an alpha twice: {list(algo.alphas)}")
@@ -143,6 +173,10 @@ class Plan:
     path = os.path.join(self.configs_dir, algo.config)
     config = self._config(load_config_file(path), task, seed, algo.get("overrides", {}))
     config.loss.alpha = alpha
+    try:
+      losses.check_compatible(config_lib.make_loss_config(config), config_lib.make_prior(config))
+    except ValueError as e:
+      raise SweepError(f"algorithm {label!r}: {e}") from None
     for key in SHARED_KEYS:
       ours = config[key].to_dict() if hasattr(config[key], "to_dict") else config[key]
       theirs = base[key].to_dict() if hasattr(base[key], "to_dict") else base[key]
@@ -170,7 +204,7 @@ class Plan:
             "seeds": [int(s) for s in self.sweep.seeds],
             "algorithms": {k: {"config": a.config, "alphas": [float(x) for x in a.alphas],
                                "prior": self.config_of(k).prior.name}
-                           for k, a in self.sweep.algorithms.items()},
+                           for k, a in self.algorithms.items()},
             "compare_to": self.sweep.compare_to, "compare_alpha": float(self.sweep.compare_alpha)}
 
   def config_of(self, label: str) -> ml_collections.ConfigDict:

@@ -166,6 +166,37 @@ def test_resuming_with_another_config_or_a_run_in_use_is_refused(tmp_path):
       sweep_driver.run_one(run["config"], run["workdir"], str(tmp_path / "cache"))
 
 
+def test_a_link_is_one_more_axis_of_the_sweep(tmp_path):
+  """``links`` crosses every algorithm with every link (names or loss
+  overrides), labelled ``<algorithm>+<link>``, with its own workdir; a link
+  an algorithm's prior does not define stops the plan before any work."""
+  sweep = sweep_driver.load_config_file(TINY)
+  sweep.links = {"sigmoid": {}, "ipo": {"link": "ipo"},
+                 "mpo": {"link": "sigmoid,bco_pair,sft", "loss_weights": (0.8, 0.2, 1.0)}}
+  sweep.algorithms = {"dpo": sweep.algorithms.dpo}
+  sweep.compare_to = "dpo+sigmoid"
+  plan = sweep_driver.Plan(sweep, TINY, str(tmp_path))
+  labels = sorted({r["algorithm"] for r in plan.runs})
+  assert labels == ["dpo+ipo", "dpo+mpo", "dpo+sigmoid"]
+  assert len(plan.runs) == 3 * 2 * 2  # links x alphas x seeds
+  by_label = {r["algorithm"]: r for r in plan.runs if r["seed"] == 0 and r["alpha"] == 0.1}
+  assert by_label["dpo+ipo"]["config"].loss.link == "ipo"
+  assert tuple(by_label["dpo+mpo"]["config"].loss.loss_weights) == (0.8, 0.2, 1.0)
+  assert by_label["dpo+sigmoid"]["config"].loss.link == "sigmoid"
+  assert len({r["workdir"] for r in plan.runs}) == len(plan.runs)
+  assert plan.axes()["algorithms"]["dpo+mpo"]["prior"] == "dpo"
+  # A tuple of names is the short form; SimPO's split margin refuses a per-side link.
+  sweep = sweep_driver.load_config_file(TINY)
+  sweep.links = ("sigmoid", "bco_pair")
+  sweep.compare_to = "dpo+sigmoid"
+  sweep.algorithms = {"dpo": {"config": "dpo.py", "alphas": (0.1,)},
+                      "simpo": {"config": "simpo.py", "alphas": (2.0,)}}
+  with pytest.raises(sweep_driver.SweepError,
+                     match=r"algorithm 'simpo\+bco_pair': the bco_pair link reads each "
+                           r"response's reward .* prior 'simpo' splits"):
+    sweep_driver.Plan(sweep, TINY, str(tmp_path))
+
+
 # -- statistics (no training) ---------------------------------------------------------
 
 
