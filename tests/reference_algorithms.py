@@ -335,11 +335,15 @@ def wpo(b, beta):
 def ld_weights(b, ld_alpha):
   """LD-DPO (arXiv 2409.06411): weight 1 on the first min(|y_w|, |y_l|)
   response tokens, ld_alpha on the rest."""
-  shared = np.minimum(b["m_w"].sum(-1), b["m_l"].sum(-1))[:, None]
   out = []
   for side in ("w", "l"):
-    pos = np.cumsum(b[f"m_{side}"], -1)
-    out.append(np.where(pos <= shared, 1.0, ld_alpha) * b[f"m_{side}"])
+    w = np.zeros_like(b[f"m_{side}"])
+    for i in range(len(w)):
+      shared = int(min(b["m_w"][i].sum(), b["m_l"][i].sum()))
+      real = np.flatnonzero(b[f"m_{side}"][i] > 0)  # response positions, in order
+      w[i, real[:shared]] = 1.0
+      w[i, real[shared:]] = ld_alpha
+    out.append(w)
   return out
 
 
@@ -397,7 +401,7 @@ def alphapo(b, beta, gamma, a):
 
 
 def orpo(b, lam):
-  """ORPO (arXiv 2403.07691, eqs. 4, 6, 7): the chosen tokens' NLL plus
+  """ORPO (arXiv 2403.07691, eqs. 4 and 7 as TRL cites them): the chosen tokens' NLL plus
   lambda times -log sigmoid of the log odds ratio of the per-token-mean
   probabilities."""
   def odds(side):

@@ -27,7 +27,7 @@ LAYERS = [
     ("midpo.sampling",),
     ("midpo.algorithms",),
     ("midpo.evaluate", "midpo.analysis"),
-    ("midpo.config_base", "midpo.train"),
+    ("midpo.config_base", "midpo.train", "midpo.sweep_plan"),
     ("midpo.main", "midpo.sweep"),
 ]
 

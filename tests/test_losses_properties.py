@@ -203,7 +203,7 @@ def test_bad_loss_config_names_the_key(kwargs, match):
 
 
 @pytest.mark.parametrize("name,hp,match", [
-    ("nope", {}, r"unknown prior 'nope'; registered priors: constrained, dice, dpo, ema, hdpo, mi"),
+    ("nope", {}, r"unknown prior 'nope'; registered priors: alphapo, constrained, cpo, dice, dpo, ema"),
     ("simpo", dict(beta=2.0), r"prior 'simpo' has no hyperparameter\(s\) \['beta'\]"),
     ("hdpo", dict(eta=0.0), r"prior 'hdpo': eta must be > 0"),
     ("tdpo", dict(version=3), r"prior 'tdpo': version must be 1 or 2"),
@@ -378,12 +378,14 @@ def test_every_link_over_every_compatible_prior_descends_for_a_few_steps(name, h
     if config.link == "hinge" and first == 0.0:
       continue
     assert last < first, (config, name, history[:, k])
-  # SimPO's split margin refuses exactly the per-side links; ld_alpha is
+  # SimPO's split margin refuses exactly the per-side links, a per-token-mean
+  # score the links that divide by the length again; ld_alpha is
   # refused by the priors that read per-token KLs, the f-divergences by the
   # reference-free priors.
   fields = set(prior.required_fields())
   want_refused = [c for c in _link_configs()
                   if (prior.splits_pair_term and set(c.links) & set(losses.PER_SIDE_LINKS))
+                  or (prior.length_normalised and set(c.links) & {"ipo", "sigmoid_norm"})
                   or (c.ld_alpha is not None and fields & {"kl_ref_policy", "kl_policy_ref"})
                   or (c.f_divergence_type != "reverse_kl"
                       and not fields & {"ref_logps", "prev_logps", "prior_logps"})]

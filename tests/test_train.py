@@ -198,6 +198,22 @@ def test_keys_a_restart_may_change():
     assert not run_identity.resumable(key), key
 
 
+def test_a_config_written_before_the_loss_options_existed_resumes():
+  """A workdir's config.json from before the loss options (mixtures,
+  f-divergences, WPO, LD-DPO) lacks their keys: at their off values that is
+  no change; set to anything else it is one."""
+  from midpo.training import run_identity
+  config = tu.tiny_config("dpo")
+  old = run_identity.config_json(config)
+  for key in ("loss_weights", "f_divergence_type", "f_alpha_divergence_coef", "use_weighting",
+              "ld_alpha"):
+    del old["loss"][key]
+  assert run_identity.differences(old, run_identity.config_json(config)) == []
+  config.loss.use_weighting = True
+  assert run_identity.differences(old, run_identity.config_json(config)) == [
+      ("loss.use_weighting", False, True)]
+
+
 def test_a_workdir_refuses_a_restart_with_another_config(shared, tmp_path, caplog):
   """One workdir, one run: a restart that changes results is refused before any
   work, naming every changed key; more steps or other stages are allowed."""
@@ -436,6 +452,11 @@ def test_dice_pair_selection_is_length_regularised():
     ({"prior.name": "simpo", "loss.f_divergence_type": "js_divergence"},
      r"config.loss.f_divergence_type: f_divergence_type='js_divergence' is defined on the ratio "
      r"of the policy to a model's distribution, and prior 'simpo' reads no model's log-probs"),
+    ({"baselines": ("simpo",), "loss.link": "bco_pair"},
+     r"config.baselines: baseline 'simpo' trains with the run's loss: the bco_pair link"),
+    ({"prior.name": "simpo", "prior.gamma": 0.0, "loss.link": "ipo"},
+     r"config.loss.link: the ipo link divides each side's score by its length, and prior "
+     r"'simpo' scores a per-token mean already"),
     ({"loss.link": "sigmoid,bco_pair", "loss.loss_weights": (1.0,)},
      r"config.loss: LossConfig.loss_weights: has 1 weight\(s\) for 2 link\(s\)"),
     ({"loss.link": "aot", "loss.use_weighting": True},
@@ -604,19 +625,28 @@ def test_cached_reference_gives_the_same_losses_as_the_online_reference(shared, 
 def test_a_mixture_with_every_option_trains_from_the_command_line(shared, tmp_path):
   """TRL's options as a user types them: a weighted mixture of links (one of
   them TRL's sft), WPO's weights, LD-DPO's length split and an f-divergence,
-  over R-DPO's prior, through ``midpo.main``; a few finite steps, the WPO
-  weight logged, and the resolved config holding the parsed values."""
+  over the learned 'mi' prior, through ``midpo.main``: finite steps, the WPO
+  weight logged, the resolved config holding the parsed values, and the
+  held-out diagnostics under the fixed priors that define this loss (not
+  SimPO: no f-divergence without a model's log-probs; not TDPO: no ld_alpha
+  with its KL), the others named in the log."""
   w = tmp_path / "w"
-  rc, out = tu.run_main("configs/rdpo.py", str(w), {
-      "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
-      "stages": ("preference",), "train.steps": 3, "loss.link": "sigmoid,sft",
+  rc, out = tu.run_main("configs/joint_prior.py", str(w), {
+      **tu.MI_TINY, "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
+      "stages": ("preference",), "train.steps": 4, "loss.link": "sigmoid,sft",
       "loss.loss_weights": "0.8,0.5", "loss.use_weighting": True, "loss.ld_alpha": 0.5,
       "loss.f_divergence_type": "js_divergence"})
   assert rc == 0, out[-3000:]
   rows = tu.read_metrics(str(w), "preference")
-  assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+  steps = [r for r in rows if "loss" in r and "wpo/pair_weight" in r]
+  assert len(steps) == 4 and all(np.isfinite(r["loss"]) for r in steps)
   # (exp(mean(lp - log sum p^2)) exceeds 1 where the tokens are likelier
   # than the policy's expected probability.)
-  assert all(0 < r["wpo/pair_weight"] < np.inf for r in rows)
+  assert all(0 < r["wpo/pair_weight"] < np.inf for r in steps)
+  heldout = [r for r in tu.read_metrics(str(w), "prior/diagnostics") if "heldout/loss/mi" in r]
+  assert heldout and all(np.isfinite(r["heldout/loss/dpo"]) for r in heldout)
+  assert not any("heldout/loss/simpo" in r or "heldout/loss/tdpo" in r for r in heldout)
+  assert "no loss under the fixed prior 'simpo'" in out
+  assert "no loss under the fixed prior 'tdpo'" in out
   resolved = json.load(open(w / "config.json"))["loss"]
   assert resolved["loss_weights"] == [0.8, 0.5] and resolved["ld_alpha"] == 0.5

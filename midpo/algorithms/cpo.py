@@ -5,7 +5,7 @@ under a constraint.
 Performance in Machine Translation" (2024); TRL's ``CPOTrainer``
 (``trl.experimental.cpo``) with ``loss_type="sigmoid"``, and its ``alpha``
 (AlphaPO's reward shape, "AlphaPO: Reward Shape Matters for LLM Alignment",
-2025) on any CPO loss type.
+2025).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from midpo.core.priors import Prior, PriorOutput, is_finite, masked_sum, registe
 def alphapo_reward(logp, reward_alpha: float):
   """AlphaPO's reward of a (sequence or per-token-mean) log-prob ``logp``:
   ``(1 - p^(-a)) / a`` with ``p = exp(logp)``, and ``logp`` itself at ``a = 0``
-  (TRL ``CPOTrainer.cpo_loss``, its ``alpha``; AlphaPO eq. 6)."""
+  (TRL ``CPOTrainer.cpo_loss``, its ``alpha``)."""
   if reward_alpha == 0:
     return logp
   return -jnp.expm1(-reward_alpha * logp) / reward_alpha
@@ -40,7 +40,9 @@ class CPO(Prior):
   ``config.loss.nll_weight`` (``configs/cpo.py``), not part of the prior.
 
   ``reward_alpha`` (TRL ``CPOConfig.alpha``, default 0) replaces ``LP`` by
-  AlphaPO's reward ``(1 - exp(-a LP)) / a``; then ``log zeta = LP - s``.
+  AlphaPO's reward ``(1 - exp(-a LP)) / a``; then ``log zeta = LP - s``. (With
+  the ``ipo`` link TRL applies that reward to the per-token mean ``LP/|y|``;
+  midpo's ``ipo`` divides ``r(LP)`` by ``|y|``, which is not the same.)
   """
   name: ClassVar[str] = "cpo"
   reward_alpha: float = 0.0

@@ -52,12 +52,23 @@ class HeldOutDiagnostics(recipes.Monitor):
     self.env, self.prior, self.frozen = env, prior, run.frozen
     self.every = t.diagnostics_every
     self.collapse_margin = t.collapse_margin
-    fixed = {n: priors.make_prior(n) for n in FIXED_PRIORS}
-    fields = set(prior.required_fields())
+    loss_config = run.loss_config
+    fixed = {}
+    for n in FIXED_PRIORS:
+      p = priors.make_prior(n)
+      try:
+        losses.check_compatible(loss_config, p)
+      except ValueError as e:
+        logging.warning("held-out diagnostics: no loss under the fixed prior %r with this "
+                        "run's loss (%s)", n, e)
+        continue
+      fixed[n] = p
+    # Named in the log above; their heldout/* keys are absent from the metrics.
+    self.skipped = tuple(n for n in FIXED_PRIORS if n not in fixed)
+    fields = set(prior.required_fields()) | set(loss_config.required_fields())
     for p in fixed.values():
       fields |= set(p.required_fields())
     stats_fn = pairs_lib.make_pair_stats(env, fields, prior=prior, reference="online")
-    loss_config = run.loss_config
 
     def heldout(policy, prior_params, frozen, batch):
       chosen, rejected = stats_fn(policy, prior_params, frozen, batch)
@@ -110,7 +121,8 @@ class HeldOutDiagnostics(recipes.Monitor):
     m["collapse/gap_vs_reference"] = gap
     m["collapse/alarm"] = float(alarm)
     self.env.writer.write("prior/diagnostics", step_index, m)
-    fixed = "  ".join(f"{n} {m[f'heldout/loss/{n}']:.4f}" for n in FIXED_PRIORS)
+    fixed = "  ".join(f"{n} {m[f'heldout/loss/{n}']:.4f}" for n in FIXED_PRIORS
+                      if n not in self.skipped)
     logging.info("held-out MI-DPO loss at step %d: %s %.4f | fixed priors: %s", step_index,
                  name, m[f"heldout/loss/{name}"], fixed)
     if alarm:

@@ -20,8 +20,12 @@ def log_odds(logp):
   """``log(p / (1 - p))`` of ``p = exp(logp)``, ``logp < 0``: ``logp -
   log(1 - exp(logp))``, with ``log(1 - exp(x))`` computed stably (``log(-expm1(x))``
   near 0, ``log1p(-exp(x))`` below ``-log 2``)."""
-  log1mexp = jnp.where(logp > -math.log(2.0), jnp.log(-jnp.expm1(logp)),
-                       jnp.log1p(-jnp.exp(logp)))
+  cut = -math.log(2.0)
+  # Each branch's input is kept inside its own region: the branch not taken
+  # must not be -inf there either, or its gradient (inf * 0) is NaN.
+  near = jnp.log(-jnp.expm1(jnp.maximum(logp, cut)))
+  far = jnp.log1p(-jnp.exp(jnp.minimum(logp, cut)))
+  log1mexp = jnp.where(logp > cut, near, far)
   return logp - log1mexp
 
 

@@ -94,10 +94,15 @@ LINKS = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair"
 SMOOTHING_RANGES = {"sigmoid": (0.0, 0.5, True), "robust": (0.0, 0.5, False),
              "exo_pair": (0.0, 0.5, True), "aot": (0.0, 0.5, True),
              "aot_unpaired": (0.0, 0.5, True)}
-# Links that read each side's implicit reward alpha*s on its own (not only the
-# pair's difference): a prior that splits a pair term between the sides
-# (``Prior.splits_pair_term``) does not define them.
-PER_SIDE_LINKS = ("nca_pair", "bco_pair", "sppo_hard", "aot_unpaired", "apo_zero", "apo_down")
+# Links that read each side's score on its own (not only the pair's
+# difference; ipo and sigmoid_norm divide each by its own length): a prior
+# that splits a pair term between the sides (``Prior.splits_pair_term``) does
+# not define them.
+PER_SIDE_LINKS = ("nca_pair", "bco_pair", "sppo_hard", "aot_unpaired", "apo_zero", "apo_down",
+                  "ipo", "sigmoid_norm")
+# Links that divide each side's score by its length: a prior whose score is
+# already a per-token mean (``Prior.length_normalised``) would be divided twice.
+LENGTH_NORMALISING_LINKS = ("ipo", "sigmoid_norm")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # The links TRL 1.16 generalises to the other f-divergences.
 F_DIVERGENCE_LINKS = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
@@ -195,10 +200,14 @@ def link_loss(link: str, *, alpha: float, eps: float, tau: float, z: Array, f_w:
     return (sig(z) * (log_sig(z) - math.log1p(-eps))
             + sig(-z) * (log_sig(-z) - math.log(eps)))
   if link == "discopop":
-    # exp(-z) * m in log space: exp(-z) overflows where m underflows to 0
-    # (z << 0), which would give inf * 0.
-    zt = z / tau
-    return -log_sig(z) * sig(-zt) + jnp.exp(log_sig(zt) - z)
+    m = sig(z / tau)
+    # exp(-z) * m as written, but in log space far below 0, where exp(-z)
+    # overflows while m underflows to 0 (inf * 0); each branch's input is
+    # kept inside its own region so that neither gives a NaN gradient.
+    far = z < -50.0
+    direct = jnp.exp(-jnp.maximum(z, -50.0)) * sig(jnp.maximum(z, -50.0) / tau)
+    logspace = jnp.exp(log_sig(jnp.minimum(z, -50.0) / tau) - jnp.minimum(z, -50.0))
+    return -log_sig(z) * (1.0 - m) + jnp.where(far, logspace, direct)
   if link == "sft":
     return jnp.broadcast_to(sft, z.shape)
   r_w, r_l = alpha * s_w, alpha * s_l
@@ -240,8 +249,8 @@ def wpo_weights(stats: SequenceStats) -> Array:
 
 
 __all__ = [
-    "F_DIVERGENCES", "F_DIVERGENCE_LINKS", "LD_FIELDS", "LINKS", "MODEL_LOGP_FIELDS",
-    "NOT_LD_FIELDS",
+    "F_DIVERGENCES", "F_DIVERGENCE_LINKS", "LD_FIELDS", "LENGTH_NORMALISING_LINKS", "LINKS",
+    "MODEL_LOGP_FIELDS", "NOT_LD_FIELDS",
     "PER_SIDE_LINKS", "SMOOTHING_RANGES", "desensitise", "f_prime", "ld_weights", "link_loss",
     "smoothed_sigmoid", "wpo_weights",
 ]

@@ -37,8 +37,9 @@ import numpy as np
 
 from midpo.core import links as links_lib
 from midpo.core import priors as priors_lib
-from midpo.core.links import (F_DIVERGENCE_LINKS, F_DIVERGENCES, LD_FIELDS, LINKS,
-                              MODEL_LOGP_FIELDS, NOT_LD_FIELDS, PER_SIDE_LINKS, SMOOTHING_RANGES)
+from midpo.core.links import (F_DIVERGENCE_LINKS, F_DIVERGENCES, LD_FIELDS,
+                              LENGTH_NORMALISING_LINKS, LINKS, MODEL_LOGP_FIELDS, NOT_LD_FIELDS,
+                              PER_SIDE_LINKS, SMOOTHING_RANGES)
 from midpo.core.stats import SequenceStats
 
 Array = jax.Array
@@ -236,6 +237,8 @@ def check_compatible(config: LossConfig, prior: priors_lib.Prior) -> None:
   * A link of ``PER_SIDE_LINKS`` reads each side's ``s`` on its own: a prior
     that splits a pair-level term between the sides (SimPO's margin) does not
     define it.
+  * ``ipo`` and ``sigmoid_norm`` divide each side's ``s`` by its length: not
+    over a prior whose ``s`` is a per-token mean already (``length_normalised``).
   * An f-divergence other than reverse KL acts on ``u = exp(s)`` as the
     ratio of the policy to a model's distribution (reference, previous
     policy, prior model): a reference-free prior (SimPO, CPO, ORPO) has none.
@@ -251,6 +254,13 @@ def check_compatible(config: LossConfig, prior: priors_lib.Prior) -> None:
             f"{prior.name!r} splits a pair-level term between the two sides "
             f"({prior.split_term_description}); use a link of the pair's margin, or the prior "
             "without that term")
+  if prior.length_normalised:
+    for link in config.links:
+      if link in LENGTH_NORMALISING_LINKS:
+        raise ValueError(
+            f"the {link} link divides each side's score by its length, and prior "
+            f"{prior.name!r} scores a per-token mean already: use the sigmoid link (or the "
+            "reference-free 'cpo' prior, whose score is a sum, as TRL's CPO ipo does)")
   if config.f_divergence_type != "reverse_kl" and not set(prior.required_fields()) & set(
       MODEL_LOGP_FIELDS):
     raise ValueError(
@@ -283,6 +293,11 @@ def mi_dpo_loss(chosen: SequenceStats, rejected: SequenceStats,
   Returns:
     ``LossOutput``; differentiate ``loss`` with respect to the policy (through
     ``logps``) and, for a prior with parameters, ``prior_params``.
+
+  Raises:
+    ValueError: bad shapes or missing fields (naming them), a prior without
+      its parameters, or a link or option the prior does not define
+      (``check_compatible``, naming both).
   """
   if isinstance(prior, str):
     prior = priors_lib.make_prior(prior)

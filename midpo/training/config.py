@@ -233,6 +233,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   for name in config.baselines:
     if name not in priors.registered_priors():
       fail("baselines", f"unknown prior {name!r}; registered: {priors.registered_priors()}")
+    try:
+      losses.check_compatible(loss_config, priors.make_prior(name))
+    except ValueError as e:
+      fail("baselines", f"baseline {name!r} trains with the run's loss: {e}")
   for name, (_, check) in _BLOCKS.items():
     if name not in config:
       fail(name, "is missing: the config was built before the module that registers it was "

@@ -65,10 +65,19 @@ def config_json(config) -> dict:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+# Keys added to the config after workdirs were written without them: missing
+# from an old config, they hold the value that leaves results as they were.
+ADDED_KEYS = {"loss.loss_weights": [], "loss.f_divergence_type": "reverse_kl",
+              "loss.f_alpha_divergence_coef": 0.5, "loss.use_weighting": False,
+              "loss.ld_alpha": None}
+
+
 def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
   """``(dotted key, old value, new value)`` of every key that differs
-  (a key missing on one side has value None there), sorted by key."""
+  (a key missing on one side has value None there, or its ``ADDED_KEYS``
+  value on the old side), sorted by key."""
   a, b = metrics_writer.flatten(old), metrics_writer.flatten(new)
+  a = {**{k: v for k, v in ADDED_KEYS.items() if k not in a}, **a}
   return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
