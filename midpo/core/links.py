@@ -200,14 +200,16 @@ def link_loss(link: str, *, alpha: float, eps: float, tau: float, z: Array, f_w:
     return (sig(z) * (log_sig(z) - math.log1p(-eps))
             + sig(-z) * (log_sig(-z) - math.log(eps)))
   if link == "discopop":
-    m = sig(z / tau)
-    # exp(-z) * m as written, but in log space far below 0, where exp(-z)
-    # overflows while m underflows to 0 (inf * 0); each branch's input is
-    # kept inside its own region so that neither gives a NaN gradient.
-    far = z < -50.0
-    direct = jnp.exp(-jnp.maximum(z, -50.0)) * sig(jnp.maximum(z, -50.0) / tau)
-    logspace = jnp.exp(log_sig(jnp.minimum(z, -50.0) / tau) - jnp.minimum(z, -50.0))
-    return -log_sig(z) * (1.0 - m) + jnp.where(far, logspace, direct)
+    # The formula as written, on z clipped at -50; below, where exp(-z)
+    # overflows while m underflows to 0 (inf * 0), the product in log space.
+    # Each branch's input stays inside its region, so neither has a NaN
+    # gradient.
+    zc = jnp.maximum(z, -50.0)
+    m = sig(zc / tau)
+    as_written = -log_sig(zc) * (1.0 - m) + jnp.exp(-zc) * m
+    zf = jnp.minimum(z, -50.0)
+    far = -log_sig(zf) * sig(-zf / tau) + jnp.exp(log_sig(zf / tau) - zf)
+    return jnp.where(z < -50.0, far, as_written)
   if link == "sft":
     return jnp.broadcast_to(sft, z.shape)
   r_w, r_l = alpha * s_w, alpha * s_l
