@@ -74,10 +74,10 @@ ADDED_KEYS = {"loss.loss_weights": [], "loss.f_divergence_type": "reverse_kl",
 
 def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
   """``(dotted key, old value, new value)`` of every key that differs
-  (a key missing on one side has value None there, or its ``ADDED_KEYS``
-  value on the old side), sorted by key."""
+  (a key missing on one side has value None there; one of ``ADDED_KEYS``
+  missing from the old side only, its value there), sorted by key."""
   a, b = metrics_writer.flatten(old), metrics_writer.flatten(new)
-  a = {**{k: v for k, v in ADDED_KEYS.items() if k not in a}, **a}
+  a = {**{k: v for k, v in ADDED_KEYS.items() if k not in a and k in b}, **a}
   return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
