@@ -13,15 +13,17 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from midpo.algorithms.cpo import alphapo_reward
-from midpo.core.priors import Prior, PriorOutput, is_finite, lengths, masked_sum, register_prior, require
+from midpo.algorithms.simpo import SimPO
+from midpo.core.priors import PriorOutput, is_finite, lengths, masked_sum, register_prior, require
 
 
 @register_prior
 @dataclasses.dataclass(frozen=True)
-class AlphaPO(Prior):
+class AlphaPO(SimPO):
   """AlphaPO (2025): SimPO's length-normalised, reference-free score through
   AlphaPO's reward ``r(p) = (1 - p^(-a)) / a`` of the per-token-mean
-  probability ``p = exp(LP/|y|)``, with SimPO's target margin.
+  probability ``p = exp(LP/|y|)``, with SimPO's target margin (and SimPO's
+  ``gamma``, split margin and validation).
 
   Role-dependent as SimPO: ``s = r(exp(LP/|y|)) -+ gamma/(2 alpha)`` (plus for
   the chosen response), so the logit is ``alpha (r_w - r_l) - gamma``, and
@@ -31,22 +33,12 @@ class AlphaPO(Prior):
   ``simpo_gamma``.
   """
   name: ClassVar[str] = "alphapo"
-  length_normalised: ClassVar[bool] = True
   reward_alpha: float = 0.25
-  gamma: float = 0.5
 
   def validate(self):
+    super().validate()
     require(is_finite(self.reward_alpha), self.name,
             f"reward_alpha must be finite; got {self.reward_alpha}")
-    require(is_finite(self.gamma), self.name, f"gamma must be finite; got {self.gamma}")
-
-  @property
-  def splits_pair_term(self) -> bool:
-    return self.gamma != 0
-
-  @property
-  def split_term_description(self) -> str:
-    return f"the target margin gamma={self.gamma}, gamma/(2 alpha) on each side"
 
   def score(self, stats, role, *, alpha, params=None, rng=None, train=False):
     n = jnp.maximum(lengths(stats), 1.0)  # empty responses are reported by the loss
