@@ -38,7 +38,8 @@ class SimPO(Prior):
 
   @property
   def split_term_description(self) -> str:
-    return f"the target margin gamma={self.gamma}, gamma/(2 alpha) on each side"
+    return (f"the target margin gamma={self.gamma}, gamma/(2 alpha) on each side; "
+            "prior.gamma=0 removes it")
 
   def score(self, stats, role, *, alpha, params=None, rng=None, train=False):
     n = jnp.maximum(lengths(stats), 1.0)  # empty responses are reported by the loss

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -122,6 +123,9 @@ def make_loss_config(config) -> losses.LossConfig:
   try:
     return losses.LossConfig(**values)
   except (ValueError, TypeError) as e:
+    named = re.match(r"LossConfig\.(\w+): (.*)", str(e), re.S)
+    if named:
+      fail(f"loss.{named.group(1)}", named.group(2))
     fail("loss", str(e))
 
 
