@@ -73,6 +73,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     Diverged: the divergence guard stopped a stage (the message names the
       last good checkpoint).
   """
+  config_lib.validate(config)  # a wrong config leaves no workdir behind
   os.makedirs(workdir, exist_ok=True)
   with run_identity.workdir_lock(workdir, hold=jax.process_index() == 0):
     return _run_stages(config, workdir)

@@ -482,7 +482,7 @@ def test_command_line_errors_come_before_any_work(tmp_path):
   rc, out = tu.run_main("configs/dpo.py", str(tmp_path / "w"), {"prior.name": "nope"})
   assert rc != 0
   assert "config.prior.name: unknown prior 'nope'" in out
-  assert not os.path.exists(tmp_path / "w" / "tfds")  # nothing was built
+  assert not os.path.exists(tmp_path / "w")  # nothing was built, not even the workdir
   assert "Traceback" not in out  # a user's error is one line, not a traceback
   rc, out = tu.run_main("configs/dpo.py", str(tmp_path / "w"), {"train.stpes": 3})
   assert rc == 2 and "Traceback" not in out, out[-3000:]  # a typo in a key (locked config)
