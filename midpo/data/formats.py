@@ -23,10 +23,9 @@ Message-list pairs are stored as JSON text (``kind == "messages"``) and rendered
 tokenizer's chat template at tokenisation time (``pipeline.py``), so one built dataset serves any
 tokenizer.
 
-File types by extension: ``.jsonl`` (one object a line; blank lines are counted as the note
-``blank_lines`` and are not rows; a line that is not UTF-8 JSON is the bad row
-``undecodable_line``), ``.json`` (a list of objects; a file that does not parse as a whole is an
-error, since its rows cannot be counted), ``.parquet`` (pyarrow, imported only for Parquet).
+Files, their types and how they are named (globs, folders, ``save_to_disk`` directories, Hub
+snapshots) are ``sources.py``'s. A row holding text that cannot be written as UTF-8 (a lone
+surrogate) is the bad row ``undecodable_line``.
 """
 
 from __future__ import annotations
@@ -38,10 +37,10 @@ import os
 from typing import Any, Iterator
 
 from midpo.data import report as report_lib
+from midpo.data import sources
 from midpo.data.report import BadRow
 
 FORMATS = ("trl_standard", "trl_conversational", "hh_rlhf", "ultrafeedback")
-FILE_TYPES = (".jsonl", ".json", ".parquet")
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
 
@@ -56,58 +55,6 @@ class Pair:
   kind: str = "text"
   score_chosen: float = math.nan
   score_rejected: float = math.nan
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading files.
-
-
-def file_type(path: str) -> str:
-  """The file type of ``path`` by its extension (one of ``FILE_TYPES``); ValueError otherwise."""
-  for ext in FILE_TYPES:
-    if path.endswith(ext):
-      return ext
-  raise ValueError(f"{path}: unknown file type; expected one of {FILE_TYPES}")
-
-
-def read_rows(path: str, report: report_lib.BadRowReport) -> Iterator[tuple[int, Any]]:
-  """Yields ``(line, row)``; a row that cannot be decoded is yielded as a ``BadRow``."""
-  ext = file_type(path)
-  if ext == ".jsonl":
-    with open(path, "rb") as f:
-      for line_no, raw in enumerate(f, start=1):
-        if not raw.strip():
-          report.note("blank_lines")
-          continue
-        try:
-          row = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-          yield line_no, BadRow(report_lib.UNDECODABLE_LINE, f"{type(e).__name__}: {e}")
-          continue
-        yield line_no, row
-  elif ext == ".json":
-    with open(path, "rb") as f:
-      raw = f.read()
-    try:
-      rows = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      # Not one row but the whole file: nothing can be counted row by row, so stop.
-      raise ValueError(
-        f"{path}: not a valid UTF-8 JSON file ({e}); use .jsonl for one object a line"
-      ) from e
-    if not isinstance(rows, list):
-      raise ValueError(
-        f"{path}: a .json file must hold a list of row objects, got {type(rows).__name__}"
-      )
-    yield from enumerate(rows, start=1)
-  else:
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-
-    line_no = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-      for row in batch.to_pylist():
-        line_no += 1
-        yield line_no, row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,13 +241,17 @@ def iter_pairs(
   if fmt not in PARSERS:
     raise ValueError(f"config.data.files.format must be one of {FORMATS}, got {fmt!r}")
   parse = PARSERS[fmt]
-  for path in paths:
-    name = os.path.basename(path)
-    for line, row in read_rows(path, report):
+  names = [os.path.basename(p) for p in paths]
+  if len(set(names)) < len(names):  # e.g. a Hub snapshot's */train.jsonl.gz: name by folder
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    names = [os.path.relpath(p, root) for p in paths]
+  for path, name in zip(paths, names):
+    for line, row in sources.read_rows(path, report):
       try:
         if isinstance(row, BadRow):
           raise row
         pair = parse(row)
+        sources.check_unicode((pair.prompt, pair.chosen, pair.rejected))
       except BadRow as bad:
         report.bad(bad.reason, name, line, bad.detail)
         continue

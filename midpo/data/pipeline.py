@@ -74,7 +74,9 @@ refuses a state made for other data, other settings or another process.
     synthetic.*            see tfds_builders.py (seed, num_sft, num_train, num_test, temperature,
                            label_noise, length_bias, prompt_specificity, sft_best_of,
                            samples_path, pairing, labels)
-    files.format, files.train_files, files.test_files     see formats.py / tfds_builders.py
+    files.format           see formats.py
+    files.train_files, files.test_files   a list, or a comma-separated string, of files, globs
+                           or folders (sources.py)
     bad_rows               'skip' | 'fatal'
     max_reported_bad_rows  how many bad rows are listed with file and line
     batch_size             pairs per batch per process
@@ -95,7 +97,9 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from midpo.data import formats
 from midpo.data import report as report_lib
+from midpo.data import sources
 from midpo.data import tfds_builders
 from midpo.data.iterator import PreferenceBatchIterator, real_token_fraction, round_up
 from midpo.data.tokenize import (MODES, TRANSFORMS, TokenizedPairs, Tokenizer,
@@ -107,7 +111,7 @@ TOKEN_WEIGHTS = ("none", "oracle")
 
 def default_config() -> ml_collections.ConfigDict:
   """The ``config.data`` section with its defaults (fields documented in the module docstring)."""
-  return ml_collections.ConfigDict(
+  c = ml_collections.ConfigDict(
     {
       "source": "synthetic",
       "data_dir": "",
@@ -125,7 +129,6 @@ def default_config() -> ml_collections.ConfigDict:
         "pairing": "disjoint",
         "labels": "annotator",
       },
-      "files": {"format": "trl_standard", "train_files": [], "test_files": []},
       "bad_rows": "skip",
       "max_reported_bad_rows": 5,
       "batch_size": 16,
@@ -144,6 +147,12 @@ def default_config() -> ml_collections.ConfigDict:
       "token_weight_transform": "threshold_and_scale",
     }
   )
+  # Not type-locked: a list from a config file, a comma-separated string (or glob, or folder)
+  # from the command line (sources.resolve_files).
+  c.files = ml_collections.ConfigDict(
+    {"format": "trl_standard", "train_files": "", "test_files": ""}, type_safe=False
+  )
+  return c
 
 
 def validate_config(c) -> None:
@@ -182,6 +191,19 @@ def validate_config(c) -> None:
     "token_weights",
     "'oracle' needs the synthetic task (source='synthetic')",
   )
+  if c.source == "files":
+    check(
+      c.files.format in formats.FORMATS,
+      "files.format",
+      f"must be one of {formats.FORMATS}, got {c.files.format!r}",
+    )
+    check(
+      bool(sources.resolve_files(c.files.train_files, "train_files")),
+      "files.train_files",
+      "names no file: set it to your preference file(s) (a comma-separated list, a glob or "
+      "a folder)",
+    )
+    sources.resolve_files(c.files.test_files, "test_files")  # raises naming the key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,8 +248,8 @@ def builder_from_config(c, build: bool = True):
   else:
     cfg = tfds_builders.files_config(
       c.files.format,
-      list(c.files.train_files),
-      list(c.files.test_files),
+      sources.resolve_files(c.files.train_files, "train_files"),
+      sources.resolve_files(c.files.test_files, "test_files"),
       c.bad_rows,
       c.max_reported_bad_rows,
     )

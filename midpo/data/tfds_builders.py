@@ -68,6 +68,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from midpo.data import formats
+from midpo.data import sources
 from midpo.data import report as report_lib
 from midpo.data import synthetic
 from midpo.data.report import BadRow
@@ -244,7 +245,7 @@ class SyntheticPreferences(tfds.core.GeneratorBasedBuilder):
     tok = synthetic.SyntheticTokenizer()
     name = os.path.basename(cfg.samples_path)
     index = 0
-    for line, row in formats.read_rows(cfg.samples_path, rep):
+    for line, row in sources.read_rows(cfg.samples_path, rep):
       try:
         if isinstance(row, BadRow):
           raise row
@@ -322,7 +323,7 @@ def files_config(
   if not train:
     raise ValueError("config.data.files.train_files is empty")
   for p in train + test:
-    formats.file_type(p)
+    sources.file_type(p)
     if not os.path.isfile(p):
       raise FileNotFoundError(p)
   fp = _hash(
@@ -330,6 +331,8 @@ def files_config(
       "format": format,
       "train": [(os.path.basename(p), file_sha256(p)) for p in train],
       "test": [(os.path.basename(p), file_sha256(p)) for p in test],
+      # 'fatal' must see every row again: a dataset built under 'skip' is not reused.
+      "bad_rows": bad_rows,
     }
   )
   return FilesConfig(

@@ -72,13 +72,23 @@ ADDED_KEYS = {"loss.loss_weights": [], "loss.f_divergence_type": "reverse_kl",
               "loss.ld_alpha": None}
 
 
+# Keys whose spelling changed but not their meaning: these values are the same.
+SAME_VALUES = {"data.files.train_files": ([], ""), "data.files.test_files": ([], "")}
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+  return a == b or (key in SAME_VALUES and a in SAME_VALUES[key] and b in SAME_VALUES[key])
+
+
 def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
   """``(dotted key, old value, new value)`` of every key that differs
   (a key missing on one side has value None there; one of ``ADDED_KEYS``
-  missing from the old side only, its value there), sorted by key."""
+  missing from the old side only, its value there; the empty file lists
+  ``[]`` and ``''`` are one value), sorted by key."""
   a, b = metrics_writer.flatten(old), metrics_writer.flatten(new)
   a = {**{k: v for k, v in ADDED_KEYS.items() if k not in a and k in b}, **a}
-  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if not _same(k, a.get(k), b.get(k))]
 
 
 def resumable(key: str) -> bool:
