@@ -17,8 +17,9 @@ class ByteTokenizer:
   def __init__(self, consistent=True):
     self.consistent = consistent
 
-  def encode(self, text):
-    return [b + 3 for b in text.encode("utf-8")]
+  def encode(self, text, add_special_tokens=False):
+    ids = [b + 3 for b in text.encode("utf-8")]
+    return [self.bos_id] + ids if add_special_tokens else ids
 
   def decode(self, ids):
     return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8")
@@ -88,7 +89,8 @@ def test_every_bad_row_counted_in_data_report(tmp_path):
   ]
   assert tok["rows_read"] == 4 and tok["rows_kept"] == 3
   assert tok["bad_rows"] == {"over_length": 1}
-  assert tok["first_bad_rows"][0]["file"] == "bad.jsonl:9"
+  # Named by file and line as the file has them (not the position in the shuffled split).
+  assert (tok["first_bad_rows"][0]["file"], tok["first_bad_rows"][0]["line"]) == ("bad.jsonl", 9)
   assert tok["notes"] == {"prompt_truncated": 1}
   assert rep["bad_rows_total"] == {
     "undecodable_line": 3,
@@ -119,7 +121,9 @@ def test_truncate_responses_switch(tmp_path):
   assert tok["rows_kept"] == 4 and tok["bad_rows"] == {}
   assert tok["notes"] == {"response_truncated": 1, "prompt_truncated": 1}
   k = [len(x) for x in it.pairs.chosen].index(max(len(x) for x in it.pairs.chosen))
-  assert len(it.pairs.prompt[k]) == 2 and len(it.pairs.chosen[k]) == 48 - 1 - 2  # "p9" + cut
+  # BOS (from the tokenizer, as TRL) + "p9", never cut; the response cut to fit.
+  assert list(it.pairs.prompt[k]) == [1] + ByteTokenizer().encode("p9")
+  assert len(it.pairs.chosen[k]) == 48 - 1 - 2
 
 
 def test_fatal_stops_at_first_bad_row(tmp_path):
@@ -164,8 +168,8 @@ def test_message_format_bad_rows(tmp_path):
     "prompt_only": 1,
     "identical_responses": 1,
   }
-  # A chat template whose prompt rendering is not a prefix of prompt+response.
-  c = _config(tmp_path, "ultrafeedback", str(path))
+  # A chat template whose prompt rendering is not a prefix of prompt+response ('separate').
+  c = _config(tmp_path, "ultrafeedback", str(path), tokenization="separate")
   with pytest.raises(ValueError, match="fewer than one batch"):
     pipeline.make_iterator(c, ByteTokenizer(consistent=False), "train", str(tmp_path / "w"))
   c.batch_size = 1
@@ -183,19 +187,20 @@ def test_template_mismatch_counted(tmp_path):
   ] * 2
   path = tmp_path / "conv.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  c = _config(tmp_path, "trl_conversational", str(path))
+  c = _config(tmp_path, "trl_conversational", str(path), tokenization="separate")
   src_builder = pipeline.builder_from_config(c)
   source = src_builder.as_data_source(split="train")
+  idx = pipeline.shard_indices(len(source), 0, 1)
   rep = report_lib.BadRowReport()
-  pairs = pipeline.tokenize_split(
-    source,
-    pipeline.shard_indices(len(source), 0, 1),
-    ByteTokenizer(consistent=False),
-    c,
-    "pairs",
-    rep,
-  )
+  pairs = pipeline.tokenize_split(source, idx, ByteTokenizer(consistent=False), c, "pairs", rep)
   assert len(pairs) == 0 and dict(rep.bad_rows) == {"template_mismatch": 2}
+  # TRL's way: the completion starts where the token lists diverge; counted, nothing dropped.
+  c.tokenization = "trl"
+  rep = report_lib.BadRowReport()
+  pairs = pipeline.tokenize_split(source, idx, ByteTokenizer(consistent=False), c, "pairs", rep)
+  assert len(pairs) == 2 and not rep.bad_rows and rep.notes["prompt_not_a_token_prefix"] == 2
+  tok = ByteTokenizer()
+  assert tok.decode(pairs.chosen[0]) == "ssistant]a"  # '[A' is shared: '[A]' vs '[Assistant]'
 
 
 def test_hh_bad_rows(tmp_path):
@@ -217,11 +222,11 @@ def test_hh_bad_rows(tmp_path):
 
 def test_tokenizer_that_adds_bos_is_refused(tmp_path):
   class BosTokenizer(ByteTokenizer):
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=False):
       return [self.bos_id] + super().encode(text)
 
   path = tmp_path / "ok.jsonl"
   path.write_bytes(STANDARD_LINES[0] + b"\n")
-  c = _config(tmp_path, "trl_standard", str(path))
+  c = _config(tmp_path, "trl_standard", str(path), tokenization="separate")
   with pytest.raises(ValueError, match="add_bos"):
     pipeline.make_iterator(c, BosTokenizer(), "train", None)

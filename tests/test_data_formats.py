@@ -29,8 +29,9 @@ class ChatByteTokenizer:
 
   vocab_size, pad_id, bos_id, eos_id = 259, 0, 1, 2
 
-  def encode(self, text):
-    return [b + 3 for b in text.encode("utf-8")]
+  def encode(self, text, add_special_tokens=False):
+    ids = [b + 3 for b in text.encode("utf-8")]
+    return [self.bos_id] + ids if add_special_tokens else ids
 
   def decode(self, ids):
     return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8")
@@ -114,7 +115,8 @@ def _msgs(*pairs):
   return [{"role": role, "content": content} for role, content in pairs]
 
 
-def test_trl_conversational_rendered_through_chat_template(tmp_path):
+@pytest.mark.parametrize("tokenization", ["auto", "separate"])
+def test_trl_conversational_rendered_through_chat_template(tmp_path, tokenization):
   rows = [
     {
       "prompt": _msgs(("system", "Be brief."), ("user", "Capital of France?")),
@@ -141,18 +143,22 @@ def test_trl_conversational_rendered_through_chat_template(tmp_path):
   c.shuffle = False
   c.bucket_window = 0
   c.max_length = 160
+  c.tokenization = tokenization
   tok = ChatByteTokenizer()
   it = pipeline.make_iterator(c, tok, "train", str(tmp_path / "work"))
   batch = next(it)
   assert batch["tokens"].shape == (2, 2, 160)  # pair-major
   rows_text = {}
+  separate = tokenization == "separate"
   for row in range(4):  # row = side * 2 + pair
     at = (row % 2, row // 2)
     toks, resp = batch["tokens"][at], batch["response_mask"][at].astype(bool)
     real = batch["attention_mask"][at].astype(bool)
-    assert toks[0] == tok.bos_id
-    rows_text[row] = (tok.decode(toks[real & ~resp][1:]), tok.decode(toks[resp][:-1]))
-    assert toks[resp][-1] == tok.eos_id
+    # 'separate' adds BOS and EOS; TRL's way ('auto' on files) takes the template's tokens only.
+    assert (toks[0] == tok.bos_id) == separate
+    assert (toks[resp][-1] == tok.eos_id) == separate
+    rows_text[row] = (tok.decode(toks[real & ~resp][int(separate):]),
+                      tok.decode(toks[resp][:-1] if separate else toks[resp]))
   k = {int(p): j for j, p in enumerate(batch["pair_index"])}
   sys_prompt = (
     "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of "

@@ -23,17 +23,33 @@ from here to the loss: ``[:, 0]`` is the chosen response of each pair, ``[:, 1]`
 of shape ``[B, T]`` and ``pair_index``, ``reward``/``score`` of shape ``[B]``, with the chosen
 response only.
 
-Tokenisation. The prompt and each response are encoded separately (as TRL does), so a row's
-tokens are exactly the prompt's tokens followed by the response's.
-``tokenizer.encode(text)`` must return the text's ids without BOS/EOS; the pipeline
-adds ``bos_id`` before the prompt (``add_bos``) and ``eos_id`` after each response
-(``add_eos``). If the encoded prompt already starts with ``bos_id`` (a chat template that writes
-the BOS text) and ``add_bos`` is on, that is an error: set ``add_bos=False``. Message-list pairs
-are rendered with ``tokenizer.apply_chat_template``: the prompt with
-``add_generation_prompt=True``, the response as the rest of the rendered prompt+response (which
-must start with the rendered prompt, else the row is ``template_mismatch``).
+Tokenisation (``config.data.tokenization``; ``'auto'``: ``'trl'`` for users' files,
+``'separate'`` for the synthetic task):
 
-Truncation (never drops a response silently):
+- ``'trl'``, as TRL 1.16's ``DPOTrainer._prepare_dataset`` does. Text rows: the prompt and
+  prompt+completion are each tokenised whole with the tokenizer's own special tokens (so BOS as
+  its post-processor says, none for ChatML-style tokenizers), and the EOS id is appended to a
+  completion (``add_eos``) unless its ids already end with it. Message rows: the chat template
+  renders the prompt (``add_generation_prompt=True``) and prompt+completion, each tokenised
+  without added special tokens; no EOS is appended (the template ends the turn). The completion
+  starts where the prompt's ids and prompt+completion's ids diverge (the minimum over chosen and
+  rejected), so ``'Answer: '`` + ``'yes'`` gives ``'Answer', ':' | 'Ġyes'``; a prompt whose ids
+  are not such a prefix is counted as the note ``prompt_not_a_token_prefix``. ``add_bos`` is not
+  used. One difference is documented: a tokenizer whose post-processor itself appends EOS gets
+  one EOS here, two in TRL.
+- ``'separate'``: the prompt and each response are encoded apart (``encode`` adds nothing), the
+  pipeline adds ``bos_id`` before the prompt (``add_bos``) and ``eos_id`` after each response
+  (``add_eos``). If the encoded prompt already starts with ``bos_id`` and ``add_bos`` is on,
+  that is an error. Message rows: the response is the rest of the rendered prompt+response,
+  which must start with the rendered prompt (else the bad row ``template_mismatch``).
+
+A chat template that raises on a row is the bad row ``template_error``; a tokenizer that raises,
+``untokenizable``. A tokenizer without BOS gets none; one without a pad token pads with EOS (as
+TRL). The first 100 rows' tokens may be at most ``max_unk_fraction`` unknown tokens, else
+``report.DataError`` names ``config.tokenizer``.
+
+Truncation (never drops a response silently; ``len(bos)`` is the BOS the row starts with, which
+is never cut):
 
 - ``max_prompt_length > 0`` first keeps the prompt's last ``max_prompt_length`` tokens;
 - the prompt then keeps its last ``max_length - len(bos) - max(len(chosen), len(rejected))``
@@ -83,7 +99,9 @@ refuses a state made for other data, other settings or another process.
     max_length             longest row, in tokens
     max_prompt_length      0 = only max_length limits the prompt
     truncate_responses     see "Truncation"
+    tokenization           'auto' | 'trl' | 'separate' (see "Tokenisation")
     add_bos, add_eos
+    max_unk_fraction       largest fraction of unknown tokens in the first 100 rows (0.01)
     bucket_window, num_buckets, pad_to_multiple    see "Batching"
     shuffle, seed          per-epoch shuffling
     num_epochs             0 = repeat forever
@@ -94,6 +112,9 @@ refuses a state made for other data, other settings or another process.
 
 from __future__ import annotations
 
+import collections
+
+from absl import logging
 import ml_collections
 import numpy as np
 
@@ -102,8 +123,8 @@ from midpo.data import report as report_lib
 from midpo.data import sources
 from midpo.data import tfds_builders
 from midpo.data.iterator import PreferenceBatchIterator, real_token_fraction, round_up
-from midpo.data.tokenize import (MODES, TRANSFORMS, TokenizedPairs, Tokenizer,
-                                 oracle_token_weights, tokenize_split)
+from midpo.data.tokenize import (MODES, TOKENIZATIONS, TRANSFORMS, TokenizedPairs, Tokenizer,
+                                 oracle_token_weights, resolve_tokenization, tokenize_split)
 
 SOURCES = ("synthetic", "files")
 TOKEN_WEIGHTS = ("none", "oracle")
@@ -135,8 +156,10 @@ def default_config() -> ml_collections.ConfigDict:
       "max_length": 128,
       "max_prompt_length": 0,
       "truncate_responses": False,
+      "tokenization": "auto",
       "add_bos": True,
       "add_eos": True,
+      "max_unk_fraction": 0.01,
       "bucket_window": 32,
       "num_buckets": 8,
       "pad_to_multiple": 1,
@@ -178,6 +201,13 @@ def validate_config(c) -> None:
     "max_prompt_length",
     "must be > 0 when truncate_responses is on",
   )
+  check(c.tokenization in TOKENIZATIONS, "tokenization", f"must be one of {TOKENIZATIONS}")
+  check(
+    c.tokenization != "trl" or c.source == "files",
+    "tokenization",
+    "'trl' joins prompt and completion texts; the synthetic task's rows need 'separate'",
+  )
+  check(0 <= c.max_unk_fraction <= 1, "max_unk_fraction", "must be in [0, 1]")
   check(c.bucket_window >= 0, "bucket_window", "must be >= 0")
   check(c.pad_to_multiple >= 1, "pad_to_multiple", "must be >= 1")
   check(c.num_buckets >= 0, "num_buckets", "must be >= 0")
@@ -275,12 +305,42 @@ def make_iterator(
 ) -> PreferenceBatchIterator:
   """``config.data`` -> this process's iterator over ``split``; writes ``data_report.json``."""
   validate_config(c)
-  builder = builder_from_config(c, build=build)
+  if tokenizer.pad_id is None:
+    raise report_lib.DataError(
+      "config.tokenizer: the tokenizer has neither a pad token nor an EOS token to pad with")
+  try:
+    builder = builder_from_config(c, build=build)
+  except tfds_builders.EmptySplitError as e:
+    if workdir is not None:
+      report_lib.write_data_report(workdir, {f"{e.split}/build": e.report},
+                                   process_index=process_index, process_count=process_count)
+    raise report_lib.DataError(
+      f"{e.split!r}: no row of {e.report['rows_read']} was kept; "
+      f"{_top_reasons({'b': e.report})}") from None
   source = builder.as_data_source(split=split)
   build_rep = tfds_builders.build_report(builder, split)
   rep = report_lib.BadRowReport(c.bad_rows, c.max_reported_bad_rows)
   indices = shard_indices(len(source), process_index, process_count)
   pairs = tokenize_split(source, indices, tokenizer, c, mode, rep)
+  stages = {f"{split}/build": build_rep, f"{split}/tokenize/{mode}": rep.to_dict()}
+  first = int(indices[0]) if len(indices) else 0
+  stages[f"{split}/tokenize/{mode}"]["shard"] = {
+    "process_index": process_index,
+    "process_count": process_count,
+    "rows_in_split": len(source),
+    "first": first,
+    "stop": first + len(indices),
+  }
+  logging.info("%s", summary_line(split, mode, stages, process_index, process_count))
+  report_path = None
+  if workdir is not None:
+    report_path = report_lib.write_data_report(
+      workdir, stages, process_index=process_index, process_count=process_count)
+  if len(pairs) < c.batch_size:
+    raise report_lib.DataError(
+      f"{split!r}: {len(pairs)} rows left on process {process_index} of {process_count}, fewer "
+      f"than one batch (config.data.batch_size={c.batch_size}); "
+      f"{_top_reasons(stages)} (details: {report_path or 'data_report.json'})")
   it = PreferenceBatchIterator(
     pairs,
     batch_size=c.batch_size,
@@ -297,18 +357,9 @@ def make_iterator(
     process_count=process_count,
   )
   if workdir is not None:
-    tok_rep = rep.to_dict()
-    first = int(indices[0]) if len(indices) else 0
-    tok_rep["shard"] = {
-      "process_index": process_index,
-      "process_count": process_count,
-      "rows_in_split": len(source),
-      "first": first,
-      "stop": first + len(indices),
-    }
     it.report_path = report_lib.write_data_report(
       workdir,
-      {f"{split}/build": build_rep, f"{split}/tokenize/{mode}": tok_rep},
+      stages,
       batches={f"{split}/{mode}": it.stats()},
       process_index=process_index,
       process_count=process_count,
@@ -316,9 +367,40 @@ def make_iterator(
   return it
 
 
+def _top_reasons(stages: dict, k: int = 3) -> str:
+  counts = collections.Counter()
+  for stage in stages.values():
+    counts.update(stage["bad_rows"])
+  if not counts:
+    return "no row was skipped"
+  top = ", ".join(f"{n} {reason}" for reason, n in counts.most_common(k))
+  return f"skipped {sum(counts.values())} rows, most for: {top}"
+
+
+def summary_line(split: str, mode: str, stages: dict, process_index: int = 0,
+                 process_count: int = 1) -> str:
+  """One console line for a split: rows read, kept, skipped by reason, truncated."""
+  build, tok = stages[f"{split}/build"], stages[f"{split}/tokenize/{mode}"]
+  skipped = collections.Counter(build["bad_rows"]) + collections.Counter(tok["bad_rows"])
+  notes = collections.Counter(build.get("notes", {})) + collections.Counter(tok.get("notes", {}))
+  where = f" (process {process_index} of {process_count})" if process_count > 1 else ""
+  line = (f"data {split}/{mode}{where}: read {build['rows_read']} rows, kept "
+          f"{tok['rows_kept']}; skipped {sum(skipped.values())}")
+  if skipped:
+    line += " (" + ", ".join(f"{r} {n}" for r, n in sorted(skipped.items())) + ")"
+  trunc = {k: notes[k] for k in ("prompt_truncated", "response_truncated") if notes[k]}
+  line += "; truncated: " + (", ".join(f"{k.split('_')[0]} {n}" for k, n in trunc.items())
+                             if trunc else "none")
+  if notes["prompt_not_a_token_prefix"]:
+    line += (f"; {notes['prompt_not_a_token_prefix']} prompts are not a token prefix of "
+             "prompt+completion (split where they diverge, as TRL does)")
+  return line
+
+
 __all__ = [
-    "MODES", "PreferenceBatchIterator", "SOURCES", "TOKEN_WEIGHTS", "TRANSFORMS",
+    "MODES", "PreferenceBatchIterator", "SOURCES", "TOKENIZATIONS", "TOKEN_WEIGHTS", "TRANSFORMS",
     "TokenizedPairs", "Tokenizer", "builder_from_config", "default_config", "make_iterator",
-    "oracle_token_weights", "real_token_fraction", "round_up", "shard_indices",
+    "oracle_token_weights", "real_token_fraction", "resolve_tokenization", "round_up",
+    "shard_indices", "summary_line",
     "tokenize_split", "validate_config",
 ]

@@ -12,6 +12,7 @@ raises :class:`BadRowError` at the first bad row, naming file, line and reason.
 
     {
       "schema_version": 1,
+      "writer": str,                             # the process that wrote it (pid-start time)
       "process_index": int, "process_count": int,
       "stages": {
         "<split>/build": STAGE,                  # parsing files / generating (whole split)
@@ -39,6 +40,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import time
 from typing import Any, Iterable, Mapping
 
 from midpo import files
@@ -55,8 +57,11 @@ IDENTICAL_RESPONSES = "identical_responses"  # chosen equals rejected
 MALFORMED_TRANSCRIPT = "malformed_transcript"
 # Message lists: not a list of {role, content}, or no shared prompt before the replies.
 MALFORMED_MESSAGES = "malformed_messages"
-# The chat template's rendering of the prompt is not a prefix of its prompt+response rendering.
+# The chat template's rendering of the prompt is not a prefix of its prompt+response rendering
+# (tokenization 'separate' only; 'trl' splits where the token lists diverge).
 TEMPLATE_MISMATCH = "template_mismatch"
+TEMPLATE_ERROR = "template_error"  # the chat template raised on this row's messages
+UNTOKENIZABLE = "untokenizable"  # the tokenizer raised on this row's text
 OVER_LENGTH = "over_length"  # a response does not fit max_length even with an empty prompt
 
 REASONS = (
@@ -70,15 +75,24 @@ REASONS = (
   MALFORMED_TRANSCRIPT,
   MALFORMED_MESSAGES,
   TEMPLATE_MISMATCH,
+  TEMPLATE_ERROR,
+  UNTOKENIZABLE,
   OVER_LENGTH,
 )
 
 POLICIES = ("skip", "fatal")
 SCHEMA_VERSION = 1
+# This process (pid and start time): the report holds what this run read, nothing older.
+WRITER = f"{os.getpid()}-{time.time_ns()}"
 
 
-class BadRowError(ValueError):
-  """Raised under the 'fatal' policy at the first bad row."""
+class DataError(ValueError):
+  """The data cannot make a run (too few rows left, a tokenizer that does not fit it); the
+  message says why and what to change. ``data_report.json`` is written before it is raised."""
+
+
+class BadRowError(DataError):
+  """Raised under the 'fatal' policy at the first bad row, naming its file and line."""
 
 
 class BadRow(Exception):
@@ -174,8 +188,9 @@ def write_data_report(
 ) -> str:
   """Writes or updates the report (schema in the module docstring); returns its path.
 
-  Stages and batch statistics already in the file under other names are kept (a run that
-  loads 'train' and then 'test' has both in one report); the same names are replaced.
+  Stages and batch statistics this process wrote before under other names are kept (a run
+  that loads 'train' and then 'test' has both in one report); the same names are replaced. A
+  report written by another process (an earlier run in the same workdir) is replaced whole.
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, data_report_filename(process_index, process_count))
@@ -183,12 +198,9 @@ def write_data_report(
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       old = json.load(f)
-    if old.get("schema_version") != SCHEMA_VERSION:
-      raise ValueError(
-        f"{path}: schema_version {old.get('schema_version')} != "
-        f"{SCHEMA_VERSION}; move the old report away"
-      )
-    old_stages, old_batches = old["stages"], old["batches"]
+    # A report left by an earlier run (an earlier process) is replaced, not added to.
+    if old.get("schema_version") == SCHEMA_VERSION and old.get("writer") == WRITER:
+      old_stages, old_batches = old["stages"], old["batches"]
   stages = {**old_stages, **{k: dict(v) for k, v in stages.items()}}
   total: collections.Counter[str] = collections.Counter()
   for stage in stages.values():
@@ -196,6 +208,7 @@ def write_data_report(
     total.update(stage["bad_rows"])
   report = {
     "schema_version": SCHEMA_VERSION,
+    "writer": WRITER,
     "process_index": int(process_index),
     "process_count": int(process_count),
     "stages": dict(sorted(stages.items())),

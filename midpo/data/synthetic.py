@@ -69,7 +69,7 @@ class SyntheticTokenizer:
   """Word-level tokenizer of the synthetic language; implements the project's tokenizer protocol.
 
   ``encode`` splits on whitespace and maps each word to its id (unknown words to ``unk_id``); it
-  adds no BOS/EOS (the pipeline does). ``decode`` joins words with single spaces and leaves out
+  adds no BOS/EOS (the pipeline does) unless ``add_special_tokens`` (then a BOS). ``decode`` joins words with single spaces and leaves out
   ``<pad>``, ``<bos>`` and ``<eos>``. The chat template renders each message as
   ``<role> content`` joined by spaces, and ``add_generation_prompt`` appends ``<assistant>``.
   """
@@ -98,9 +98,10 @@ class SyntheticTokenizer:
   def unk_id(self) -> int:
     return self._ids["<unk>"]
 
-  def encode(self, text: str) -> list[int]:
+  def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
     unk = self.unk_id
-    return [self._ids.get(w, unk) for w in text.split()]
+    ids = [self._ids.get(w, unk) for w in text.split()]
+    return [self.bos_id] + ids if add_special_tokens else ids
 
   def decode(self, ids: Sequence[int]) -> str:
     skip = (self.pad_id, self.bos_id, self.eos_id)

@@ -291,6 +291,14 @@ class SyntheticPreferences(tfds.core.GeneratorBasedBuilder):
         index += 1
 
 
+class EmptySplitError(report_lib.DataError):
+  """No row of a split was kept; carries the split's build report (``report``)."""
+
+  def __init__(self, split: str, report: dict):
+    super().__init__(f"{split!r}: no row of {report['rows_read']} was kept")
+    self.split, self.report = split, report
+
+
 # ----------------------------------------------------------------------------------------------
 # Users' files.
 
@@ -359,16 +367,8 @@ class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
       builder=self,
       description="Preference pairs read from local JSONL/JSON/Parquet files.",
       features=tfds.features.FeaturesDict(
-        {
-          "prompt": _text_feature(),
-          "chosen": _text_feature(),
-          "rejected": _text_feature(),
-          "kind": _text_feature(),
-          "source": _text_feature(),
-          "index": np.int64,
-          "score_chosen": np.float32,
-          "score_rejected": np.float32,
-        }
+        {**{k: _text_feature() for k in ("prompt", "chosen", "rejected", "kind", "source")},
+         "index": np.int64, "score_chosen": np.float32, "score_rejected": np.float32}
       ),
       metadata=tfds.core.MetadataDict(),
     )
@@ -384,20 +384,11 @@ class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, paths: Sequence[str]):
     cfg = self.builder_config
     rep = report_lib.BadRowReport(cfg.bad_rows, cfg.max_reported)
+    i = -1
     for i, (name, line, pair) in enumerate(formats.iter_pairs(cfg.format, list(paths), rep)):
-      yield (
-        i,
-        {
-          "prompt": pair.prompt,
-          "chosen": pair.chosen,
-          "rejected": pair.rejected,
-          "kind": pair.kind,
-          "source": f"{name}:{line}",
-          "index": i,
-          "score_chosen": pair.score_chosen,
-          "score_rejected": pair.score_rejected,
-        },
-      )
+      yield i, {**dataclasses.asdict(pair), "source": f"{name}:{line}", "index": i}
+    if i < 0:
+      raise EmptySplitError(split, rep.to_dict())  # before TFDS's "No examples were yielded"
     self.info.metadata[f"{split}/build"] = rep.to_dict()
 
 

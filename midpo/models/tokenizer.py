@@ -44,6 +44,9 @@ class Tokenizer(Protocol):
   @property
   def pad_id(self) -> int | None: ...
 
+  @property
+  def unk_id(self) -> int | None: ...  # None: the tokenizer has no unknown token.
+
   def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]: ...
 
   def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str: ...
@@ -123,6 +126,7 @@ class ByteTokenizer:
   bos_id = property(lambda self: self.BOS)
   eos_id = property(lambda self: self.EOS)
   pad_id = property(lambda self: self.PAD)
+  unk_id = property(lambda self: None)  # every text has bytes
 
   def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
     ids = list(text.encode("utf-8"))
@@ -210,7 +214,9 @@ class HFTokenizer:
   vocab_size = property(lambda self: self._vocab_size)
   bos_id = property(lambda self: self._ids.get("bos_token"))
   eos_id = property(lambda self: self._ids.get("eos_token"))
-  pad_id = property(lambda self: self._ids.get("pad_token"))
+  # No pad token (Llama 3 ships none): the EOS, as TRL and transformers' collators fall back.
+  pad_id = property(lambda self: self._ids.get("pad_token", self._ids.get("eos_token")))
+  unk_id = property(lambda self: self._ids.get("unk_token"))
 
   def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
     return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
