@@ -2,7 +2,9 @@
 
 Reported in ``eval.json`` (means with standard errors over prompts):
 
-* ``reward``: the known reward ``r*(x, y)`` of sampled responses (synthetic task);
+* ``reward``: the known reward ``r*(x, y)`` of sampled responses (synthetic task;
+  on users' files, which have none, ``eval.json``'s ``not_measured`` says what
+  is left out and why, and the prompts are those of ``data.files.test_files``);
 * ``kl``: the sequence ``KL(policy || reference)`` estimated from the policy's
   own samples, ``mean(log pi(y|x) - log pi_ref(y|x))``;
 * ``length``: response length in tokens (the final EOS included);
@@ -41,7 +43,7 @@ from absl import logging
 from midpo import files, sampling
 from midpo.algorithms.mi import estimate as mi_estimate
 from midpo.core import priors
-from midpo.data import synthetic
+from midpo.data import pipeline, synthetic
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
 from midpo.training import inputs, metrics_writer, preference, provenance
@@ -120,6 +122,49 @@ def label_free_margins(env, evaluator, policy, prior_params, frozen: dict,
   return float(loss), z, (z - z_swapped) / 2
 
 
+# What an evaluation on users' files cannot report, and why (eval.json's "not_measured").
+NOT_MEASURED_ON_FILES = {
+    "reward": "users' files have no true reward r*(x, y) to score samples with",
+    "win_rate": "needs a true reward (or a judge) to compare two samples",
+    "mutual_information": "the estimate's prior zeta* is fitted on the synthetic task's prompts",
+}
+
+
+def heldout_prompts(env) -> list:
+  """The evaluation's prompts: ``eval.num_prompts`` of the synthetic task's
+  'test' prompts (text), or the first distinct prompts of the users' 'test'
+  split (``data.files.test_files``) as the pipeline tokenises them (ids, BOS
+  included), in the files' order."""
+  config = env.config
+  if config.data.source == "synthetic":
+    return synthetic.prompts(config.data.synthetic.seed, "test", config.eval.num_prompts)
+  c = env.data_config()
+  c.batch_size, c.shuffle = 1, False
+  it = pipeline.make_iterator(c, env.tokenizer, "test", None, mode="sft", build=False)
+  seen, out = set(), []
+  for k in np.argsort(it.pairs.pair_index, kind="stable"):
+    ids = tuple(int(i) for i in np.concatenate([it.pairs.prefix, it.pairs.prompt[k]]))
+    if ids not in seen:
+      seen.add(ids)
+      out.append(list(ids))
+    if len(out) == config.eval.num_prompts:
+      break
+  return out
+
+
+def decode_sample(tok, ids) -> str:
+  """Sampled ids as text; an id of the model's padded vocabulary that the tokenizer lacks (an
+  undertrained model samples them) is written as U+FFFD, one per id, not dropped."""
+  out, run = [], []
+  for i in ids:
+    if 0 <= int(i) < tok.vocab_size:
+      run.append(int(i))
+    else:
+      out += [tok.decode(run), "\ufffd"]
+      run = []
+  return "".join(out + [tok.decode(run)])
+
+
 class _Context:
   """What every evaluated model shares: the held-out prompts, the sampling
   key, the reference and its samples (sampled once) and their rewards."""
@@ -128,7 +173,7 @@ class _Context:
     config = env.config
     self.reference = reference
     self.key = jax.random.fold_in(jax.random.key(config.seed), 3)
-    self.prompts = synthetic.prompts(config.data.synthetic.seed, "test", config.eval.num_prompts)
+    self.prompts = heldout_prompts(env)
     self.ref = sampling.sample(env, reference, self.prompts, jax.random.fold_in(self.key, 1))
     self.rewards = None
     if config.data.source == "synthetic":
@@ -295,7 +340,9 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
       "reference": _reference_summary(env, ctx,
                                       config.eval.reference_mutual_information),
   }
-  decode = lambda ids: env.tokenizer.decode(ids)
+  if config.data.source == "files":
+    results["not_measured"] = NOT_MEASURED_ON_FILES
+  decode = lambda ids: decode_sample(env.tokenizer, ids)
   # Along training only when the run trained a policy (not a reference-only evaluation).
   along = bool(config.eval.every) and os.path.isdir(preference.preference_dir(env))
   loader = preference.SnapshotLoader(env, reference, pairs or {})
@@ -336,7 +383,8 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
     files.write_json(os.path.join(env.workdir, "eval.json"), results)
     lines = []
     for i in range(min(32, len(prompts))):
-      row = {"prompt": prompts[i], "policy": decode(pol.responses[i]),
+      prompt = prompts[i] if isinstance(prompts[i], str) else decode(prompts[i])
+      row = {"prompt": prompt, "policy": decode(pol.responses[i]),
              "reference": decode(ref.responses[i])}
       if r_pol is not None:
         row.update(policy_reward=float(r_pol[i]), reference_reward=float(r_ref[i]))

@@ -63,8 +63,11 @@ def summary(name: str, values) -> dict:
   return {name: m, f"{name}_se": se}
 
 
-def prompt_ids(env, prompt: str) -> list[int]:
-  """A prompt's token ids as the data pipeline writes them (with BOS when ``add_bos``)."""
+def prompt_ids(env, prompt: str | Sequence[int]) -> list[int]:
+  """A prompt's token ids as the data pipeline writes them (with BOS when ``add_bos``); a
+  prompt given as ids (users' files, tokenised by the pipeline) is returned as it is."""
+  if not isinstance(prompt, str):
+    return [int(i) for i in prompt]
   tok = env.tokenizer
   ids = list(tok.encode(prompt))
   if env.config.data.add_bos and tok.bos_id is not None:
@@ -131,15 +134,16 @@ def _process_chunks(env, items: Sequence, what: str):
     yield real, chunk[env.process_index * per_process:(env.process_index + 1) * per_process]
 
 
-def sample(env, params: PyTree, prompts: Sequence[str], rng, *,
+def sample(env, params: PyTree, prompts: Sequence[str | Sequence[int]], rng, *,
            temperature: float | None = None) -> Samples:
-  """One response per prompt from the policy architecture with ``params`` (at
-  ``eval.temperature`` unless ``temperature`` is given; at most
-  ``eval.max_new_tokens`` tokens)."""
+  """One response per prompt (text, or token ids with BOS as the pipeline gives them) from
+  the policy architecture with ``params`` (at ``eval.temperature`` unless ``temperature`` is
+  given; at most ``eval.max_new_tokens`` tokens)."""
   c = env.config.eval
   temperature = c.temperature if temperature is None else temperature
   model = nnx.merge(env.graphdef, params)
-  width = max(len(env.tokenizer.encode(p)) for p in prompts) + 1
+  width = max(len(env.tokenizer.encode(p)) + 1 if isinstance(p, str) else len(p)
+              for p in prompts)
   responses, lengths, logps, finished = [], [], [], []
   for i, (real, mine) in enumerate(_process_chunks(env, prompts, "sampling")):
     tokens, mask = _encode_prompts(env, mine, width)

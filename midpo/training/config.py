@@ -173,9 +173,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   if config.pairs_from == "reference" and config.data.source != "synthetic":
     fail("pairs_from", "'reference' pairs are labelled by the synthetic task's known reward; "
           "use 'dataset' with data.source='files'")
-  if "eval" in stages and config.data.source != "synthetic":
-    fail("stages", "the 'eval' stage samples the synthetic task's held-out prompts and scores "
-          "them with its known reward; with data.source='files' leave it out")
   if config.train.reference not in REFERENCE_MODES:
     fail("train.reference", f"must be one of {REFERENCE_MODES}; got {config.train.reference!r}")
   if config.train.prior_update not in PRIOR_UPDATES:
@@ -222,6 +219,16 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     pipeline.validate_config(data)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if config.data.source == "files":
+    test_files = config.data.files.test_files
+    if "eval" in stages and not test_files:
+      fail("data.files.test_files", "the 'eval' stage on your files needs held-out pairs: set "
+           "it, or leave 'eval' out of config.stages")
+    if test_files and "eval" not in stages and not (
+        "preference" in stages and config.train.get("diagnostics_every", 0)
+        and make_prior(config).has_params):
+      fail("data.files.test_files", "is set but nothing in this run reads it: add 'eval' to "
+           "config.stages (or clear it)")
   prior = make_prior(config)
   loss_config = make_loss_config(config)
   try:

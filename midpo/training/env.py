@@ -232,9 +232,12 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 
 def make_tokenizer(config):
-  """``config.tokenizer``: 'synthetic', 'byte' or a directory with tokenizer.json."""
+  """``config.tokenizer``: 'synthetic', 'byte', a directory with tokenizer.json, or 'auto'
+  (the checkpoint's, ``config.model.hf_path``, when set; else 'byte')."""
   if config.tokenizer == "synthetic":
     return synthetic.SyntheticTokenizer()
+  if config.tokenizer == "auto":
+    return tokenizer_lib.load_tokenizer(config.model.hf_path or "byte")
   return tokenizer_lib.load_tokenizer(config.tokenizer)
 
 

@@ -1,4 +1,5 @@
-"""The SFT stage: the reference (and initial policy) by maximum likelihood."""
+"""The SFT stage: the reference (and initial policy) by maximum likelihood, on the synthetic
+task's 'sft' split or, for users' files, the prompts and chosen responses of 'train'."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from midpo.core import stats
@@ -36,10 +38,17 @@ def run_sft(env: env_lib.Env) -> PyTree:
   checkpoint's, or trained here on the SFT split (``<workdir>/sft``)."""
   config = env.config
   if config.sft.checkpoint:
+    if "sft" in config.stages:
+      logging.info("sft stage skipped: the reference is config.sft.checkpoint's")
     return env_lib.restore_params(env, config.sft.checkpoint)
   if config.model.hf_path:
+    if "sft" in config.stages:
+      logging.info("sft stage skipped: the reference is the checkpoint config.model.hf_path")
     return env_lib.load_hf_params(env)
-  it = env.batches(env.data_config(), "sft", mode="sft")
+  # Users' files: SFT on the prompts and chosen responses of the training pairs (the DPO
+  # paper's SFT on preferred completions); the synthetic task has its own 'sft' split.
+  split = "sft" if config.data.source == "synthetic" else "train"
+  it = env.batches(env.data_config(), split, mode="sft")
   params = env_lib.init_params(env, config.seed)
   tx = optim.adamw(config.sft.learning_rate, config.sft.warmup_steps, config.sft.steps,
                    config.sft.weight_decay, 1.0)

@@ -111,6 +111,11 @@ def validate_config(config) -> None:
   if e.mutual_information not in MODES:
     config_lib.fail("eval.mutual_information", f"must be one of {MODES}; got "
                     f"{e.mutual_information!r}")
+  if config.data.source == "files" and "eval" in config.stages and (
+      e.mutual_information != "none" or e.reference_mutual_information):
+    config_lib.fail("eval.mutual_information", "the estimate fits zeta* on the synthetic "
+                    "task's prompts; with data.source='files' set it to 'none' and "
+                    "eval.reference_mutual_information=False (configs/own_data.py does)")
   for key in ("mi_samples", "mi_steps", "mi_batch_size"):
     if not isinstance(e[key], int) or e[key] < 1:
       config_lib.fail(f"eval.{key}", f"must be a positive int; got {e[key]!r}")
