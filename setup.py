@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "ml_dtypes==0.6.0",
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
+    # model.hf_path given as a Hub id (snapshot_download; tokenizers requires it too).
+    "huggingface_hub==2.4.0",
     # Parquet preference files (midpo.data imports it only for those).
     "pyarrow==26.0.1",
     # Chat templates of tokenizer_config.json files, rendered as transformers does.

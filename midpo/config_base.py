@@ -82,7 +82,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # -- model and tokenizer --------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.name = "tiny"          # a built-in config (midpo.models.config), or ...
-  c.model.hf_path = ""           # ... a local Hugging Face checkpoint directory
+  c.model.hf_path = ""           # ... a Hugging Face checkpoint directory (or Hub id)
   c.model.dtype = "float32"      # compute dtype
   c.model.param_dtype = "float32"
   c.model.remat = "none"

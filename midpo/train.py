@@ -29,6 +29,7 @@ from midpo import algorithms  # noqa: F401  (registers every published algorithm
 from midpo import files, sampling
 from midpo import evaluate as eval_lib
 from midpo.data import report as data_report
+from midpo.models import hub
 from midpo.training import checkpoint as ckpt_lib
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
@@ -39,7 +40,8 @@ from midpo.training import export, loop, metrics_writer, preference, run_identit
 # too few rows, a bad row under 'fatal', a tokenizer that does not fit the
 # data): ``midpo.main`` prints their one-line message, without a traceback,
 # and exits with code 2.
-USER_ERRORS = (config_lib.ConfigError, run_identity.WorkdirInUse, data_report.DataError)
+USER_ERRORS = (config_lib.ConfigError, run_identity.WorkdirInUse, data_report.DataError,
+               hub.HubError)
 # A run that stopped for a reason its message states in full (a divergence, no
 # readable checkpoint): the same, with code 1.
 RUN_ERRORS = (loop.Diverged, ckpt_lib.CheckpointError)

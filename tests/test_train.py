@@ -181,6 +181,9 @@ def test_learned_prior_on_users_files_without_a_test_split(shared, tmp_path, cap
       "sft.checkpoint": shared["sft"], "stages": ("preference",), "train.steps": 3,
       "data.source": "files", "data.files.format": "trl_standard",
       "data.files.train_files": [str(path)], "data.data_dir": str(tmp_path / "tfds"),
+      # The synthetic language's words, prompt and response apart (TRL's joined texts would
+      # glue the prompt's last word to the response's first).
+      "data.tokenization": "separate",
       "train.diagnostics_every": 1, "baselines": ()})
   with caplog.at_level("WARNING"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -417,7 +420,9 @@ def test_dice_pair_selection_is_length_regularised():
     ({"prior.name": "mi", "train.prior_batch_size": 512},
      r"config.train.prior_batch_size: 512 is more than the 256 samples"),
     ({"prior.name": "mi", "data.source": "files", "stages": ("sft", "preference"),
-      "pairs_from": "dataset"}, r"config.prior.name: prior 'mi' samples the policy"),
+      "pairs_from": "dataset", "data.files.train_files": str(tu.ROOT / "tests" / "golden" /
+                                                              "preference_step.json")},
+     r"config.prior.name: prior 'mi' samples the policy"),  # (any file: only named here)
     ({"prior.name": "ema", "prior.decay": 1.5}, r"config.prior: prior 'ema': decay must be"),
     ({"baselines": ("dpo", "sparsepo")}, r"config.baselines: prior 'sparsepo' needs parameters"),
     ({"baselines": ("dop",)}, r"config.baselines: unknown prior 'dop'"),

@@ -20,6 +20,7 @@ import ml_collections
 
 from midpo.core import losses, priors
 from midpo.data import pipeline
+from midpo.models import hub
 
 STAGES = ("sft", "preference", "eval")
 PAIRS_FROM = ("dataset", "reference")
@@ -199,8 +200,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     value = _get(config, key)
     if not is_number(value) or not math.isfinite(value) or value < 0:
       fail(key, f"must be a finite number >= 0 (0: off); got {value!r}")
-  if config.model.hf_path and not os.path.isdir(config.model.hf_path):
-    fail("model.hf_path", f"{config.model.hf_path!r} is not a directory")
+  if config.model.hf_path and not (os.path.isdir(config.model.hf_path)
+                                   or hub.is_hub_id(config.model.hf_path)):
+    fail("model.hf_path", f"{config.model.hf_path!r} is not a directory (nor a Hub id, "
+         "org/name)")
   if config.pairs_file and config.pairs_from != "reference":
     fail("pairs_file", "is a file of pairs sampled from the reference: set pairs_from="
          "'reference' or leave it empty")

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from midpo.data import batches as batches_lib
 from midpo.data import pipeline, synthetic
 from midpo.models import config as model_config_lib
-from midpo.models import hf_checkpoint, sharding
+from midpo.models import hf_checkpoint, hub, sharding
 from midpo.models import tokenizer as tokenizer_lib
 from midpo.models import transformer
 from midpo.training import checkpoint as ckpt_lib
@@ -237,7 +237,8 @@ def make_tokenizer(config):
   if config.tokenizer == "synthetic":
     return synthetic.SyntheticTokenizer()
   if config.tokenizer == "auto":
-    return tokenizer_lib.load_tokenizer(config.model.hf_path or "byte")
+    return tokenizer_lib.load_tokenizer(hub.local_dir(config.model.hf_path)
+                                        if config.model.hf_path else "byte")
   return tokenizer_lib.load_tokenizer(config.tokenizer)
 
 
@@ -249,7 +250,7 @@ def make_model_config(config, tok) -> model_config_lib.ModelConfig:
   if config.model.scan_layers is not None:
     overrides["scan_layers"] = bool(config.model.scan_layers)
   if config.model.hf_path:
-    mc = hf_checkpoint.read_hf_config(config.model.hf_path, **overrides)
+    mc = hf_checkpoint.read_hf_config(hub.local_dir(config.model.hf_path), **overrides)
   else:
     try:
       base = model_config_lib.get_config(config.model.name)
@@ -307,7 +308,8 @@ def abstract_params(env: Env, model_config=None) -> PyTree:
 def load_hf_params(env: Env) -> PyTree:
   """The parameters of the local Hugging Face checkpoint ``config.model.hf_path``."""
   c = env.config.model
-  model = hf_checkpoint.load_hf_checkpoint(c.hf_path, mesh=env.mesh, dtype=c.dtype,
+  model = hf_checkpoint.load_hf_checkpoint(hub.local_dir(c.hf_path), mesh=env.mesh,
+                                           dtype=c.dtype,
                                            param_dtype=c.param_dtype, remat=c.remat)
   return nnx.to_pure_dict(nnx.state(model))
 

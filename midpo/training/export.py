@@ -8,7 +8,7 @@ from typing import Any
 
 from absl import logging
 
-from midpo.models import hf_checkpoint
+from midpo.models import hf_checkpoint, hub
 from midpo.training import env as env_lib
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -24,7 +24,7 @@ def export_hf(env: env_lib.Env, policy: Any) -> str:
                                            dtype=env.config.model.param_dtype)
   if env.process_index == 0:
     for name in TOKENIZER_FILES:
-      src = os.path.join(env.config.model.hf_path, name)
+      src = os.path.join(hub.local_dir(env.config.model.hf_path), name)
       if os.path.exists(src):
         shutil.copy(src, os.path.join(path, name))
   logging.info("exported the policy in Hugging Face format to %s (%d files)", path, len(files))

@@ -1,0 +1,63 @@
+"""Where a checkpoint named by ``config.model.hf_path`` lives on this machine.
+
+A local directory is used as it is. Anything else that has the shape of a Hugging Face Hub id
+(``org/name``, optionally ``org/name@revision``) is fetched with ``huggingface_hub``'s
+ordinary ``snapshot_download`` (its cache, its ``HF_HOME`` / ``HF_HUB_CACHE``, its token), only
+the files a checkpoint needs. Offline mode (``HF_HUB_OFFLINE=1``) is honoured: the cached
+snapshot is used, and without one the error says how to get it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+# What a causal-LM checkpoint directory needs (config, weights, tokenizer, template).
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[\w./-]+)?$")
+
+_resolved: dict[str, str] = {}
+
+
+class HubError(ValueError):
+  """A checkpoint that is neither a local directory nor a reachable Hub id."""
+
+
+def is_hub_id(path: str) -> bool:
+  """Whether ``path`` is not a local directory but has the shape of a Hub id."""
+  return not os.path.isdir(path) and bool(_HUB_ID.match(path))
+
+
+def local_dir(path: str) -> str:
+  """The local directory of checkpoint ``path`` (a directory, or a Hub id downloaded once per
+  process).
+
+  Raises:
+    HubError: ``path`` is neither; or it is a Hub id that cannot be fetched (offline without
+      a cached snapshot, no network, no access), the message naming the key and the fix.
+  """
+  if os.path.isdir(path):
+    return path
+  if path in _resolved:
+    return _resolved[path]
+  if not _HUB_ID.match(path):
+    raise HubError(f"config.model.hf_path: {path!r} is not a directory nor a Hub id (org/name)")
+  repo_id, _, revision = path.partition("@")
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
+
+  try:
+    local = huggingface_hub.snapshot_download(repo_id, revision=revision or None,
+                                              allow_patterns=list(CHECKPOINT_FILES))
+  except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:
+    raise HubError(
+        f"config.model.hf_path: {path!r} is not a local directory, and no snapshot of it is "
+        f"cached while the Hub cannot be reached (no network, or offline mode: "
+        f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}); download it where there "
+        f"is a network (`hf download {repo_id}`) and pass the directory ({type(e).__name__})"
+    ) from None
+  except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
+          errors.GatedRepoError) as e:
+    raise HubError(f"config.model.hf_path: {path!r}: {type(e).__name__}: {e}") from None
+  _resolved[path] = local
+  return local
