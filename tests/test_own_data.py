@@ -104,18 +104,8 @@ def test_readme_own_checkpoint_command(tmp_path):
 
 
 def _own(**overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("own_data", tu.ROOT / "configs" / "own_data.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  import importlib
+  return tu.apply_overrides(importlib.import_module("configs.own_data").get_config(), overrides)
 
 
 def test_stage_and_data_problems_are_config_errors(tmp_path):
