@@ -232,13 +232,16 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 
 def make_tokenizer(config):
-  """``config.tokenizer``: 'synthetic', 'byte', a directory with tokenizer.json, or 'auto'
-  (the checkpoint's, ``config.model.hf_path``, when set; else 'byte')."""
+  """``config.tokenizer``: 'synthetic', 'byte', a directory with tokenizer.json (or a Hub
+  id, ``midpo.models.hub``), or 'auto' (the checkpoint's, ``config.model.hf_path``, when
+  set; else 'byte')."""
   if config.tokenizer == "synthetic":
     return synthetic.SyntheticTokenizer()
   if config.tokenizer == "auto":
     return tokenizer_lib.load_tokenizer(hub.local_dir(config.model.hf_path)
                                         if config.model.hf_path else "byte")
+  if hub.is_hub_id(config.tokenizer):
+    return tokenizer_lib.load_tokenizer(hub.local_dir(config.tokenizer))
   return tokenizer_lib.load_tokenizer(config.tokenizer)
 
 
