@@ -43,6 +43,11 @@ CASES = {
     # q/k/v biases.
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
               dict(_BASE, tie_word_embeddings=False)),
+    # Per-head q/k RMSNorm; head_dim set apart from hidden_size / num_heads (as Qwen3 does).
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(_BASE, head_dim=16, tie_word_embeddings=True)),
+    "qwen3_bias": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+                   dict(_BASE, head_dim=16, attention_bias=True, tie_word_embeddings=False)),
 }
 
 

@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass for the whole Llama family.
 
-Llama 2/3/3.x, Mistral, Qwen2/2.5 and SmolLM-style models differ only in the
-fields below (biases, RoPE, sliding window, tied embeddings). The dataclass is
+Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3 and SmolLM-style models differ only in
+the fields below (biases, q/k norms, RoPE, sliding window, tied embeddings). The dataclass is
 frozen and hashable so it can be a static argument of `jax.jit`.
 """
 
@@ -18,7 +18,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 ROPE_TYPES = ("default", "linear", "llama3")
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,7 @@ class ModelConfig:
   o_bias: bool = False  # Llama with attention_bias=True.
   mlp_bias: bool = False  # Llama with mlp_bias=True.
   sliding_window: int | None = None  # Mistral; None = full causal attention.
+  qk_norm: bool = False  # Qwen3: RMSNorm of each head's q and k (over head_dim) before RoPE.
   max_position_embeddings: int = 2048  # Metadata; RoPE works at any position.
   initializer_range: float = 0.02
   # dtype policy: parameters are stored in `param_dtype`; matmuls run in

@@ -43,6 +43,8 @@ LAYER_PARAM_AXES: dict[str, tuple[str, ...]] = {
     "k": ("embed", "kv_heads", "head_dim"),
     "v": ("embed", "kv_heads", "head_dim"),
     "o": ("heads", "head_dim", "embed"),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
     "q_bias": ("heads", "head_dim"),
     "k_bias": ("kv_heads", "head_dim"),
     "v_bias": ("kv_heads", "head_dim"),
@@ -68,6 +70,8 @@ def layer_param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
   }
   if c.qkv_bias:
     shapes.update(q_bias=(h, dh), k_bias=(k, dh), v_bias=(k, dh))
+  if c.qk_norm:
+    shapes.update(q_norm=(dh,), k_norm=(dh,))
   if c.o_bias:
     shapes.update(o_bias=(d,))
   if c.mlp_bias:
@@ -219,6 +223,8 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
   if c.qkv_bias:
     q, k, v = (q + _lead(w("q_bias"), 4), k + _lead(w("k_bias"), 4),
                v + _lead(w("v_bias"), 4))
+  if c.qk_norm:
+    q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
   q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
   q = constrain(q, ("batch", "length", "act_heads", None))
   k = constrain(k, ("batch", "length", "act_kv_heads", None))

@@ -1,0 +1,167 @@
+"""``config.json`` of Hugging Face checkpoints <-> ``ModelConfig``, per family.
+
+Supported ``model_type``s: 'llama' (Llama 2/3/3.x, SmolLM), 'mistral', 'qwen2'
+(Qwen2/2.5), 'qwen3' (Qwen3 dense: per-head RMSNorm of q and k before RoPE).
+Anything else is refused by name (``CheckpointError``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from midpo.models.config import MODEL_TYPES, ModelConfig, RopeScaling
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that cannot be read into the model."""
+
+
+# ---------------------------------------------------------------------------
+# config.json <-> ModelConfig
+# ---------------------------------------------------------------------------
+
+
+def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
+  """ModelConfig from a `config.json` dict; `overrides` set e.g. dtypes."""
+  model_type = hf.get("model_type")
+  if model_type not in MODEL_TYPES:
+    raise CheckpointError(
+        f"Unsupported model_type {model_type!r} in config.json; supported: {MODEL_TYPES} "
+        "(Llama 2/3/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3).")
+
+  def need(key):
+    if hf.get(key) is None:
+      raise CheckpointError(f"config.json ({model_type}) lacks the required key {key!r}.")
+    return hf[key]
+
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise CheckpointError(f"Unsupported hidden_act {act!r}; only 'silu' (SwiGLU).")
+  hidden, heads = need("hidden_size"), need("num_attention_heads")
+  kv_heads = hf.get("num_key_value_heads") or heads
+  head_dim = hf.get("head_dim") or hidden // heads
+
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  if rope and all(isinstance(v, dict) for v in rope.values()):
+    raise CheckpointError("Per-layer-type RoPE parameters are not supported.")
+  theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+  partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if partial != 1.0:
+    raise CheckpointError(f"partial_rotary_factor={partial} is not supported (only 1.0).")
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type == "default":
+    scaling = None
+  elif rope_type == "linear":
+    scaling = RopeScaling("linear", float(rope["factor"]))
+  elif rope_type == "llama3":
+    scaling = RopeScaling(
+        "llama3", float(rope["factor"]), float(rope["low_freq_factor"]),
+        float(rope["high_freq_factor"]),
+        int(rope.get("original_max_position_embeddings") or need("max_position_embeddings")))
+  else:
+    raise CheckpointError(
+        f"Unsupported RoPE type {rope_type!r}; supported: 'default', 'linear', 'llama3'.")
+
+  qkv_bias = o_bias = mlp_bias = qk_norm = False
+  sliding_window = None
+  if model_type == "llama":
+    qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+    mlp_bias = bool(hf.get("mlp_bias", False))
+  elif model_type in ("qwen2", "qwen3"):
+    if model_type == "qwen2":
+      qkv_bias = True
+    else:  # q/k/v/o biases all or none; per-head q/k RMSNorm
+      qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+      qk_norm = True
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if hf.get("use_sliding_window", False) or layer_types != {"full_attention"}:
+      raise CheckpointError(
+          f"{model_type} with use_sliding_window=true (sliding window on some layers only) "
+          "is not supported.")
+  elif model_type == "mistral":
+    sliding_window = hf.get("sliding_window")
+
+  eos = hf.get("eos_token_id")
+  kwargs = dict(
+      vocab_size=need("vocab_size"), hidden_size=hidden,
+      intermediate_size=need("intermediate_size"), num_layers=need("num_hidden_layers"),
+      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+      rope_scaling=scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=sliding_window,
+      qk_norm=qk_norm,
+      max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+      initializer_range=float(hf.get("initializer_range", 0.02)),
+      model_type=model_type, bos_token_id=hf.get("bos_token_id"),
+      eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+      pad_token_id=hf.get("pad_token_id"),
+  )
+  kwargs.update(overrides)
+  return ModelConfig(**kwargs)
+
+
+def config_to_hf(c: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
+  """A `config.json` dict that transformers (4.x and 5.x) and vLLM load."""
+  if (c.model_type == "qwen3") != c.qk_norm:
+    raise CheckpointError("q/k norms are model_type 'qwen3''s and only its.")
+  if c.model_type == "qwen3" and (c.qkv_bias != c.o_bias or c.mlp_bias or c.sliding_window):
+    raise CheckpointError("model_type 'qwen3' has q/k/v/o biases all or none, no MLP bias "
+                          "and no sliding window.")
+  if c.model_type == "qwen2" and (not c.qkv_bias or c.o_bias or c.mlp_bias):
+    raise CheckpointError("model_type 'qwen2' means q/k/v biases only; change model_type.")
+  if c.model_type == "mistral" and (c.qkv_bias or c.o_bias or c.mlp_bias):
+    raise CheckpointError("model_type 'mistral' has no biases; use model_type 'llama'.")
+  if c.model_type == "llama" and (c.qkv_bias != c.o_bias or c.sliding_window is not None):
+    raise CheckpointError(
+        "model_type 'llama' has q/k/v/o biases all or none and no sliding window; "
+        "use 'qwen2' (q/k/v biases) or 'mistral' (sliding window).")
+  if c.rope_scaling is None:
+    rope_scaling = None
+  elif c.rope_scaling.rope_type == "linear":
+    rope_scaling = {"rope_type": "linear", "factor": c.rope_scaling.factor}
+  else:
+    s = c.rope_scaling
+    rope_scaling = {
+        "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+        "high_freq_factor": s.high_freq_factor,
+        "original_max_position_embeddings": s.original_max_position_embeddings,
+    }
+  eos = list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id
+  hf = {
+      "architectures": [ARCHITECTURES[c.model_type]],
+      "model_type": c.model_type,
+      "vocab_size": c.vocab_size,
+      "hidden_size": c.hidden_size,
+      "intermediate_size": c.intermediate_size,
+      "num_hidden_layers": c.num_layers,
+      "num_attention_heads": c.num_heads,
+      "num_key_value_heads": c.num_kv_heads,
+      "head_dim": c.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": c.rms_norm_eps,
+      "rope_theta": c.rope_theta,
+      "rope_scaling": rope_scaling,
+      "max_position_embeddings": c.max_position_embeddings,
+      "initializer_range": c.initializer_range,
+      "tie_word_embeddings": c.tie_word_embeddings,
+      "bos_token_id": c.bos_token_id,
+      "eos_token_id": eos,
+      "pad_token_id": c.pad_token_id,
+      "attention_dropout": 0.0,
+      "use_cache": True,
+      "torch_dtype": dtype or c.param_dtype,
+  }
+  if c.model_type == "llama":
+    hf.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
+  elif c.model_type == "mistral":
+    hf.update(sliding_window=c.sliding_window)
+  else:
+    hf.update(use_sliding_window=False, sliding_window=None)
+    if c.model_type == "qwen3":
+      hf.update(attention_bias=c.qkv_bias)
+  return hf
