@@ -48,6 +48,9 @@ CASES = {
               dict(_BASE, head_dim=16, tie_word_embeddings=True)),
     "qwen3_bias": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
                    dict(_BASE, head_dim=16, attention_bias=True, tie_word_embeddings=False)),
+    # Norms of the whole q/k projections and of each sublayer's output; no input norms.
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM,
+              dict(_BASE, tie_word_embeddings=False, pad_token_id=0)),
 }
 
 

@@ -1,7 +1,8 @@
 """Model configuration: one frozen dataclass for the whole Llama family.
 
-Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3 and SmolLM-style models differ only in
-the fields below (biases, q/k norms, RoPE, sliding window, tied embeddings). The dataclass is
+Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, OLMo 2 and SmolLM-style models differ
+only in the fields below (biases, q/k norms, norm placement, RoPE, sliding
+window, tied embeddings). The dataclass is
 frozen and hashable so it can be a static argument of `jax.jit`.
 """
 
@@ -18,7 +19,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 ROPE_TYPES = ("default", "linear", "llama3")
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
+QK_NORMS = ("none", "head", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,13 @@ class ModelConfig:
   o_bias: bool = False  # Llama with attention_bias=True.
   mlp_bias: bool = False  # Llama with mlp_bias=True.
   sliding_window: int | None = None  # Mistral; None = full causal attention.
-  qk_norm: bool = False  # Qwen3: RMSNorm of each head's q and k (over head_dim) before RoPE.
+  # RMSNorm of q and k before RoPE: 'head' over each head's head_dim (Qwen3), 'full' over
+  # the whole projection, all heads at once (OLMo 2), 'none'.
+  qk_norm: str = "none"
+  # RMSNorm of each sublayer's input (Llama: pre_norms) and of its output before the residual
+  # sum (OLMo 2: post_norms only).
+  pre_norms: bool = True
+  post_norms: bool = False
   max_position_embeddings: int = 2048  # Metadata; RoPE works at any position.
   initializer_range: float = 0.02
   # dtype policy: parameters are stored in `param_dtype`; matmuls run in
@@ -121,6 +129,10 @@ class ModelConfig:
       fail("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     if self.model_type not in MODEL_TYPES:
       fail("model_type", self.model_type, MODEL_TYPES)
+    if self.qk_norm not in QK_NORMS:
+      fail("qk_norm", self.qk_norm, QK_NORMS)
+    if not (self.pre_norms or self.post_norms):
+      fail("pre_norms", self.pre_norms, "True when post_norms is False")
     if self.sliding_window is not None and self.sliding_window <= 0:
       fail("sliding_window", self.sliding_window, "None or a positive int")
     if isinstance(self.eos_token_id, list):

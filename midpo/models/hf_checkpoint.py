@@ -60,6 +60,12 @@ def _layer_mapping(c: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
             lambda w: w.T.reshape(h, dh, d), lambda x: x.reshape(h * dh, d).T),
       "q_norm": ("self_attn.q_norm.weight", *ident),
       "k_norm": ("self_attn.k_norm.weight", *ident),
+      "q_full_norm": ("self_attn.q_norm.weight", *bias_in(h)),
+      "k_full_norm": ("self_attn.k_norm.weight", *bias_in(k)),
+      # OLMo 2 names its sublayers' output norms so (Llama's post_attention_layernorm is the
+      # MLP's input norm, mlp_norm).
+      "attn_post_norm": ("post_attention_layernorm.weight", *ident),
+      "mlp_post_norm": ("post_feedforward_layernorm.weight", *ident),
       "q_bias": ("self_attn.q_proj.bias", *bias_in(h)),
       "k_bias": ("self_attn.k_proj.bias", *bias_in(k)),
       "v_bias": ("self_attn.v_proj.bias", *bias_in(k)),

@@ -1,7 +1,9 @@
 """``config.json`` of Hugging Face checkpoints <-> ``ModelConfig``, per family.
 
 Supported ``model_type``s: 'llama' (Llama 2/3/3.x, SmolLM), 'mistral', 'qwen2'
-(Qwen2/2.5), 'qwen3' (Qwen3 dense: per-head RMSNorm of q and k before RoPE).
+(Qwen2/2.5), 'qwen3' (Qwen3 dense: per-head RMSNorm of q and k before RoPE),
+'olmo2' (OLMo 2: RMSNorm of the whole q and k projections, and of each
+sublayer's output instead of its input).
 Anything else is refused by name (``CheckpointError``).
 """
 
@@ -13,8 +15,12 @@ from midpo.models.config import MODEL_TYPES, ModelConfig, RopeScaling
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
 }
+# What each family's architecture fixes: (qk_norm, pre_norms, post_norms).
+NORMS = {"llama": ("none", True, False), "mistral": ("none", True, False),
+         "qwen2": ("none", True, False), "qwen3": ("head", True, False),
+         "olmo2": ("full", False, True)}
 
 
 class CheckpointError(ValueError):
@@ -32,7 +38,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
   if model_type not in MODEL_TYPES:
     raise CheckpointError(
         f"Unsupported model_type {model_type!r} in config.json; supported: {MODEL_TYPES} "
-        "(Llama 2/3/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3).")
+        "(Llama 2/3/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3, OLMo 2).")
 
   def need(key):
     if hf.get(key) is None:
@@ -67,17 +73,17 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     raise CheckpointError(
         f"Unsupported RoPE type {rope_type!r}; supported: 'default', 'linear', 'llama3'.")
 
-  qkv_bias = o_bias = mlp_bias = qk_norm = False
+  qkv_bias = o_bias = mlp_bias = False
   sliding_window = None
-  if model_type == "llama":
+  qk_norm, pre_norms, post_norms = NORMS[model_type]
+  if model_type in ("llama", "olmo2"):
     qkv_bias = o_bias = bool(hf.get("attention_bias", False))
     mlp_bias = bool(hf.get("mlp_bias", False))
   elif model_type in ("qwen2", "qwen3"):
     if model_type == "qwen2":
       qkv_bias = True
-    else:  # q/k/v/o biases all or none; per-head q/k RMSNorm
+    else:  # q/k/v/o biases all or none
       qkv_bias = o_bias = bool(hf.get("attention_bias", False))
-      qk_norm = True
     layer_types = set(hf.get("layer_types") or ["full_attention"])
     if hf.get("use_sliding_window", False) or layer_types != {"full_attention"}:
       raise CheckpointError(
@@ -94,7 +100,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
       rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
       rope_scaling=scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=sliding_window,
-      qk_norm=qk_norm,
+      qk_norm=qk_norm, pre_norms=pre_norms, post_norms=post_norms,
       max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
       initializer_range=float(hf.get("initializer_range", 0.02)),
       model_type=model_type, bos_token_id=hf.get("bos_token_id"),
@@ -107,11 +113,14 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
 
 def config_to_hf(c: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
   """A `config.json` dict that transformers (4.x and 5.x) and vLLM load."""
-  if (c.model_type == "qwen3") != c.qk_norm:
-    raise CheckpointError("q/k norms are model_type 'qwen3''s and only its.")
-  if c.model_type == "qwen3" and (c.qkv_bias != c.o_bias or c.mlp_bias or c.sliding_window):
-    raise CheckpointError("model_type 'qwen3' has q/k/v/o biases all or none, no MLP bias "
-                          "and no sliding window.")
+  if (c.qk_norm, c.pre_norms, c.post_norms) != NORMS[c.model_type]:
+    raise CheckpointError(
+        f"model_type {c.model_type!r} fixes (qk_norm, pre_norms, post_norms) = "
+        f"{NORMS[c.model_type]}; this config has {(c.qk_norm, c.pre_norms, c.post_norms)}.")
+  if c.model_type in ("qwen3", "olmo2") and (c.qkv_bias != c.o_bias or c.mlp_bias
+                                              or c.sliding_window):
+    raise CheckpointError(f"model_type {c.model_type!r} has q/k/v/o biases all or none, no "
+                          "MLP bias and no sliding window.")
   if c.model_type == "qwen2" and (not c.qkv_bias or c.o_bias or c.mlp_bias):
     raise CheckpointError("model_type 'qwen2' means q/k/v biases only; change model_type.")
   if c.model_type == "mistral" and (c.qkv_bias or c.o_bias or c.mlp_bias):
@@ -158,6 +167,8 @@ def config_to_hf(c: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
   }
   if c.model_type == "llama":
     hf.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
+  elif c.model_type == "olmo2":
+    hf.update(attention_bias=c.qkv_bias)
   elif c.model_type == "mistral":
     hf.update(sliding_window=c.sliding_window)
   else:

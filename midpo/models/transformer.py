@@ -45,6 +45,10 @@ LAYER_PARAM_AXES: dict[str, tuple[str, ...]] = {
     "o": ("heads", "head_dim", "embed"),
     "q_norm": ("head_dim",),
     "k_norm": ("head_dim",),
+    "q_full_norm": ("heads", "head_dim"),
+    "k_full_norm": ("kv_heads", "head_dim"),
+    "attn_post_norm": ("norm",),
+    "mlp_post_norm": ("norm",),
     "q_bias": ("heads", "head_dim"),
     "k_bias": ("kv_heads", "head_dim"),
     "v_bias": ("kv_heads", "head_dim"),
@@ -68,10 +72,16 @@ def layer_param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
       "attn_norm": (d,), "q": (d, h, dh), "k": (d, k, dh), "v": (d, k, dh),
       "o": (h, dh, d), "mlp_norm": (d,), "gate": (d, f), "up": (d, f), "down": (f, d),
   }
+  if not c.pre_norms:
+    del shapes["attn_norm"], shapes["mlp_norm"]
+  if c.post_norms:
+    shapes.update(attn_post_norm=(d,), mlp_post_norm=(d,))
   if c.qkv_bias:
     shapes.update(q_bias=(h, dh), k_bias=(k, dh), v_bias=(k, dh))
-  if c.qk_norm:
+  if c.qk_norm == "head":
     shapes.update(q_norm=(dh,), k_norm=(dh,))
+  elif c.qk_norm == "full":
+    shapes.update(q_full_norm=(h, dh), k_full_norm=(k, dh))
   if c.o_bias:
     shapes.update(o_bias=(d,))
   if c.mlp_bias:
@@ -169,9 +179,11 @@ def _lead(w: jax.Array, ndim: int) -> jax.Array:
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-  """RMSNorm of ``x`` ``[..., D]`` (in float32) times ``weight`` ``[D]``, in ``x``'s dtype."""
+  """RMSNorm of ``x`` over its trailing ``weight.ndim`` axes (in float32) times ``weight``
+  (``[D]``, or ``[H, Dh]`` for OLMo 2's norm over all heads), in ``x``'s dtype."""
   x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  axes = tuple(range(x.ndim - weight.ndim, x.ndim))
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + eps)
   return y.astype(x.dtype) * _lead(weight.astype(x.dtype), x.ndim)
 
 
@@ -218,13 +230,14 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
   """One decoder layer. x: [B, T, D] compute dtype. Returns (x, cache)."""
   dt = c.jnp_dtype
   w = lambda name: p[name].astype(dt)
-  h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+  h = rms_norm(x, p["attn_norm"], c.rms_norm_eps) if c.pre_norms else x
   q, k, v = _dense(h, w("q")), _dense(h, w("k")), _dense(h, w("v"))
   if c.qkv_bias:
     q, k, v = (q + _lead(w("q_bias"), 4), k + _lead(w("k_bias"), 4),
                v + _lead(w("v_bias"), 4))
-  if c.qk_norm:
-    q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
+  if c.qk_norm != "none":
+    names = ("q_norm", "k_norm") if c.qk_norm == "head" else ("q_full_norm", "k_full_norm")
+    q, k = (rms_norm(q, p[names[0]], c.rms_norm_eps), rms_norm(k, p[names[1]], c.rms_norm_eps))
   q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
   q = constrain(q, ("batch", "length", "act_heads", None))
   k = constrain(k, ("batch", "length", "act_kv_heads", None))
@@ -241,8 +254,10 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
   out = _dense(attn, w("o"), contract=2)
   if c.o_bias:
     out = out + _lead(w("o_bias"), 3)
+  if c.post_norms:
+    out = rms_norm(out, p["attn_post_norm"], c.rms_norm_eps)
   x = x + out
-  h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+  h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps) if c.pre_norms else x
   gate, up = _dense(h, w("gate")), _dense(h, w("up"))
   if c.mlp_bias:
     gate, up = gate + _lead(w("gate_bias"), 3), up + _lead(w("up_bias"), 3)
@@ -250,6 +265,8 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
   down = _dense(act, w("down"))
   if c.mlp_bias:
     down = down + _lead(w("down_bias"), 3)
+  if c.post_norms:
+    down = rms_norm(down, p["mlp_post_norm"], c.rms_norm_eps)
   return constrain(x + down, ("batch", "length", "act_embed")), cache
 
 
