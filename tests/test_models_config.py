@@ -60,9 +60,29 @@ def test_family_specific_fields():
     config_from_hf(dict(MISTRAL_STYLE, hidden_act="gelu"))
   with pytest.raises(CheckpointError, match="lacks the required key 'hidden_size'"):
     config_from_hf({k: v for k, v in MISTRAL_STYLE.items() if k != "hidden_size"})
+  qwen3 = config_from_hf(dict(QWEN2_5_STYLE, model_type="qwen3", head_dim=128))
+  assert qwen3.qk_norm == "head" and not qwen3.qkv_bias and qwen3.head_dim == 128
+  with pytest.raises(CheckpointError, match="qwen3 with use_sliding_window"):
+    config_from_hf(dict(QWEN2_5_STYLE, model_type="qwen3",
+                        layer_types=["full_attention", "sliding_attention"]))
+  olmo2 = config_from_hf(dict(MISTRAL_STYLE, model_type="olmo2", sliding_window=None))
+  assert (olmo2.qk_norm, olmo2.pre_norms, olmo2.post_norms) == ("full", False, True)
+  phi3 = config_from_hf(dict(MISTRAL_STYLE, model_type="phi3", sliding_window=2047))
+  assert phi3.sliding_window == 2047 and not phi3.qkv_bias
+  # Phi-3's 128k variants (long RoPE) and the families not supported are refused by name.
+  with pytest.raises(CheckpointError, match="Unsupported RoPE type 'longrope'"):
+    config_from_hf(dict(MISTRAL_STYLE, model_type="phi3", rope_scaling={
+        "type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}))
+  for family in ("gemma2", "gemma3_text", "phimoe"):
+    with pytest.raises(CheckpointError, match=f"Unsupported model_type '{family}'"):
+      config_from_hf(dict(MISTRAL_STYLE, model_type=family))
 
 
-@pytest.mark.parametrize("hf", [LLAMA_3_2_1B, SMOLLM2_135M, QWEN2_5_STYLE, MISTRAL_STYLE])
+@pytest.mark.parametrize("hf", [
+    LLAMA_3_2_1B, SMOLLM2_135M, QWEN2_5_STYLE, MISTRAL_STYLE,
+    dict(QWEN2_5_STYLE, model_type="qwen3", attention_bias=True),
+    dict(MISTRAL_STYLE, model_type="olmo2", sliding_window=None),
+    dict(MISTRAL_STYLE, model_type="phi3", sliding_window=2047)])
 def test_config_json_round_trip(hf):
   config = config_from_hf(hf)
   assert config_from_hf(config_to_hf(config)) == config

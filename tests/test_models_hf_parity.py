@@ -51,6 +51,9 @@ CASES = {
     # Norms of the whole q/k projections and of each sublayer's output; no input norms.
     "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM,
               dict(_BASE, tie_word_embeddings=False, pad_token_id=0)),
+    # Fused qkv and gate-up projections (split on import, fused on export), sliding window.
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+             dict(_BASE, sliding_window=6, tie_word_embeddings=False, pad_token_id=0)),
 }
 
 

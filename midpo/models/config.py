@@ -1,6 +1,6 @@
 """Model configuration: one frozen dataclass for the whole Llama family.
 
-Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, OLMo 2 and SmolLM-style models differ
+Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, OLMo 2, Phi-3 and SmolLM-style models differ
 only in the fields below (biases, q/k norms, norm placement, RoPE, sliding
 window, tied embeddings). The dataclass is
 frozen and hashable so it can be a static argument of `jax.jit`.
@@ -19,7 +19,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 ROPE_TYPES = ("default", "linear", "llama3")
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3")
 QK_NORMS = ("none", "head", "full")
 
 

@@ -81,6 +81,70 @@ def _layer_mapping(c: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
   return {name: table[name] for name in layer_param_shapes(c)}
 
 
+def fused_tensors(c: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
+  """Per-layer HF tensors that hold several of the mapping's tensors stacked on axis 0
+  (Phi-3's ``qkv_proj`` and ``gate_up_proj``): fused suffix -> ((suffix, rows), ...)."""
+  if c.model_type != "phi3":
+    return {}
+  q, kv, f = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+  return {"self_attn.qkv_proj.weight": (("self_attn.q_proj.weight", q),
+                                        ("self_attn.k_proj.weight", kv),
+                                        ("self_attn.v_proj.weight", kv)),
+          "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", f), ("mlp.up_proj.weight", f))}
+
+
+class _UnfusedReader:
+  """A tensor reader that shows a fused checkpoint's tensors split (``fused_tensors``)."""
+
+  def __init__(self, reader, c: ModelConfig):
+    self._reader, self._parts = reader, {}
+    for i in range(c.num_layers):
+      for fused, parts in fused_tensors(c).items():
+        start = 0
+        for suffix, rows in parts:
+          self._parts[f"model.layers.{i}.{suffix}"] = (f"model.layers.{i}.{fused}", start, rows)
+          start += rows
+    self._fused = {v[0] for v in self._parts.values()}
+
+  def names(self) -> set[str]:
+    present = self._reader.names()
+    split = {n for n, (fused, _, _) in self._parts.items() if fused in present}
+    return (present - self._fused) | split
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    if name not in self._parts:
+      return self._reader.shape(name)
+    fused, _, rows = self._parts[name]
+    return (rows, *self._reader.shape(fused)[1:])
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self._parts:
+      return self._reader.get(name)
+    fused, start, rows = self._parts[name]
+    full = self._reader.get(fused)
+    if full.shape[0] != sum(r for f, _, r in self._parts.values() if f == fused):
+      raise CheckpointError(f"Tensor {fused!r} has {full.shape[0]} rows; config.json implies "
+                            f"{sum(r for f, _, r in self._parts.values() if f == fused)}.")
+    return full[start:start + rows]
+
+
+def _fuse(tensors: dict[str, np.ndarray], c: ModelConfig) -> dict[str, np.ndarray]:
+  """``hf_tensors``' split per-layer tensors fused as the family stores them."""
+  fused = fused_tensors(c)
+  if not fused:
+    return tensors
+  out = {}
+  for name, arr in tensors.items():
+    suffix = name.rpartition(".layers.")[2].partition(".")[2]
+    for f, parts in fused.items():
+      if suffix == parts[0][0]:  # the first part: write the fused tensor in its place
+        prefix = name[: -len(suffix)]
+        out[prefix + f] = np.concatenate([tensors[prefix + p] for p, _ in parts], axis=0)
+    if not any(suffix in [p for p, _ in parts] for parts in fused.values()):
+      out[name] = arr
+  return out
+
+
 def _hf_shape(ours: tuple[int, ...], to_hf: Callable) -> tuple[int, ...]:
   return to_hf(np.empty(ours, np.int8)).shape
 
@@ -168,7 +232,7 @@ def load_hf_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
   unexpected tensor, or a shape that does not match config.json.
   """
   c = read_hf_config(path, **config_overrides)
-  reader = _TensorReader(path)
+  reader = _UnfusedReader(_TensorReader(path), c)
   expected = expected_hf_tensors(c)
   present = reader.names()
   missing = sorted(set(expected) - present)
@@ -258,7 +322,7 @@ def hf_tensors(model: Transformer, *, dtype: str | None = None) -> dict[str, np.
   out["model.norm.weight"] = cast(_to_numpy(model.final_norm[...]))
   if model.lm_head is not None:
     out["lm_head.weight"] = cast(_to_numpy(model.lm_head[...]).T)
-  return out
+  return _fuse(out, c)
 
 
 def save_hf_checkpoint(model: Transformer, path: str, *, dtype: str | None = None,

@@ -3,7 +3,9 @@
 Supported ``model_type``s: 'llama' (Llama 2/3/3.x, SmolLM), 'mistral', 'qwen2'
 (Qwen2/2.5), 'qwen3' (Qwen3 dense: per-head RMSNorm of q and k before RoPE),
 'olmo2' (OLMo 2: RMSNorm of the whole q and k projections, and of each
-sublayer's output instead of its input).
+sublayer's output instead of its input), 'phi3' (Phi-3 with its fused qkv and
+gate-up projections, split on import and fused on export by ``hf_checkpoint``;
+long-RoPE variants are refused by their RoPE type).
 Anything else is refused by name (``CheckpointError``).
 """
 
@@ -15,12 +17,12 @@ from midpo.models.config import MODEL_TYPES, ModelConfig, RopeScaling
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
 }
 # What each family's architecture fixes: (qk_norm, pre_norms, post_norms).
 NORMS = {"llama": ("none", True, False), "mistral": ("none", True, False),
          "qwen2": ("none", True, False), "qwen3": ("head", True, False),
-         "olmo2": ("full", False, True)}
+         "olmo2": ("full", False, True), "phi3": ("none", True, False)}
 
 
 class CheckpointError(ValueError):
@@ -38,7 +40,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
   if model_type not in MODEL_TYPES:
     raise CheckpointError(
         f"Unsupported model_type {model_type!r} in config.json; supported: {MODEL_TYPES} "
-        "(Llama 2/3/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3, OLMo 2).")
+        "(Llama 2/3/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3, OLMo 2, Phi-3).")
 
   def need(key):
     if hf.get(key) is None:
@@ -89,7 +91,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
       raise CheckpointError(
           f"{model_type} with use_sliding_window=true (sliding window on some layers only) "
           "is not supported.")
-  elif model_type == "mistral":
+  elif model_type in ("mistral", "phi3"):
     sliding_window = hf.get("sliding_window")
 
   eos = hf.get("eos_token_id")
@@ -123,8 +125,8 @@ def config_to_hf(c: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
                           "MLP bias and no sliding window.")
   if c.model_type == "qwen2" and (not c.qkv_bias or c.o_bias or c.mlp_bias):
     raise CheckpointError("model_type 'qwen2' means q/k/v biases only; change model_type.")
-  if c.model_type == "mistral" and (c.qkv_bias or c.o_bias or c.mlp_bias):
-    raise CheckpointError("model_type 'mistral' has no biases; use model_type 'llama'.")
+  if c.model_type in ("mistral", "phi3") and (c.qkv_bias or c.o_bias or c.mlp_bias):
+    raise CheckpointError(f"model_type {c.model_type!r} has no biases; use model_type 'llama'.")
   if c.model_type == "llama" and (c.qkv_bias != c.o_bias or c.sliding_window is not None):
     raise CheckpointError(
         "model_type 'llama' has q/k/v/o biases all or none and no sliding window; "
@@ -169,7 +171,7 @@ def config_to_hf(c: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
     hf.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
   elif c.model_type == "olmo2":
     hf.update(attention_bias=c.qkv_bias)
-  elif c.model_type == "mistral":
+  elif c.model_type in ("mistral", "phi3"):
     hf.update(sliding_window=c.sliding_window)
   else:
     hf.update(use_sliding_window=False, sliding_window=None)
