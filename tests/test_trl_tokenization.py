@@ -104,7 +104,30 @@ def _trl_reference(tok_dir, rows):
   return [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in ds]
 
 
-def _midpo(tmp_path, tok_dir, rows, fmt):
+def _trl_truncated(tok_dir, rows, max_length):
+  """TRL 1.16's rows after its keep_start truncation: ``_prepare_dataset``'s filter, then
+  ``DataCollatorForPreference``; ``{row: [(ids, completion mask) chosen, rejected]}``."""
+  from trl.trainer.dpo_trainer import DataCollatorForPreference
+  hf = transformers.AutoTokenizer.from_pretrained(tok_dir)
+  args = trl.DPOConfig(output_dir=os.path.join(tok_dir, "trl"), dataset_num_proc=None,
+                       report_to=[], use_cpu=True, bf16=False, max_length=max_length)
+  stub = types.SimpleNamespace(_tokenizer=hf)
+  rows = [dict(r, row=i) for i, r in enumerate(rows)]
+  ds = trl.DPOTrainer._prepare_dataset(stub, datasets.Dataset.from_list(rows), hf, args, "train")
+  collate = DataCollatorForPreference(pad_token_id=hf.pad_token_id or hf.eos_token_id,
+                                      max_length=max_length, truncation_mode="keep_start")
+  out = {}
+  for ex in ds:
+    b = collate([{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}])
+    seqs = []
+    for side in range(2):
+      n = int(b["attention_mask"][side].sum())
+      seqs.append((b["input_ids"][side][:n].tolist(), b["completion_mask"][side][:n].tolist()))
+    out[ex["row"]] = seqs
+  return out
+
+
+def _midpo(tmp_path, tok_dir, rows, fmt, **data):
   os.makedirs(tmp_path, exist_ok=True)
   path = tmp_path / f"{fmt}.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -112,12 +135,13 @@ def _midpo(tmp_path, tok_dir, rows, fmt):
   c.update(dict(data_dir=str(tmp_path / "tfds"), source="files", batch_size=1, max_length=256))
   c.files.format = fmt
   c.files.train_files = str(path)
+  c.update(data)
   source = pipeline.builder_from_config(c).as_data_source(split="train")
   rep = report.BadRowReport()
   tok = HFTokenizer.from_dir(tok_dir)
   pairs = pipeline.tokenize_split(source, pipeline.shard_indices(len(source), 0, 1), tok, c,
                                   "pairs", rep)
-  assert rep.rows_kept == len(rows), rep.to_dict()
+  assert rep.rows_kept == len(rows) or data, rep.to_dict()
   out = [None] * len(rows)
   for k, i in enumerate(pairs.pair_index):
     line = int(tfds_builders.decode_example(source[int(i)])["source"].rsplit(":", 1)[1])
@@ -135,6 +159,25 @@ def test_token_for_token_as_trl(tmp_path, style, fmt):
   ours = _midpo(tmp_path, tok_dir, rows, fmt)
   for row, (a, b) in enumerate(zip(ours, theirs)):
     assert a == tuple(list(x) for x in b), (style, fmt, row, a, b)
+
+
+@pytest.mark.parametrize("fmt", ["trl_standard", "trl_conversational"])
+def test_keep_start_truncation_as_trl(tmp_path, fmt):
+  """``truncation_mode='keep_start'`` and a short ``max_length``: the same rows dropped (prompt
+  fills max_length) and the same truncated sequences and completion masks as TRL's."""
+  tok_dir = _build(str(tmp_path / "llama3"), "llama3")
+  rows = TEXT_ROWS if fmt == "trl_standard" else CONV_ROWS
+  max_length = 9 if fmt == "trl_standard" else 30
+  theirs = _trl_truncated(tok_dir, rows, max_length)
+  ours = _midpo(tmp_path, tok_dir, rows, fmt, max_length=max_length,
+                truncation_mode="keep_start")
+  kept = {i for i, r in enumerate(ours) if r is not None}
+  assert kept == set(theirs) and 0 < len(kept), (kept, set(theirs))
+  assert len(kept) < len(rows) or fmt == "trl_standard"  # some row's prompt fills max_length
+  for i in kept:
+    p, c, r = ours[i]
+    for completion, (ids, mask) in zip((c, r), theirs[i]):
+      assert p + completion == ids and [0] * len(p) + [1] * len(completion) == mask, (i, fmt)
 
 
 def test_what_trl_does_that_the_old_pipeline_did_not(tmp_path):

@@ -48,8 +48,12 @@ A chat template that raises on a row is the bad row ``template_error``; a tokeni
 TRL). The first 100 rows' tokens may be at most ``max_unk_fraction`` unknown tokens, else
 ``report.DataError`` names ``config.tokenizer``.
 
-Truncation (never drops a response silently; ``len(bos)`` is the BOS the row starts with, which
-is never cut):
+Truncation (``truncation_mode``). ``'keep_start'`` is TRL 1.16's default: a row whose prompt
+alone fills ``max_length`` is the bad row ``over_length`` (TRL's dataset filter drops it), and
+each prompt+completion keeps its first ``max_length`` tokens (note ``response_truncated``);
+``max_prompt_length`` and ``truncate_responses`` are not used. ``'keep_prompt_end'`` (the
+default) never drops a response silently; ``len(bos)`` is the BOS the row starts with, which is
+never cut:
 
 - ``max_prompt_length > 0`` first keeps the prompt's last ``max_prompt_length`` tokens;
 - the prompt then keeps its last ``max_length - len(bos) - max(len(chosen), len(rejected))``
@@ -99,6 +103,7 @@ refuses a state made for other data, other settings or another process.
     max_length             longest row, in tokens
     max_prompt_length      0 = only max_length limits the prompt
     truncate_responses     see "Truncation"
+    truncation_mode        'keep_prompt_end' | 'keep_start' (TRL's), see "Truncation"
     tokenization           'auto' | 'trl' | 'separate' (see "Tokenisation")
     add_bos, add_eos
     max_unk_fraction       largest fraction of unknown tokens in the first 100 rows (0.01)
@@ -127,6 +132,7 @@ from midpo.data.tokenize import (MODES, TOKENIZATIONS, TRANSFORMS, TokenizedPair
                                  oracle_token_weights, resolve_tokenization, tokenize_split)
 
 SOURCES = ("synthetic", "files")
+TRUNCATION_MODES = ("keep_prompt_end", "keep_start")
 TOKEN_WEIGHTS = ("none", "oracle")
 
 
@@ -156,6 +162,7 @@ def default_config() -> ml_collections.ConfigDict:
       "max_length": 128,
       "max_prompt_length": 0,
       "truncate_responses": False,
+      "truncation_mode": "keep_prompt_end",
       "tokenization": "auto",
       "add_bos": True,
       "add_eos": True,
@@ -208,6 +215,12 @@ def validate_config(c) -> None:
     "'trl' joins prompt and completion texts; the synthetic task's rows need 'separate'",
   )
   check(0 <= c.max_unk_fraction <= 1, "max_unk_fraction", "must be in [0, 1]")
+  check(
+    c.truncation_mode in TRUNCATION_MODES,
+    "truncation_mode",
+    f"must be one of {TRUNCATION_MODES} (TRL's 'keep_end' would cut chosen and rejected "
+    "rows' shared prompt differently)",
+  )
   check(c.bucket_window >= 0, "bucket_window", "must be >= 0")
   check(c.pad_to_multiple >= 1, "pad_to_multiple", "must be >= 1")
   check(c.num_buckets >= 0, "num_buckets", "must be >= 0")
@@ -399,6 +412,7 @@ def summary_line(split: str, mode: str, stages: dict, process_index: int = 0,
 
 __all__ = [
     "MODES", "PreferenceBatchIterator", "SOURCES", "TOKENIZATIONS", "TOKEN_WEIGHTS", "TRANSFORMS",
+    "TRUNCATION_MODES",
     "TokenizedPairs", "Tokenizer", "builder_from_config", "default_config", "make_iterator",
     "oracle_token_weights", "real_token_fraction", "resolve_tokenization", "round_up",
     "shard_indices", "summary_line",

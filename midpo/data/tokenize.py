@@ -248,10 +248,13 @@ def tokenize_split(
             )
         neutral = oracle_token_weights(np.zeros(n_eos), True, c.token_weight_transform)
         ws = [np.concatenate([w, neutral]).astype(np.float32) for w in ws]
-      # A leading BOS of the prompt ('trl') is kept whatever the truncation.
-      lead = p[:1] if trl and tok.bos_id is not None and p[:1] == [tok.bos_id] else []
-      p, cr, ws = _truncate(p[len(lead):], cr, ws, room - len(lead), c, rep)
-      p = lead + p
+      if c.truncation_mode == "keep_start":
+        p, cr, ws = _keep_start(p, cr, ws, room, rep)
+      else:
+        # A leading BOS of the prompt ('trl') is kept whatever the truncation.
+        lead = p[:1] if trl and tok.bos_id is not None and p[:1] == [tok.bos_id] else []
+        p, cr, ws = _truncate(p[len(lead):], cr, ws, room - len(lead), c, rep)
+        p = lead + p
       unk.count(p, *cr)
     except report_lib.BadRow as bad:
       rep.bad(bad.reason, where, line, bad.detail)
@@ -286,6 +289,21 @@ def tokenize_split(
     wrs if want_weights else None,
     prefix,
   )
+
+
+def _keep_start(p, cr, ws, room, rep):
+  """TRL 1.16's ``truncation_mode='keep_start'``: a row whose prompt fills ``room`` is dropped
+  (``over_length``, as TRL's dataset filter drops it); otherwise each prompt+completion keeps
+  its first ``room`` tokens, the completions cut from the right (note ``response_truncated``)."""
+  if len(p) >= room:
+    raise report_lib.BadRow(report_lib.OVER_LENGTH, f"prompt of {len(p)} tokens >= {room}")
+  keep = room - len(p)
+  if max(len(ids) for ids in cr) > keep:
+    cr = [ids[:keep] for ids in cr]
+    if ws is not None:
+      ws = [w[:keep] for w in ws]
+    rep.note("response_truncated")
+  return p, cr, ws
 
 
 def _truncate(p, cr, ws, room, c, rep):
