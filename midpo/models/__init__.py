@@ -16,11 +16,11 @@ tokenizers and sampling.
 
 from midpo.models.config import ModelConfig, RopeScaling, config_names, get_config
 from midpo.models.generate import SampleOutput, generate, sample_logits
-from midpo.models.hf_checkpoint import (CheckpointError, config_from_hf, config_to_hf,
-                                        load_hf_checkpoint, read_hf_config, save_hf_checkpoint)
+from midpo.models.hf_checkpoint import load_hf_checkpoint, read_hf_config, save_hf_checkpoint
+from midpo.models.hf_config import CheckpointError, config_from_hf, config_to_hf
 from midpo.models.sharding import (DEFAULT_RULES, batch_sharding, logical_to_mesh, make_mesh,
                                    shard_model, state_shardings)
 from midpo.models.tokenizer import (ByteTokenizer, HFTokenizer, Tokenizer, TokenizerError,
                                     check_fits, load_tokenizer)
-from midpo.models.transformer import (KVCache, Transformer, create_model, create_sharded_model,
-                                      positions_from_mask)
+from midpo.models.attention import positions_from_mask
+from midpo.models.transformer import KVCache, Transformer, create_model, create_sharded_model

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from midpo.models.transformer import Transformer, positions_from_mask
+from midpo.models.attention import positions_from_mask
+from midpo.models.transformer import Transformer
 
 
 class SampleOutput(NamedTuple):

@@ -24,7 +24,6 @@ padding (generation) both work because positions default to
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -32,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from midpo.models import attention as attention_lib
 from midpo.models import sharding
+from midpo.models.attention import positions_from_mask
 from midpo.models.config import ModelConfig
 
 # Logical axis names of every parameter (without the leading 'layers' axis for
@@ -61,9 +62,6 @@ LAYER_PARAM_AXES: dict[str, tuple[str, ...]] = {
     "up_bias": ("mlp",),
     "down_bias": ("norm",),
 }
-
-_MASK_VALUE = -1e30  # Finite, so fully masked (padding) query rows give no NaN.
-
 
 def layer_param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Per-layer parameter shapes (without the 'layers' axis) for this config."""
@@ -131,48 +129,6 @@ class KVCache(NamedTuple):
   index: jax.Array
 
 
-def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-  """RoPE positions: 0, 1, ... over the real tokens of each row ([B, T] int32)."""
-  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def rope_inv_freq(c: ModelConfig) -> np.ndarray:
-  """Inverse frequencies [Dh/2] (float32), with linear or llama3 scaling."""
-  dim = c.head_dim
-  exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-  inv_freq = (np.float32(1.0) / np.power(np.float32(c.rope_theta), exponent)).astype(np.float32)
-  s = c.rope_scaling
-  if s is None:
-    return inv_freq
-  if s.rope_type == "linear":
-    return (inv_freq / np.float32(s.factor)).astype(np.float32)
-  # llama3: keep high frequencies, divide low ones by `factor`, interpolate between.
-  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-  wavelen = np.float32(2 * math.pi) / inv_freq
-  scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(s.factor), inv_freq)
-  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-      s.high_freq_factor - s.low_freq_factor)
-  smoothed = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
-  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-  return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def _rope_tables(c: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-  inv_freq = jnp.asarray(rope_inv_freq(c)).reshape((1,) * positions.ndim + (-1,))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-  return jnp.cos(freqs), jnp.sin(freqs)  # [B, T, Dh/2] float32
-
-
-def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x: [B, T, N, Dh]; rotates (first half, second half) pairs, in float32."""
-  x32 = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
-
-
 def _lead(w: jax.Array, ndim: int) -> jax.Array:
   """``w`` with leading unit axes up to ``ndim`` (explicit broadcasting)."""
   return w.reshape((1,) * (ndim - w.ndim) + w.shape)
@@ -185,25 +141,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   axes = tuple(range(x.ndim - weight.ndim, x.ndim))
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + eps)
   return y.astype(x.dtype) * _lead(weight.astype(x.dtype), x.ndim)
-
-
-def _attention(c: ModelConfig, q, k, v, mask, key_lengths=None):
-  """q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S] bool -> [B,T,H,Dh]."""
-  b, t, h, dh = q.shape
-  scale = dh ** -0.5
-  if c.attention_impl != "xla" and key_lengths is not None:
-    # Causal + key lengths: exact for right-padded batches (see ModelConfig).
-    window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=key_lengths,
-        local_window_size=window,
-        implementation="cudnn" if c.attention_impl == "cudnn" else None)
-  qg = q.reshape(b, t, c.num_kv_heads, c.num_groups, dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, dh)
 
 
 def _dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
@@ -238,7 +175,7 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
   if c.qk_norm != "none":
     names = ("q_norm", "k_norm") if c.qk_norm == "head" else ("q_full_norm", "k_full_norm")
     q, k = (rms_norm(q, p[names[0]], c.rms_norm_eps), rms_norm(k, p[names[1]], c.rms_norm_eps))
-  q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+  q, k = attention_lib.apply_rope(q, cos, sin), attention_lib.apply_rope(k, cos, sin)
   q = constrain(q, ("batch", "length", "act_heads", None))
   k = constrain(k, ("batch", "length", "act_kv_heads", None))
   v = constrain(v, ("batch", "length", "act_kv_heads", None))
@@ -250,7 +187,7 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
     k = jax.lax.dynamic_index_in_dim(ck, layer_idx, 0, keepdims=False).astype(dt)
     v = jax.lax.dynamic_index_in_dim(cv, layer_idx, 0, keepdims=False).astype(dt)
     cache = (ck, cv)
-  attn = _attention(c, q, k, v, mask, key_lengths)
+  attn = attention_lib.attention(c, q, k, v, mask, key_lengths)
   out = _dense(attn, w("o"), contract=2)
   if c.o_bias:
     out = out + _lead(w("o_bias"), 3)
@@ -380,7 +317,7 @@ class Transformer(nnx.Module):
     table = self._constrain(self.embed[...], ("vocab", None))
     x = jnp.take(table, tokens, axis=0).astype(c.jnp_dtype)
     x = self._constrain(x, ("batch", "length", "act_embed"))
-    cos, sin = _rope_tables(c, positions)
+    cos, sin = attention_lib.rope_tables(c, positions)
 
     if cache is None:
       key_mask = attention_mask
