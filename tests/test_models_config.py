@@ -73,7 +73,14 @@ def test_family_specific_fields():
   with pytest.raises(CheckpointError, match="Unsupported RoPE type 'longrope'"):
     config_from_hf(dict(MISTRAL_STYLE, model_type="phi3", rope_scaling={
         "type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}))
-  for family in ("gemma2", "gemma3_text", "phimoe"):
+  gemma2 = config_from_hf(dict(MISTRAL_STYLE, model_type="gemma2", head_dim=256,
+                                hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+                                attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                num_hidden_layers=4))
+  assert gemma2.layer_types == ("sliding_attention", "full_attention") * 2
+  assert gemma2.hidden_act == "gelu_tanh" and gemma2.pre_norms and gemma2.post_norms
+  assert config_from_hf(config_to_hf(gemma2)) == gemma2
+  for family in ("gemma", "gemma3_text", "phimoe"):
     with pytest.raises(CheckpointError, match=f"Unsupported model_type '{family}'"):
       config_from_hf(dict(MISTRAL_STYLE, model_type=family))
 

@@ -54,6 +54,13 @@ CASES = {
     # Fused qkv and gate-up projections (split on import, fused on export), sliding window.
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
              dict(_BASE, sliding_window=6, tie_word_embeddings=False, pad_token_id=0)),
+    # (1 + w) norms before and after each sublayer, sqrt(D) embeddings, GeGLU, soft-capped
+    # attention scores (small caps so that tanh bends) and logits, sliding window on
+    # alternate layers, query_pre_attn_scalar apart from head_dim.
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               dict(_BASE, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                    attn_implementation="eager", pad_token_id=0)),
 }
 
 

@@ -64,7 +64,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def attention(c: ModelConfig, q, k, v, mask, key_lengths=None):
   """q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S] bool -> [B,T,H,Dh]."""
   b, t, h, dh = q.shape
-  scale = dh ** -0.5
+  scale = (c.query_pre_attn_scalar or dh) ** -0.5
   if c.attention_impl != "xla" and key_lengths is not None:
     # Causal + key lengths: exact for right-padded batches (see ModelConfig).
     window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
@@ -74,6 +74,8 @@ def attention(c: ModelConfig, q, k, v, mask, key_lengths=None):
         implementation="cudnn" if c.attention_impl == "cudnn" else None)
   qg = q.reshape(b, t, c.num_kv_heads, c.num_groups, dh)
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  if c.attn_logit_softcap is not None:  # Gemma 2: cap * tanh(scores / cap), before the mask
+    scores = c.attn_logit_softcap * jnp.tanh(scores / c.attn_logit_softcap)
   scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)

@@ -1,6 +1,6 @@
 """Model configuration: one frozen dataclass for the whole Llama family.
 
-Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, OLMo 2, Phi-3 and SmolLM-style models differ
+Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, OLMo 2, Phi-3, Gemma 2 and SmolLM-style models differ
 only in the fields below (biases, q/k norms, norm placement, RoPE, sliding
 window, tied embeddings). The dataclass is
 frozen and hashable so it can be a static argument of `jax.jit`.
@@ -19,7 +19,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 ROPE_TYPES = ("default", "linear", "llama3")
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2")
+ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 QK_NORMS = ("none", "head", "full")
 
 
@@ -79,6 +81,18 @@ class ModelConfig:
   # sum (OLMo 2: post_norms only).
   pre_norms: bool = True
   post_norms: bool = False
+  # Gemma 2: norms scale by (1 + weight); embeddings times sqrt(hidden_size); GeGLU
+  # ('gelu_tanh'); attention scale query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5);
+  # tanh soft-capping of attention scores and of the final logits (None: off).
+  norm_weight_offset: bool = False
+  embed_scale: bool = False
+  hidden_act: str = "silu"
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  # Per-layer attention ('sliding_attention' layers use sliding_window); None: every layer
+  # uses sliding_window when it is set (Mistral).
+  layer_types: tuple[str, ...] | None = None
   max_position_embeddings: int = 2048  # Metadata; RoPE works at any position.
   initializer_range: float = 0.02
   # dtype policy: parameters are stored in `param_dtype`; matmuls run in
@@ -131,12 +145,22 @@ class ModelConfig:
       fail("model_type", self.model_type, MODEL_TYPES)
     if self.qk_norm not in QK_NORMS:
       fail("qk_norm", self.qk_norm, QK_NORMS)
+    if self.hidden_act not in ACTIVATIONS:
+      fail("hidden_act", self.hidden_act, ACTIVATIONS)
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(
+          LAYER_TYPES):
+        fail("layer_types", self.layer_types, f"{self.num_layers} of {LAYER_TYPES}")
+      if self.attention_impl != "xla":
+        fail("attention_impl", self.attention_impl, "'xla' with per-layer layer_types")
     if not (self.pre_norms or self.post_norms):
       fail("pre_norms", self.pre_norms, "True when post_norms is False")
     if self.sliding_window is not None and self.sliding_window <= 0:
       fail("sliding_window", self.sliding_window, "None or a positive int")
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    if isinstance(self.layer_types, list):
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
 
   @property
   def num_groups(self) -> int:

@@ -78,6 +78,8 @@ def _layer_mapping(c: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
       "up_bias": ("mlp.up_proj.bias", *ident),
       "down_bias": ("mlp.down_proj.bias", *ident),
   }
+  if c.pre_norms and c.post_norms:  # Gemma 2: the MLP's input norm has a name of its own
+    table["mlp_norm"] = ("pre_feedforward_layernorm.weight", *ident)
   return {name: table[name] for name in layer_param_shapes(c)}
 
 

@@ -5,7 +5,10 @@ Supported ``model_type``s: 'llama' (Llama 2/3/3.x, SmolLM), 'mistral', 'qwen2'
 'olmo2' (OLMo 2: RMSNorm of the whole q and k projections, and of each
 sublayer's output instead of its input), 'phi3' (Phi-3 with its fused qkv and
 gate-up projections, split on import and fused on export by ``hf_checkpoint``;
-long-RoPE variants are refused by their RoPE type).
+long-RoPE variants are refused by their RoPE type), 'gemma2' (Gemma 2: (1 + w)
+norms before and after each sublayer, sqrt(D)-scaled embeddings, GeGLU,
+``query_pre_attn_scalar``, soft-capped attention scores and logits, a sliding
+window on alternate layers).
 Anything else is refused by name (``CheckpointError``).
 """
 
@@ -18,11 +21,15 @@ from midpo.models.config import MODEL_TYPES, ModelConfig, RopeScaling
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
 }
 # What each family's architecture fixes: (qk_norm, pre_norms, post_norms).
 NORMS = {"llama": ("none", True, False), "mistral": ("none", True, False),
          "qwen2": ("none", True, False), "qwen3": ("head", True, False),
-         "olmo2": ("full", False, True), "phi3": ("none", True, False)}
+         "olmo2": ("full", False, True), "phi3": ("none", True, False),
+         "gemma2": ("none", True, True)}
+# Hugging Face's activation names -> ModelConfig.hidden_act.
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 class CheckpointError(ValueError):
@@ -40,16 +47,17 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
   if model_type not in MODEL_TYPES:
     raise CheckpointError(
         f"Unsupported model_type {model_type!r} in config.json; supported: {MODEL_TYPES} "
-        "(Llama 2/3/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3, OLMo 2, Phi-3).")
+        "(Llama 2/3/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3, OLMo 2, Phi-3, Gemma 2).")
 
   def need(key):
     if hf.get(key) is None:
       raise CheckpointError(f"config.json ({model_type}) lacks the required key {key!r}.")
     return hf[key]
 
-  act = hf.get("hidden_act", "silu")
-  if act != "silu":
-    raise CheckpointError(f"Unsupported hidden_act {act!r}; only 'silu' (SwiGLU).")
+  act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+  if act not in _ACTIVATIONS or (model_type == "gemma2") != (act == "gelu_pytorch_tanh"):
+    raise CheckpointError(f"Unsupported hidden_act {act!r} for {model_type!r}; 'silu' "
+                          "(SwiGLU), or 'gelu_pytorch_tanh' (GeGLU) for Gemma 2.")
   hidden, heads = need("hidden_size"), need("num_attention_heads")
   kv_heads = hf.get("num_key_value_heads") or heads
   head_dim = hf.get("head_dim") or hidden // heads
@@ -93,6 +101,16 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
           "is not supported.")
   elif model_type in ("mistral", "phi3"):
     sliding_window = hf.get("sliding_window")
+  gemma = {}
+  if model_type == "gemma2":
+    qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+    sliding_window = need("sliding_window")
+    types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                      for i in range(need("num_hidden_layers"))]
+    gemma = dict(norm_weight_offset=True, embed_scale=True, layer_types=tuple(types),
+                 query_pre_attn_scalar=need("query_pre_attn_scalar"),
+                 attn_logit_softcap=hf.get("attn_logit_softcapping"),
+                 final_logit_softcap=hf.get("final_logit_softcapping"))
 
   eos = hf.get("eos_token_id")
   kwargs = dict(
@@ -103,6 +121,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
       rope_scaling=scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=sliding_window,
       qk_norm=qk_norm, pre_norms=pre_norms, post_norms=post_norms,
+      hidden_act=_ACTIVATIONS[act], **gemma,
       max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
       initializer_range=float(hf.get("initializer_range", 0.02)),
       model_type=model_type, bos_token_id=hf.get("bos_token_id"),
@@ -119,6 +138,12 @@ def config_to_hf(c: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
     raise CheckpointError(
         f"model_type {c.model_type!r} fixes (qk_norm, pre_norms, post_norms) = "
         f"{NORMS[c.model_type]}; this config has {(c.qk_norm, c.pre_norms, c.post_norms)}.")
+  gemma = c.model_type == "gemma2"
+  if gemma != (c.norm_weight_offset and c.embed_scale and c.hidden_act == "gelu_tanh"
+               and c.layer_types is not None and c.query_pre_attn_scalar is not None) or (
+                   not gemma and (c.attn_logit_softcap or c.final_logit_softcap)):
+    raise CheckpointError("Gemma 2's norms, embedding scale, GeGLU, per-layer attention and "
+                          "soft-capping are model_type 'gemma2''s and only its.")
   if c.model_type in ("qwen3", "olmo2") and (c.qkv_bias != c.o_bias or c.mlp_bias
                                               or c.sliding_window):
     raise CheckpointError(f"model_type {c.model_type!r} has q/k/v/o biases all or none, no "
@@ -153,7 +178,7 @@ def config_to_hf(c: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
       "num_attention_heads": c.num_heads,
       "num_key_value_heads": c.num_kv_heads,
       "head_dim": c.head_dim,
-      "hidden_act": "silu",
+      "hidden_act": {v: k for k, v in _ACTIVATIONS.items()}[c.hidden_act],
       "rms_norm_eps": c.rms_norm_eps,
       "rope_theta": c.rope_theta,
       "rope_scaling": rope_scaling,
@@ -171,6 +196,14 @@ def config_to_hf(c: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
     hf.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
   elif c.model_type == "olmo2":
     hf.update(attention_bias=c.qkv_bias)
+  elif gemma:
+    hf.update(attention_bias=c.qkv_bias, sliding_window=c.sliding_window,
+              layer_types=list(c.layer_types), hidden_activation="gelu_pytorch_tanh",
+              query_pre_attn_scalar=(int(c.query_pre_attn_scalar)  # transformers wants an int
+                                     if float(c.query_pre_attn_scalar).is_integer()
+                                     else c.query_pre_attn_scalar),
+              attn_logit_softcapping=c.attn_logit_softcap,
+              final_logit_softcapping=c.final_logit_softcap)
   elif c.model_type in ("mistral", "phi3"):
     hf.update(sliding_window=c.sliding_window)
   else:

@@ -102,8 +102,8 @@ class DecoderLayers(nnx.Module):
     init = jax.nn.initializers.normal(c.initializer_range)
     for name, shape in layer_param_shapes(c).items():
       shape = (c.num_layers, *shape)
-      if name.endswith("norm"):
-        value = jnp.ones(shape, dtype)
+      if name.endswith("norm"):  # the identity: 1, or 0 where norms scale by (1 + w)
+        value = (jnp.zeros if c.norm_weight_offset else jnp.ones)(shape, dtype)
       elif name.endswith("bias"):
         value = jnp.zeros(shape, dtype)
       else:
@@ -143,6 +143,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return y.astype(x.dtype) * _lead(weight.astype(x.dtype), x.ndim)
 
 
+def norm_weight(c: ModelConfig, weight: jax.Array) -> jax.Array:
+  """The factor a norm multiplies by: ``weight``, or ``1 + weight`` (Gemma, in float32)."""
+  return weight.astype(jnp.float32) + 1.0 if c.norm_weight_offset else weight
+
+
 def _dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
   """``x [..., C...]`` times ``w [C..., O...]`` over the last ``contract`` axes
   of ``x`` and the first of ``w``, as one 2-D matmul ``[N, C] @ [C, O]``.
@@ -167,14 +172,15 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
   """One decoder layer. x: [B, T, D] compute dtype. Returns (x, cache)."""
   dt = c.jnp_dtype
   w = lambda name: p[name].astype(dt)
-  h = rms_norm(x, p["attn_norm"], c.rms_norm_eps) if c.pre_norms else x
+  norm = lambda y, name: rms_norm(y, norm_weight(c, p[name]), c.rms_norm_eps)
+  h = norm(x, "attn_norm") if c.pre_norms else x
   q, k, v = _dense(h, w("q")), _dense(h, w("k")), _dense(h, w("v"))
   if c.qkv_bias:
     q, k, v = (q + _lead(w("q_bias"), 4), k + _lead(w("k_bias"), 4),
                v + _lead(w("v_bias"), 4))
   if c.qk_norm != "none":
     names = ("q_norm", "k_norm") if c.qk_norm == "head" else ("q_full_norm", "k_full_norm")
-    q, k = (rms_norm(q, p[names[0]], c.rms_norm_eps), rms_norm(k, p[names[1]], c.rms_norm_eps))
+    q, k = norm(q, names[0]), norm(k, names[1])
   q, k = attention_lib.apply_rope(q, cos, sin), attention_lib.apply_rope(k, cos, sin)
   q = constrain(q, ("batch", "length", "act_heads", None))
   k = constrain(k, ("batch", "length", "act_kv_heads", None))
@@ -192,18 +198,19 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, cache, layer_idx, cache_i
   if c.o_bias:
     out = out + _lead(w("o_bias"), 3)
   if c.post_norms:
-    out = rms_norm(out, p["attn_post_norm"], c.rms_norm_eps)
+    out = norm(out, "attn_post_norm")
   x = x + out
-  h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps) if c.pre_norms else x
+  h = norm(x, "mlp_norm") if c.pre_norms else x
   gate, up = _dense(h, w("gate")), _dense(h, w("up"))
   if c.mlp_bias:
     gate, up = gate + _lead(w("gate_bias"), 3), up + _lead(w("up_bias"), 3)
-  act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+  gated = jax.nn.silu(gate) if c.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+  act = constrain(gated * up, ("batch", "length", "act_mlp"))
   down = _dense(act, w("down"))
   if c.mlp_bias:
     down = down + _lead(w("down_bias"), 3)
   if c.post_norms:
-    down = rms_norm(down, p["mlp_post_norm"], c.rms_norm_eps)
+    down = norm(down, "mlp_post_norm")
   return constrain(x + down, ("batch", "length", "act_embed")), cache
 
 
@@ -232,7 +239,8 @@ class Transformer(nnx.Module):
     self.embed = _param(init(rngs.params(), (c.vocab_size, c.hidden_size), dtype),
                         ("vocab", "embed"))
     self.layers = DecoderLayers(c, rngs=rngs)
-    self.final_norm = _param(jnp.ones((c.hidden_size,), dtype), ("norm",))
+    self.final_norm = _param((jnp.zeros if c.norm_weight_offset else jnp.ones)(
+        (c.hidden_size,), dtype), ("norm",))
     # (mesh, rules) once the model is placed on a mesh (midpo.models.sharding):
     # activations are then constrained to the rules' activation axes.
     self.activation_sharding = None
@@ -268,6 +276,9 @@ class Transformer(nnx.Module):
     else:
       logits = jnp.einsum("...d,dv->...v", h.astype(dt), self.lm_head[...].astype(dt),
                           preferred_element_type=jnp.float32)
+    if self.config.final_logit_softcap is not None:  # Gemma 2
+      cap = self.config.final_logit_softcap
+      logits = cap * jnp.tanh(logits / cap)
     names = ("batch",) + (None,) * (logits.ndim - 2) + ("act_vocab",)
     return self._constrain(logits, names) if logits.ndim >= 2 else logits
 
@@ -316,6 +327,8 @@ class Transformer(nnx.Module):
     # 'tensor'): GSPMD then partitions the lookup without replicating it.
     table = self._constrain(self.embed[...], ("vocab", None))
     x = jnp.take(table, tokens, axis=0).astype(c.jnp_dtype)
+    if c.embed_scale:  # Gemma: times sqrt(D), the factor rounded to the compute dtype
+      x = x * jnp.asarray(c.hidden_size ** 0.5, c.jnp_dtype)
     x = self._constrain(x, ("batch", "length", "act_embed"))
     cos, sin = attention_lib.rope_tables(c, positions)
 
@@ -331,16 +344,22 @@ class Transformer(nnx.Module):
       cache_index = cache.index
       key_lengths = None  # The cache path always uses the explicit mask.
     allowed = k_slots[None, :] <= q_slots[:, None]
+    full_mask = (key_mask[:, None, :] > 0) & allowed[None]  # [B, T, S]
     if c.sliding_window is not None:
       allowed &= (q_slots[:, None] - k_slots[None, :]) < c.sliding_window
     mask = (key_mask[:, None, :] > 0) & allowed[None]  # [B, T, S]
+    # Per layer: whether it attends through the sliding window (all layers or none, unless
+    # layer_types says which).
+    sliding = np.array([t == "sliding_attention" for t in c.layer_types] if c.layer_types
+                       else [c.sliding_window is not None] * c.num_layers)
 
     params = self.layers.arrays()
 
     def body(carry, xs):
       x, kv = carry
-      p, i = xs
-      x, kv = _layer(c, p, x, cos, sin, mask, kv, i, cache_index, key_lengths, self._constrain)
+      p, i, slide = xs
+      m = mask if c.layer_types is None else jnp.where(slide, mask, full_mask)
+      x, kv = _layer(c, p, x, cos, sin, m, kv, i, cache_index, key_lengths, self._constrain)
       if kv is not None:
         kv = tuple(self._constrain(a, ("layers", "batch", None, "act_kv_heads", None)) for a in kv)
       return (x, kv), (x if return_all else None)
@@ -348,9 +367,10 @@ class Transformer(nnx.Module):
     if c.remat != "none":
       body = jax.checkpoint(body, policy=_remat_policy(c.remat), prevent_cse=False)
     kv = None if cache is None else (cache.k, cache.v)
-    (x, kv), all_h = jax.lax.scan(body, (x, kv), (params, jnp.arange(c.num_layers)),
-                                     unroll=not c.scan_layers)
-    h = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+    (x, kv), all_h = jax.lax.scan(body, (x, kv),
+                                  (params, jnp.arange(c.num_layers), jnp.asarray(sliding)),
+                                  unroll=not c.scan_layers)
+    h = rms_norm(x, norm_weight(c, self.final_norm[...]), c.rms_norm_eps)
     if return_all:
       all_h = jnp.moveaxis(all_h, 0, 2)  # [L, B, T, D] -> [B, T, L, D]
     if cache is not None:
