@@ -43,7 +43,8 @@ from absl import logging
 from midpo import files, sampling
 from midpo.algorithms.mi import estimate as mi_estimate
 from midpo.core import priors
-from midpo.data import pipeline, synthetic
+from midpo.data import batches as batches_lib
+from midpo.data import pipeline, sources, synthetic
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
 from midpo.training import inputs, metrics_writer, preference, provenance
@@ -77,8 +78,8 @@ def implicit_reward_accuracy(env, policy, frozen: dict, prior_params, prior=None
   if missing:
     return {"skipped": f"prior {prior.name!r} reads the frozen model(s) {missing}, which "
                        "this run does not have"}
-  if split == "test" and config.data.source == "files" and not list(
-      config.data.files.test_files):
+  if split == "test" and config.data.source == "files" and not sources.resolve_files(
+      config.data.files.test_files, "test_files"):
     return {"skipped": "no test files (config.data.files.test_files)"}
   if split == "train" and pairs is None:
     return {"skipped": "the run's training pairs are not known to this evaluation"}
@@ -140,6 +141,8 @@ def heldout_prompts(env) -> list:
     return synthetic.prompts(config.data.synthetic.seed, "test", config.eval.num_prompts)
   c = env.data_config()
   c.batch_size, c.shuffle = 1, False
+  # An eval-only run (from a checkpoint) may be the first to need the dataset.
+  batches_lib.ensure_built(c, "test", env.process_index, env.process_count)
   it = pipeline.make_iterator(c, env.tokenizer, "test", None, mode="sft", build=False)
   seen, out = set(), []
   for k in np.argsort(it.pairs.pair_index, kind="stable"):

@@ -80,7 +80,7 @@ def test_family_specific_fields():
   assert gemma2.layer_types == ("sliding_attention", "full_attention") * 2
   assert gemma2.hidden_act == "gelu_tanh" and gemma2.pre_norms and gemma2.post_norms
   assert config_from_hf(config_to_hf(gemma2)) == gemma2
-  for family in ("gemma", "gemma3_text", "phimoe"):
+  for family in ("gemma", "gemma3", "phimoe"):
     with pytest.raises(CheckpointError, match=f"Unsupported model_type '{family}'"):
       config_from_hf(dict(MISTRAL_STYLE, model_type=family))
 

@@ -61,6 +61,17 @@ CASES = {
                dict(_BASE, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
                     attn_implementation="eager", pad_token_id=0)),
+    # Gemma 2's layout with per-head (1 + w) q/k norms, no soft-capping, a local RoPE base
+    # on the sliding layers and linear scaling on the global ones.
+    "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+                    dict(_BASE, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+                         layer_types=["sliding_attention", "full_attention"],
+                         rope_parameters={
+                             "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                "rope_theta": 1000000.0},
+                             "sliding_attention": {"rope_type": "default",
+                                                   "rope_theta": 100.0}},
+                         attn_implementation="eager", pad_token_id=0)),
 }
 
 
@@ -150,7 +161,9 @@ def test_export_round_trip_and_transformers_load(checkpoint, tmp_path):
     assert exported[key].tobytes() == value.tobytes(), f"{name}: {key} changed in the round trip"
 
   # transformers loads the export and computes the same logits.
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  # (With the source model's attention implementation: eager and SDPA differ by rounding.)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      out, attn_implementation=torch_model.config._attn_implementation).eval()
   assert type(reloaded) is type(torch_model)
   tokens, mask = _batch(model.config.vocab_size, seed=1)
   a = _torch_logits(reloaded, tokens, mask).logits.numpy()

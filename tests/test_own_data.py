@@ -39,13 +39,13 @@ def _write_data(root):
         "".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
 
 
-def _run_readme_block(tag, cwd, extra):
+def _run_readme_block(tag, cwd, extra, *flags):
   command = test_readme._block(tag).replace("\\\n", " ")
   args = shlex.split(command)
   assert args[:3] == ["python", "-m", "midpo.main"], args
   args = [sys.executable, *args[1:]]
   args = [a.replace("--config=configs/", f"--config={tu.ROOT}/configs/") for a in args]
-  args += tu.cli_args(extra)
+  args += tu.cli_args(extra) + list(flags)
   proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600,
                         env=dict(os.environ, PYTHONPATH=str(tu.ROOT)))
   return proc.returncode, proc.stdout + proc.stderr, args
@@ -101,6 +101,10 @@ def test_readme_own_checkpoint_command(tmp_path):
   _check_eval(workdir)
   assert (workdir / "hf_export" / "config.json").exists()
   assert not os.path.isdir(workdir / "sft")
+  # The checkpoint evaluated alone in a fresh workdir (the dataset is built there first).
+  rc, out, _ = _run_readme_block("readme:own-checkpoint", tmp_path,
+                                 {**SMALL, "stages": ("eval",)}, "--workdir=eval_only")
+  assert rc == 0, out[-4000:]
 
 
 def _own(**overrides):
@@ -146,3 +150,5 @@ def test_too_few_rows_and_an_unfit_tokenizer_are_one_line_errors(tmp_path):
                         {**base, "tokenizer": "synthetic"}, env={"PYTHONPATH": str(tu.ROOT)})
   last = out.strip().splitlines()[-1]
   assert rc == 2 and re.match(r"midpo: error: config.tokenizer: \d+% of the tokens", last), last
+  report = json.load(open(tmp_path / "b" / "data_report.json"))  # what was read, this run's
+  assert report["stages"]["train/tokenize/sft"]["rows_read"] > 0

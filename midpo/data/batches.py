@@ -24,6 +24,15 @@ from jax.experimental import multihost_utils
 from midpo.data import pipeline
 
 
+def ensure_built(data_config, split: str, process_index: int, process_count: int) -> None:
+  """Builds ``data_config``'s dataset once: process 0 builds it, the others wait for it
+  (a barrier named after ``split``); a single process builds it itself."""
+  if process_count == 1 or process_index == 0:
+    pipeline.builder_from_config(data_config, build=True)
+  if process_count > 1:
+    multihost_utils.sync_global_devices(f"built {split}")
+
+
 class ShardedBatches:
   """This process's batches of ``split``: ``next``, resumable state, epoch 0's
   first batches, and every pair in order (``chunks``)."""
@@ -43,11 +52,7 @@ class ShardedBatches:
     self.mode = mode
     self.pad_id = tokenizer.pad_id
     first = process_index * per_process
-    # Process 0 builds the dataset; the others wait for it and only read.
-    if process_count > 1:
-      if process_index == 0:
-        pipeline.builder_from_config(c, build=True)
-      multihost_utils.sync_global_devices(f"built {split}")
+    ensure_built(c, split, process_index, process_count)
     self.shards = [
         pipeline.make_iterator(c, tokenizer, split, workdir, process_index=s,
                                process_count=shards, mode=mode, build=process_count == 1)

@@ -334,7 +334,14 @@ def make_iterator(
   build_rep = tfds_builders.build_report(builder, split)
   rep = report_lib.BadRowReport(c.bad_rows, c.max_reported_bad_rows)
   indices = shard_indices(len(source), process_index, process_count)
-  pairs = tokenize_split(source, indices, tokenizer, c, mode, rep)
+  try:
+    pairs = tokenize_split(source, indices, tokenizer, c, mode, rep)
+  except report_lib.DataError:
+    if workdir is not None:  # what was read up to the error, for this run
+      report_lib.write_data_report(
+        workdir, {f"{split}/build": build_rep, f"{split}/tokenize/{mode}": rep.to_dict()},
+        process_index=process_index, process_count=process_count)
+    raise
   stages = {f"{split}/build": build_rep, f"{split}/tokenize/{mode}": rep.to_dict()}
   first = int(indices[0]) if len(indices) else 0
   stages[f"{split}/tokenize/{mode}"]["shard"] = {

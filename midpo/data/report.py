@@ -88,7 +88,8 @@ WRITER = f"{os.getpid()}-{time.time_ns()}"
 
 class DataError(ValueError):
   """The data cannot make a run (too few rows left, a tokenizer that does not fit it); the
-  message says why and what to change. ``data_report.json`` is written before it is raised."""
+  message says why and what to change. Once rows were read, ``data_report.json`` (with what
+  was read up to the error) is written before it is raised."""
 
 
 class BadRowError(DataError):

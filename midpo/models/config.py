@@ -19,7 +19,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 ROPE_TYPES = ("default", "linear", "llama3")
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 QK_NORMS = ("none", "head", "full")
@@ -93,6 +93,8 @@ class ModelConfig:
   # Per-layer attention ('sliding_attention' layers use sliding_window); None: every layer
   # uses sliding_window when it is set (Mistral).
   layer_types: tuple[str, ...] | None = None
+  # Gemma 3: the RoPE base of the sliding-window layers (unscaled); None: rope_theta.
+  rope_local_theta: float | None = None
   max_position_embeddings: int = 2048  # Metadata; RoPE works at any position.
   initializer_range: float = 0.02
   # dtype policy: parameters are stored in `param_dtype`; matmuls run in

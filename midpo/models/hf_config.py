@@ -8,7 +8,9 @@ gate-up projections, split on import and fused on export by ``hf_checkpoint``;
 long-RoPE variants are refused by their RoPE type), 'gemma2' (Gemma 2: (1 + w)
 norms before and after each sublayer, sqrt(D)-scaled embeddings, GeGLU,
 ``query_pre_attn_scalar``, soft-capped attention scores and logits, a sliding
-window on alternate layers).
+window on alternate layers), 'gemma3_text' (Gemma 3 text models: Gemma 2's
+layout without soft-capping, with per-head (1 + w) q/k norms and a RoPE base of
+its own on the sliding-window layers).
 Anything else is refused by name (``CheckpointError``).
 """
 
@@ -21,13 +23,13 @@ from midpo.models.config import MODEL_TYPES, ModelConfig, RopeScaling
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
 }
 # What each family's architecture fixes: (qk_norm, pre_norms, post_norms).
 NORMS = {"llama": ("none", True, False), "mistral": ("none", True, False),
          "qwen2": ("none", True, False), "qwen3": ("head", True, False),
          "olmo2": ("full", False, True), "phi3": ("none", True, False),
-         "gemma2": ("none", True, True)}
+         "gemma2": ("none", True, True), "gemma3_text": ("head", True, True)}
 # Hugging Face's activation names -> ModelConfig.hidden_act.
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -47,7 +49,8 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
   if model_type not in MODEL_TYPES:
     raise CheckpointError(
         f"Unsupported model_type {model_type!r} in config.json; supported: {MODEL_TYPES} "
-        "(Llama 2/3/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3, OLMo 2, Phi-3, Gemma 2).")
+        "(Llama 2/3/3.x, SmolLM, Mistral, Qwen2/2.5, Qwen3, OLMo 2, Phi-3, Gemma 2, Gemma 3 "
+        "text 'gemma3_text').")
 
   def need(key):
     if hf.get(key) is None:
@@ -55,7 +58,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     return hf[key]
 
   act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
-  if act not in _ACTIVATIONS or (model_type == "gemma2") != (act == "gelu_pytorch_tanh"):
+  if act not in _ACTIVATIONS or model_type.startswith("gemma") != (act == "gelu_pytorch_tanh"):
     raise CheckpointError(f"Unsupported hidden_act {act!r} for {model_type!r}; 'silu' "
                           "(SwiGLU), or 'gelu_pytorch_tanh' (GeGLU) for Gemma 2.")
   hidden, heads = need("hidden_size"), need("num_attention_heads")
@@ -63,8 +66,16 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
   head_dim = hf.get("head_dim") or hidden // heads
 
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  local_theta = None
   if rope and all(isinstance(v, dict) for v in rope.values()):
-    raise CheckpointError("Per-layer-type RoPE parameters are not supported.")
+    local = rope.get("sliding_attention") or {}
+    if model_type != "gemma3_text" or local.get("rope_type", "default") != "default":
+      raise CheckpointError("Per-layer-type RoPE parameters are not supported (but Gemma 3's "
+                            "default-type local RoPE).")
+    local_theta = float(local.get("rope_theta", 10000.0))
+    rope = rope.get("full_attention") or {}
+  elif model_type == "gemma3_text":  # the older config.json spelling
+    local_theta = float(hf.get("rope_local_base_freq", 10000.0))
   theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
   partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
   if partial != 1.0:
@@ -102,7 +113,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
   elif model_type in ("mistral", "phi3"):
     sliding_window = hf.get("sliding_window")
   gemma = {}
-  if model_type == "gemma2":
+  if model_type in ("gemma2", "gemma3_text"):
     qkv_bias = o_bias = bool(hf.get("attention_bias", False))
     sliding_window = need("sliding_window")
     types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
@@ -110,7 +121,8 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     gemma = dict(norm_weight_offset=True, embed_scale=True, layer_types=tuple(types),
                  query_pre_attn_scalar=need("query_pre_attn_scalar"),
                  attn_logit_softcap=hf.get("attn_logit_softcapping"),
-                 final_logit_softcap=hf.get("final_logit_softcapping"))
+                 final_logit_softcap=hf.get("final_logit_softcapping"),
+                 rope_local_theta=local_theta)
 
   eos = hf.get("eos_token_id")
   kwargs = dict(
@@ -138,10 +150,11 @@ def config_to_hf(c: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
     raise CheckpointError(
         f"model_type {c.model_type!r} fixes (qk_norm, pre_norms, post_norms) = "
         f"{NORMS[c.model_type]}; this config has {(c.qk_norm, c.pre_norms, c.post_norms)}.")
-  gemma = c.model_type == "gemma2"
+  gemma = c.model_type in ("gemma2", "gemma3_text")
   if gemma != (c.norm_weight_offset and c.embed_scale and c.hidden_act == "gelu_tanh"
                and c.layer_types is not None and c.query_pre_attn_scalar is not None) or (
-                   not gemma and (c.attn_logit_softcap or c.final_logit_softcap)):
+                   not gemma and (c.attn_logit_softcap or c.final_logit_softcap
+                                  or c.rope_local_theta is not None)):
     raise CheckpointError("Gemma 2's norms, embedding scale, GeGLU, per-layer attention and "
                           "soft-capping are model_type 'gemma2''s and only its.")
   if c.model_type in ("qwen3", "olmo2") and (c.qkv_bias != c.o_bias or c.mlp_bias
@@ -204,6 +217,12 @@ def config_to_hf(c: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
                                      else c.query_pre_attn_scalar),
               attn_logit_softcapping=c.attn_logit_softcap,
               final_logit_softcapping=c.final_logit_softcap)
+    if c.model_type == "gemma3_text":
+      hf["rope_parameters"] = {
+          "full_attention": dict(rope_scaling or {"rope_type": "default"},
+                                 rope_theta=c.rope_theta),
+          "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local_theta}}
+      del hf["rope_scaling"], hf["rope_theta"]
   elif c.model_type in ("mistral", "phi3"):
     hf.update(sliding_window=c.sliding_window)
   else:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import os
 import re
 
-# What a causal-LM checkpoint directory needs (config, weights, tokenizer, template).
-CHECKPOINT_FILES = ("*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt")
+# What a causal-LM checkpoint directory needs (config, weights, tokenizer, template); not the
+# copies some repositories add (consolidated.safetensors, original/).
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "model*.safetensors",
+                    "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
+                    "chat_template.jinja")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[\w./-]+)?$")
 
 _resolved: dict[str, str] = {}
@@ -28,20 +31,21 @@ def is_hub_id(path: str) -> bool:
   return not os.path.isdir(path) and bool(_HUB_ID.match(path))
 
 
-def local_dir(path: str) -> str:
+def local_dir(path: str, key: str = "model.hf_path") -> str:
   """The local directory of checkpoint ``path`` (a directory, or a Hub id downloaded once per
   process).
 
   Raises:
     HubError: ``path`` is neither; or it is a Hub id that cannot be fetched (offline without
-      a cached snapshot, no network, no access), the message naming the key and the fix.
+      a cached snapshot, no network, no access), the message naming ``config.<key>`` and the
+      fix.
   """
   if os.path.isdir(path):
     return path
   if path in _resolved:
     return _resolved[path]
   if not _HUB_ID.match(path):
-    raise HubError(f"config.model.hf_path: {path!r} is not a directory nor a Hub id (org/name)")
+    raise HubError(f"config.{key}: {path!r} is not a directory nor a Hub id (org/name)")
   repo_id, _, revision = path.partition("@")
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
@@ -51,13 +55,13 @@ def local_dir(path: str) -> str:
                                               allow_patterns=list(CHECKPOINT_FILES))
   except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:
     raise HubError(
-        f"config.model.hf_path: {path!r} is not a local directory, and no snapshot of it is "
+        f"config.{key}: {path!r} is not a local directory, and no snapshot of it is "
         f"cached while the Hub cannot be reached (no network, or offline mode: "
         f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}); download it where there "
         f"is a network (`hf download {repo_id}`) and pass the directory ({type(e).__name__})"
     ) from None
   except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
           errors.GatedRepoError) as e:
-    raise HubError(f"config.model.hf_path: {path!r}: {type(e).__name__}: {e}") from None
+    raise HubError(f"config.{key}: {path!r}: {type(e).__name__}: {e}") from None
   _resolved[path] = local
   return local

@@ -24,6 +24,7 @@ padding (generation) both work because positions default to
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -331,6 +332,10 @@ class Transformer(nnx.Module):
       x = x * jnp.asarray(c.hidden_size ** 0.5, c.jnp_dtype)
     x = self._constrain(x, ("batch", "length", "act_embed"))
     cos, sin = attention_lib.rope_tables(c, positions)
+    local_rope = None
+    if c.rope_local_theta is not None:  # Gemma 3: the sliding layers' own base, unscaled
+      local_rope = attention_lib.rope_tables(
+          dataclasses.replace(c, rope_theta=c.rope_local_theta, rope_scaling=None), positions)
 
     if cache is None:
       key_mask = attention_mask
@@ -359,7 +364,10 @@ class Transformer(nnx.Module):
       x, kv = carry
       p, i, slide = xs
       m = mask if c.layer_types is None else jnp.where(slide, mask, full_mask)
-      x, kv = _layer(c, p, x, cos, sin, m, kv, i, cache_index, key_lengths, self._constrain)
+      cs, sn = cos, sin
+      if local_rope is not None:
+        cs, sn = jnp.where(slide, local_rope[0], cos), jnp.where(slide, local_rope[1], sin)
+      x, kv = _layer(c, p, x, cs, sn, m, kv, i, cache_index, key_lengths, self._constrain)
       if kv is not None:
         kv = tuple(self._constrain(a, ("layers", "batch", None, "act_kv_heads", None)) for a in kv)
       return (x, kv), (x if return_all else None)

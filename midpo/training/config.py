@@ -19,7 +19,7 @@ import jax
 import ml_collections
 
 from midpo.core import losses, priors
-from midpo.data import pipeline
+from midpo.data import pipeline, sources
 from midpo.models import hub
 
 STAGES = ("sft", "preference", "eval")
@@ -223,7 +223,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if config.data.source == "files":
-    test_files = config.data.files.test_files
+    test_files = sources.resolve_files(config.data.files.test_files, "test_files")
     if "eval" in stages and not test_files:
       fail("data.files.test_files", "the 'eval' stage on your files needs held-out pairs: set "
            "it, or leave 'eval' out of config.stages")

@@ -241,7 +241,7 @@ def make_tokenizer(config):
     return tokenizer_lib.load_tokenizer(hub.local_dir(config.model.hf_path)
                                         if config.model.hf_path else "byte")
   if hub.is_hub_id(config.tokenizer):
-    return tokenizer_lib.load_tokenizer(hub.local_dir(config.tokenizer))
+    return tokenizer_lib.load_tokenizer(hub.local_dir(config.tokenizer, "tokenizer"))
   return tokenizer_lib.load_tokenizer(config.tokenizer)
 
 
