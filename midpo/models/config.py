@@ -1,6 +1,6 @@
 """Model configuration: one frozen dataclass for the whole Llama family.
 
-Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, OLMo 2, Phi-3, Gemma 2 and SmolLM-style models differ
+Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, OLMo 2, Phi-3, Gemma 2/3 and SmolLM-style models differ
 only in the fields below (biases, q/k norms, norm placement, RoPE, sliding
 window, tied embeddings). The dataclass is
 frozen and hashable so it can be a static argument of `jax.jit`.
