@@ -212,6 +212,9 @@ def test_a_config_written_before_the_loss_options_existed_resumes():
               "ld_alpha"):
     del old["loss"][key]
   assert run_identity.differences(old, run_identity.config_json(config)) == []
+  for key in ("tokenization", "max_unk_fraction", "truncation_mode"):  # the data options too
+    del old["data"][key]
+  assert run_identity.differences(old, run_identity.config_json(config)) == []
   config.loss.use_weighting = True
   assert run_identity.differences(old, run_identity.config_json(config)) == [
       ("loss.use_weighting", False, True)]

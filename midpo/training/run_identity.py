@@ -69,7 +69,11 @@ def config_json(config) -> dict:
 # from an old config, they hold the value that leaves results as they were.
 ADDED_KEYS = {"loss.loss_weights": [], "loss.f_divergence_type": "reverse_kl",
               "loss.f_alpha_divergence_coef": 0.5, "loss.use_weighting": False,
-              "loss.ld_alpha": None}
+              "loss.ld_alpha": None,
+              # 'auto' is the old tokenisation for the synthetic task ('separate'); a files
+              # run from before it tokenised apart too, and its data state then refuses.
+              "data.tokenization": "auto", "data.max_unk_fraction": 0.01,
+              "data.truncation_mode": "keep_prompt_end"}
 
 
 # Keys whose spelling changed but not their meaning: these values are the same.
