@@ -142,7 +142,7 @@ def heldout_prompts(env) -> list:
   c = env.data_config()
   c.batch_size, c.shuffle = 1, False
   # An eval-only run (from a checkpoint) may be the first to need the dataset.
-  batches_lib.ensure_built(c, "test", env.process_index, env.process_count)
+  batches_lib.ensure_built(c, "test", env.process_index, env.process_count, env.workdir)
   it = pipeline.make_iterator(c, env.tokenizer, "test", None, mode="sft", build=False)
   seen, out = set(), []
   for k in np.argsort(it.pairs.pair_index, kind="stable"):

@@ -65,7 +65,8 @@ def test_when_every_row_is_dropped_the_report_comes_first(tmp_path):
   path = _write(tmp_path / "long.jsonl", [{"prompt": "p", "chosen": long, "rejected": long + "y"}
                                           for _ in range(3)])
   c = tdb._config(tmp_path, "trl_standard", path, batch_size=2)
-  with pytest.raises(report.DataError, match=r"0 rows left .* most for: 3 over_length"):
+  with pytest.raises(report.DataError,
+                     match=r"0 rows left, .* most for: 3 over_length; raise config.data.max_length"):
     pipeline.make_iterator(c, tdb.ByteTokenizer(), "train", str(tmp_path / "w2"))
   rep = json.load(open(tmp_path / "w2" / "data_report.json"))
   assert rep["stages"]["train/tokenize/pairs"]["bad_rows"] == {"over_length": 3}

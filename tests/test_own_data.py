@@ -142,7 +142,8 @@ def test_too_few_rows_and_an_unfit_tokenizer_are_one_line_errors(tmp_path):
                         {**base, "data.max_length": 8}, env={"PYTHONPATH": str(tu.ROOT)})
   last = out.strip().splitlines()[-1]
   assert rc == 2 and "Traceback" not in out, out[-3000:]
-  assert re.match(r"midpo: error: 'train': 0 rows left .* fewer than one batch .*24 over_length",
+  assert re.match(r"midpo: error: 'train': 0 rows left, fewer than one batch .*24 over_length; "
+                  r"raise config.data.max_length, or set config.data.truncation_mode=keep_start",
                   last), last
   report = json.load(open(tmp_path / "a" / "data_report.json"))
   assert report["stages"]["train/tokenize/sft"]["bad_rows"] == {"over_length": 24}
@@ -152,3 +153,14 @@ def test_too_few_rows_and_an_unfit_tokenizer_are_one_line_errors(tmp_path):
   assert rc == 2 and re.match(r"midpo: error: config.tokenizer: \d+% of the tokens", last), last
   report = json.load(open(tmp_path / "b" / "data_report.json"))  # what was read, this run's
   assert report["stages"]["train/tokenize/sft"]["rows_read"] > 0
+  # The wrong format (TRL standard rows read as conversational): every row dropped at build,
+  # the reason and the key to check named, the report written.
+  rc, out = tu.run_main(str(tu.ROOT / "configs" / "own_data.py"), str(tmp_path / "c"),
+                        {**base, "data.files.format": "trl_conversational"},
+                        env={"PYTHONPATH": str(tu.ROOT)})
+  last = out.strip().splitlines()[-1]
+  assert rc == 2 and re.match(
+      r"midpo: error: 'train': no row of 24 was kept; skipped 24 rows, most for: 24 "
+      r"malformed_messages; check config.data.files.format \(now 'trl_conversational'", last), last
+  report = json.load(open(tmp_path / "c" / "data_report.json"))
+  assert report["bad_rows_total"] == {"malformed_messages": 24}

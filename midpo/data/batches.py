@@ -24,11 +24,13 @@ from jax.experimental import multihost_utils
 from midpo.data import pipeline
 
 
-def ensure_built(data_config, split: str, process_index: int, process_count: int) -> None:
+def ensure_built(data_config, split: str, process_index: int, process_count: int,
+                 workdir: str | None = None) -> None:
   """Builds ``data_config``'s dataset once: process 0 builds it, the others wait for it
-  (a barrier named after ``split``); a single process builds it itself."""
+  (a barrier named after ``split``); a single process builds it itself. A split without a
+  usable row is a ``DataError`` (report written to ``workdir``)."""
   if process_count == 1 or process_index == 0:
-    pipeline.builder_from_config(data_config, build=True)
+    pipeline.build_dataset(data_config, workdir, process_index, process_count)
   if process_count > 1:
     multihost_utils.sync_global_devices(f"built {split}")
 
@@ -52,7 +54,7 @@ class ShardedBatches:
     self.mode = mode
     self.pad_id = tokenizer.pad_id
     first = process_index * per_process
-    ensure_built(c, split, process_index, process_count)
+    ensure_built(c, split, process_index, process_count, workdir)
     self.shards = [
         pipeline.make_iterator(c, tokenizer, split, workdir, process_index=s,
                                process_count=shards, mode=mode, build=process_count == 1)

@@ -321,15 +321,7 @@ def make_iterator(
   if tokenizer.pad_id is None:
     raise report_lib.DataError(
       "config.tokenizer: the tokenizer has neither a pad token nor an EOS token to pad with")
-  try:
-    builder = builder_from_config(c, build=build)
-  except tfds_builders.EmptySplitError as e:
-    if workdir is not None:
-      report_lib.write_data_report(workdir, {f"{e.split}/build": e.report},
-                                   process_index=process_index, process_count=process_count)
-    raise report_lib.DataError(
-      f"{e.split!r}: no row of {e.report['rows_read']} was kept; "
-      f"{_top_reasons({'b': e.report})}") from None
+  builder = build_dataset(c, workdir, process_index, process_count, build=build)
   source = builder.as_data_source(split=split)
   build_rep = tfds_builders.build_report(builder, split)
   rep = report_lib.BadRowReport(c.bad_rows, c.max_reported_bad_rows)
@@ -357,10 +349,11 @@ def make_iterator(
     report_path = report_lib.write_data_report(
       workdir, stages, process_index=process_index, process_count=process_count)
   if len(pairs) < c.batch_size:
+    where = f" on process {process_index} of {process_count}" if process_count > 1 else ""
     raise report_lib.DataError(
-      f"{split!r}: {len(pairs)} rows left on process {process_index} of {process_count}, fewer "
-      f"than one batch (config.data.batch_size={c.batch_size}); "
-      f"{_top_reasons(stages)} (details: {report_path or 'data_report.json'})")
+      f"{split!r}: {len(pairs)} rows left{where}, fewer than one batch "
+      f"(config.data.batch_size={c.batch_size}); {_top_reasons(stages, c)} "
+      f"(details: {report_path or 'data_report.json'})")
   it = PreferenceBatchIterator(
     pairs,
     batch_size=c.batch_size,
@@ -387,14 +380,43 @@ def make_iterator(
   return it
 
 
-def _top_reasons(stages: dict, k: int = 3) -> str:
+def build_dataset(c, workdir: str | None, process_index: int = 0, process_count: int = 1, *,
+                  build: bool = True):
+  """``builder_from_config``; a split where no row is kept becomes a ``DataError`` naming the
+  main reasons (and what to change), after its report is written to ``workdir``."""
+  try:
+    return builder_from_config(c, build=build)
+  except tfds_builders.EmptySplitError as e:
+    if workdir is not None:
+      report_lib.write_data_report(workdir, {f"{e.split}/build": e.report},
+                                   process_index=process_index, process_count=process_count)
+    raise report_lib.DataError(
+      f"{e.split!r}: no row of {e.report['rows_read']} was kept; "
+      f"{_top_reasons({'b': e.report}, c)}") from None
+
+
+# What to change when most rows are skipped for a reason (the error message's hint).
+_HINTS = {r: "check config.data.files.format" for r in (
+  report_lib.MISSING_FIELD, report_lib.NON_STRING_FIELD, report_lib.MALFORMED_MESSAGES,
+  report_lib.MALFORMED_TRANSCRIPT, report_lib.PROMPT_ONLY)}
+_HINTS[report_lib.OVER_LENGTH] = ("raise config.data.max_length, or set config.data."
+                                  "truncation_mode=keep_start (TRL's) or truncate_responses=True")
+
+
+def _top_reasons(stages: dict, c=None, k: int = 3) -> str:
   counts = collections.Counter()
   for stage in stages.values():
     counts.update(stage["bad_rows"])
   if not counts:
     return "no row was skipped"
   top = ", ".join(f"{n} {reason}" for reason, n in counts.most_common(k))
-  return f"skipped {sum(counts.values())} rows, most for: {top}"
+  out = f"skipped {sum(counts.values())} rows, most for: {top}"
+  hint = _HINTS.get(counts.most_common(1)[0][0])
+  if hint and c is not None:
+    hint = hint.replace("config.data.files.format", f"config.data.files.format (now "
+                        f"{c.files.format!r}; first bad rows in data_report.json)")
+    out += f"; {hint}"
+  return out
 
 
 def summary_line(split: str, mode: str, stages: dict, process_index: int = 0,
@@ -422,6 +444,6 @@ __all__ = [
     "TRUNCATION_MODES",
     "TokenizedPairs", "Tokenizer", "builder_from_config", "default_config", "make_iterator",
     "oracle_token_weights", "real_token_fraction", "resolve_tokenization", "round_up",
-    "shard_indices", "summary_line",
+    "shard_indices", "summary_line", "build_dataset",
     "tokenize_split", "validate_config",
 ]
