@@ -112,7 +112,7 @@ def run_trl(ckpt, data, pairs, warmup, steps):
                                           "threads": torch.get_num_threads()})
 
 
-def run_midpo(ckpt, data, pairs, warmup, steps, workdir):
+def run_midpo(ckpt, data, pairs, warmup, steps, workdir, max_length):
   """midpo's preference step (DPO prior, alpha 0.1, online reference, float32, AdamW)."""
   sys.path.insert(0, ROOT)
   import jax
@@ -129,7 +129,9 @@ def run_midpo(ckpt, data, pairs, warmup, steps, workdir):
   for key, value in {
       "model.hf_path": ckpt, "tokenizer": ckpt, "stages": ("preference",),
       "data.source": "files", "data.files.train_files": data, "pairs_from": "dataset",
-      "data.batch_size": pairs, "data.max_length": 1024, "data.bucket_window": 0,
+      # Rows padded to exactly prompt + response tokens (bucket_window 0: max_length), as
+      # TRL pads to the longest row; every row here has that length.
+      "data.batch_size": pairs, "data.max_length": max_length, "data.bucket_window": 0,
       "data.num_buckets": 0, "data.shuffle": False, "eval.mutual_information": "none"}.items():
     *path, leaf = key.split(".")
     node = config
@@ -151,6 +153,7 @@ def run_midpo(ckpt, data, pairs, warmup, steps, workdir):
   local = next(iter(it.first_batches(1)))
   batch = env.global_batch(pairs_lib.select(local, fields))
   tokens = int(local["attention_mask"].sum())
+  assert local["tokens"].shape[-1] == max_length, local["tokens"].shape  # no padding
   frozen, rng, times = {"reference": ref}, jax.random.key(0), []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
@@ -193,7 +196,8 @@ def main():
       out = run_trl(ckpt, data, args.pairs, args.warmup, args.steps)
     else:
       out = run_midpo(ckpt, data, args.pairs, args.warmup, args.steps,
-                      tempfile.mkdtemp(prefix="vs_trl_midpo_"))
+                      tempfile.mkdtemp(prefix="vs_trl_midpo_"),
+                      args.prompt_len + args.response_len)
     print("RESULT " + json.dumps(out), flush=True)
     return
 
@@ -204,7 +208,8 @@ def main():
     for name in ("trl", "midpo"):
       cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--root", root,
              "--pairs", str(args.pairs), "--warmup", str(args.warmup), "--steps",
-             str(args.steps)]
+             str(args.steps), "--prompt_len", str(args.prompt_len), "--response_len",
+             str(args.response_len)]
       proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                             env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
       line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
