@@ -57,7 +57,7 @@ class ShardedBatches:
     ensure_built(c, split, process_index, process_count, workdir)
     self.shards = [
         pipeline.make_iterator(c, tokenizer, split, workdir, process_index=s,
-                               process_count=shards, mode=mode, build=process_count == 1)
+                               process_count=shards, mode=mode, build=False)
         for s in range(first, first + per_process)]
 
   # -- iteration --------------------------------------------------------------
