@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
+    # Every path of a run, local or remote (midpo.files); orbax requires it too.
+    "etils[epath]==1.15.0",
     "chex==0.1.92",
     "ml_collections==1.1.0",
     "tensorflow-datasets==4.9.10",
@@ -36,7 +38,13 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
-TEST_REQUIRES = [
+# gs:// workdirs, data files and checkpoints (midpo.files): pip install -e '.[gcs]'.
+GCS_REQUIRES = [
+    "gcsfs==2026.10.1",
+    "fsspec==2026.9.0",
+]
+
+TEST_REQUIRES = GCS_REQUIRES + [
     "pytest==9.2.0",
     # Parity references only: the library itself never imports them.
     # torch 2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
@@ -47,6 +55,8 @@ TEST_REQUIRES = [
     "nbclient==0.11.0",
     "nbformat==5.11.1",
     "ipykernel==7.4.0",
+    # A local Cloud Storage emulator for the gs:// tests (tests/gcs_emulator.py).
+    "gcp-storage-emulator==2026.7.19",
 ]
 
 setuptools.setup(
@@ -59,5 +69,5 @@ setuptools.setup(
     python_requires=">=3.11,<3.12",
     packages=setuptools.find_packages(include=["midpo", "midpo.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"gcs": GCS_REQUIRES, "test": TEST_REQUIRES},
 )

@@ -4,7 +4,8 @@
 # Steps (each printed as `+ COMMAND` before it runs; --dry-run prints them and runs nothing):
 #   1. create the TPU VM, or reuse it when one of that name exists and is READY;
 #   2. copy the code (setup.py, README.md, midpo/, configs/ and any --copy PATH) to every worker;
-#   3. install it on every worker: `PY -m venv .venv && . .venv/bin/activate && pip install -e .`,
+#   3. install it on every worker: `PY -m venv .venv && . .venv/bin/activate && pip install -e .`
+#      (`.[gcs]` for a gs:// workdir),
 #      then `pip install "jax[tpu]==<the jax version pinned in setup.py>"` (the TPU runtime);
 #   4. run the same `python -m midpo.main --config=... --workdir=... [overrides]` on all workers.
 # JAX finds the other workers of a pod slice by itself; nothing is exported for it.
@@ -148,9 +149,9 @@ done
 JAX_VERSION=$(sed -n 's/^[[:space:]]*"jax==\([^"]*\)".*/\1/p' setup.py | head -n 1)
 [[ -n $JAX_EXTRA && -z $JAX_VERSION ]] && die "could not read the jax version pinned in setup.py"
 
-if [[ $WORKDIR == gs://* ]]; then
-  note "gs:// workdirs are not supported yet by midpo's own files; use a shared mount" >&2
-fi
+# A gs:// workdir is read and written through gcsfs: the gcs extra.
+PACKAGE=.
+[[ $WORKDIR == gs://* ]] && PACKAGE=".[gcs]"
 
 GCLOUD_FLAGS=(--zone="$ZONE")
 [[ -n $PROJECT ]] && GCLOUD_FLAGS+=(--project="$PROJECT")
@@ -201,7 +202,7 @@ if [[ $SKIP_INSTALL == 0 ]]; then
   P=$(q "$PY")
   install="cd $RD && if ! command -v $P >/dev/null 2>&1; then sudo apt-get update -qq"
   install+=" && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $P $(q "$PY-venv"); fi"
-  install+=" && $P -m venv .venv && . .venv/bin/activate && pip install -e ."
+  install+=" && $P -m venv .venv && . .venv/bin/activate && pip install -e $(q "$PACKAGE")"
   [[ -n $JAX_EXTRA ]] && install+=" && pip install $(q "jax[$JAX_EXTRA]==$JAX_VERSION")"
   run "${SSH[@]}" --command="$install"
 fi

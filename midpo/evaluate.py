@@ -142,7 +142,8 @@ def heldout_prompts(env) -> list:
   c = env.data_config()
   c.batch_size, c.shuffle = 1, False
   # An eval-only run (from a checkpoint) may be the first to need the dataset.
-  batches_lib.ensure_built(c, "test", env.process_index, env.process_count, env.workdir)
+  batches_lib.ensure_built(c, "test", env.process_index, env.process_count, env.workdir,
+                           shared_data_dir=env.shared_data_dir)
   it = pipeline.make_iterator(c, env.tokenizer, "test", None, mode="sft", build=False)
   seen, out = set(), []
   for k in np.argsort(it.pairs.pair_index, kind="stable"):
@@ -240,7 +241,7 @@ def _step_path(env, model: str, step: int) -> str:
 def _write_step(env, model: str, step: int, summary: dict, per_prompt: dict) -> None:
   if env.process_index == 0:
     path = _step_path(env, model, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.makedirs(os.path.dirname(path))
     files.write_json(path, {"model": model, "step": step, "summary": summary,
                                      "per_prompt": per_prompt})
 
@@ -257,7 +258,7 @@ def evaluate_along_training(env, ctx: _Context, pairs: dict | None,
     last[s.model] = max(last.get(s.model, 0), s.step)
   rows = []
   for snap in snaps:
-    if snap.step == last[snap.model] or os.path.exists(_step_path(env, snap.model, snap.step)):
+    if snap.step == last[snap.model] or files.exists(_step_path(env, snap.model, snap.step)):
       continue
     policy, prior_params, frozen, prior = loader.load(snap)
     train_pairs = pairs if pairs is None or snap.baseline else loader.training_pairs(
@@ -347,7 +348,7 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
     results["not_measured"] = NOT_MEASURED_ON_FILES
   decode = lambda ids: decode_sample(env.tokenizer, ids)
   # Along training only when the run trained a policy (not a reference-only evaluation).
-  along = bool(config.eval.every) and os.path.isdir(preference.preference_dir(env))
+  along = bool(config.eval.every) and files.isdir(preference.preference_dir(env))
   loader = preference.SnapshotLoader(env, reference, pairs or {})
   n_rounds = preference.num_rounds(env)
   if along:
@@ -355,7 +356,7 @@ def run_eval(env, policy, frozen, prior_params, baselines: dict | None = None,
     evaluate_along_training(env, ctx, pairs, loader)
   # The policy's training pairs are its last round's (DICE's: its own samples).
   train_pairs = pairs
-  if pairs is not None and n_rounds > 1 and os.path.isdir(preference.preference_dir(env, 0)):
+  if pairs is not None and n_rounds > 1 and files.isdir(preference.preference_dir(env, 0)):
     train_pairs = loader.training_pairs(n_rounds - 1)
   # The policy and every baseline share the prompts and the sampling key.
   results["policy"], (pol, r_pol, per_prompt) = _evaluate(

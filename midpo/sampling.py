@@ -205,7 +205,7 @@ def sample_pairs(env, params: PyTree, name: str, round_index: int) -> str:
   """
   config = env.config
   path = os.path.join(env.workdir, "pairs", f"{name}_samples.jsonl")
-  if os.path.exists(path):
+  if files.exists(path):
     return path
   prompts = synthetic.prompts(config.data.synthetic.seed, "train", config.num_pair_prompts)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), round_index)

@@ -210,6 +210,10 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_file: str, workdir: str,
   staged use). Returns ``sweep.json``'s contents.
   """
   t_start = time.perf_counter()
+  if files.is_remote(workdir):
+    raise SweepError(f"--workdir={workdir}: a sweep's workers lock and share files in its "
+                     "workdir, which must be local (or a mounted filesystem); single runs "
+                     "take a gs:// workdir (python -m midpo.main)")
   plan = Plan(sweep, sweep_file, workdir)
   if workers > 1 and jax.default_backend() != "cpu":
     raise SweepError(f"--workers={workers} on {jax.default_backend()}: each worker would "

@@ -41,7 +41,7 @@ from midpo.training import export, loop, metrics_writer, preference, run_identit
 # data): ``midpo.main`` prints their one-line message, without a traceback,
 # and exits with code 2.
 USER_ERRORS = (config_lib.ConfigError, run_identity.WorkdirInUse, data_report.DataError,
-               hub.HubError)
+               hub.HubError, files.MissingFilesystem)
 # A run that stopped for a reason its message states in full (a divergence, no
 # readable checkpoint): the same, with code 1.
 RUN_ERRORS = (loop.Diverged, ckpt_lib.CheckpointError)
@@ -52,7 +52,7 @@ def run_pairs(env: env_lib.Env, reference) -> dict:
   dataset's pairs, or two responses per training prompt sampled from the
   reference (written once per workdir, or ``config.pairs_file``)."""
   if env.config.pairs_from == "reference" and env.config.pairs_file:
-    return {"samples_path": os.path.abspath(env.config.pairs_file)}
+    return {"samples_path": files.abspath(env.config.pairs_file)}
   if env.config.pairs_from == "reference":
     return {"samples_path": sampling.sample_pairs(env, reference, "reference", 0)}
   return {}
@@ -63,7 +63,7 @@ def _existing_pairs(env: env_lib.Env):
   if env.config.pairs_from != "reference":
     return {}
   path = env.config.pairs_file or os.path.join(env.workdir, "pairs", "reference_samples.jsonl")
-  return {"samples_path": os.path.abspath(path)} if os.path.exists(path) else None
+  return {"samples_path": files.abspath(path)} if files.exists(path) else None
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -79,7 +79,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       last good checkpoint).
   """
   config_lib.validate(config)  # a wrong config leaves no workdir behind
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   with run_identity.workdir_lock(workdir, hold=jax.process_index() == 0):
     return _run_stages(config, workdir)
 
@@ -110,7 +110,7 @@ def _run_stages(config, workdir: str) -> dict:
       doing = "the preference stage"
       policy, prior_params, frozen = preference.run_preference(env, reference, pairs)
       baselines = preference.run_baselines(env, reference, pairs)
-    elif "eval" in stages and os.path.isdir(preference.preference_dir(env)):
+    elif "eval" in stages and files.isdir(preference.preference_dir(env)):
       policy, prior_params = preference.restore_preference(env, reference)
       baselines = preference.restore_baselines(env)
       pairs = _existing_pairs(env)

@@ -43,3 +43,21 @@ def shared(tmp_path_factory):
   results = train.train_and_evaluate(config, workdir)
   return {"data_dir": data_dir, "sft": os.path.join(workdir, "sft"), "workdir": workdir,
           "results": results}
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A local Cloud Storage emulator for the session (``tests/gcs_emulator.py``): its
+  bucket's name, with this process's environment (inherited by every ``python -m
+  midpo.main`` a test starts) pointing gcsfs, google-cloud-storage and tensorstore at it."""
+  from tests import gcs_emulator
+  server, env = gcs_emulator.start()
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  yield gcs_emulator.BUCKET
+  server.stop()
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v

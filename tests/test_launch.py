@@ -116,7 +116,8 @@ def test_tpu_creates_copies_installs_and_runs_on_all_workers(minimal_path):
 
   install_cmd = _option(install, "--command")
   assert install_cmd.startswith("cd midpo && ")
-  assert "-m venv .venv && . .venv/bin/activate && pip install -e . &&" in install_cmd
+  # A gs:// workdir: the gcs extra (gcsfs).
+  assert "-m venv .venv && . .venv/bin/activate && pip install -e '.[gcs]' &&" in install_cmd
   assert "[test]" not in install_cmd
   assert shlex.split(install_cmd)[-3:] == ["pip", "install", f"jax[tpu]=={_jax_pin()}"]
 
@@ -125,6 +126,14 @@ def test_tpu_creates_copies_installs_and_runs_on_all_workers(minimal_path):
   assert run_words[6:] == ["python", "-m", "midpo.main", "--config=configs/dpo.py",
                            "--workdir=gs://my-bucket/runs/dpo", "--config.prior.gamma=1.0"]
 
+
+
+def test_tpu_installs_the_gcs_extra_only_for_a_gs_workdir(minimal_path):
+  args = [a if a != "gs://my-bucket/runs/dpo" else "/mnt/shared/runs/dpo" for a in TPU_ARGS]
+  out = _launch(TPU, [*args, "--dry-run"], minimal_path)
+  assert out.returncode == 0, out.stderr
+  install_cmd = _option(_commands(out.stdout)[-2], "--command")
+  assert "pip install -e . &&" in install_cmd and "[gcs]" not in install_cmd
 
 def test_tpu_overrides_with_spaces_and_quotes_reach_main_intact(minimal_path, tmp_path):
   out = _launch(TPU, [*TPU_ARGS, "--dry-run", "--config.prior.gamma=1.0", "--", TRICKY,

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from midpo import algorithms, train
+from midpo import algorithms, files, train
 from midpo.algorithms import diagnostics
 from midpo.training import checkpoint as ckpt_lib
 from midpo.training import config as config_lib
@@ -531,11 +531,14 @@ def test_a_write_that_fails_mid_run_stops_it_with_one_line(shared, tmp_path):
 
 @pytest.mark.parametrize("config_file", ["configs/dpo.py", "configs/constrained_prior.py",
                                          "configs/joint_prior.py"])
-def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file):
+def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file, request):
   """Killed with SIGTERM (or SIGINT) mid-run and restarted == uninterrupted, bit
   for bit: the policy, and for a learned prior its parameters, and both
   optimiser states (the 'mi' prior's rounds sample from the policy: their
-  samples too), and metrics.jsonl row for row."""
+  samples too), and metrics.jsonl row for row. DPO's interrupted run has its
+  workdir in a Cloud Storage bucket (the local emulator): checkpoints,
+  metrics and the eval stage's eval.json there, and the same results as the
+  local run."""
   overrides = {"data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
                "stages": ("preference",), "train.steps": 16, "checkpoint_every": 5}
   items = ("policy", "policy_opt")
@@ -557,6 +560,8 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file
   assert rc == 0, out[-3000:]
 
   killed = tmp_path / "killed"
+  if "dpo" in config_file:
+    killed = f"gs://{request.getfixturevalue('gcs')}/resume"
   if "joint" in config_file:
     # SIGTERM during the first round's fit: out within 5 s (the fit checks
     # for it between its steps), its step's state saved; resumed below.
@@ -571,26 +576,41 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file
     assert "during step 1's prior round 0's fit" in out, out[-3000:]
     assert "MLE steps in" not in out  # the round did not run to its end
   # Ctrl-C (SIGINT) does what SIGTERM does.
-  stop = signal.SIGINT if "dpo" in config_file else signal.SIGTERM
-  proc = tu.run_main(config_file, str(killed), overrides, wait=False)
-  metrics = killed / "metrics.jsonl"
+  stop = signal.SIGINT if "constrained" in config_file else signal.SIGTERM
+  # The bucket's run also evaluates (after training; the comparison is of training).
+  killed_overrides = {**overrides, "stages": ("preference", "eval")} if (
+      "dpo" in config_file) else overrides
+  proc = tu.run_main(config_file, str(killed), killed_overrides, wait=False)
+  lines = []
+  if "dpo" in config_file:  # metrics.jsonl reaches the bucket at checkpoints: wait for the log
+    lines = tu.lines_until(proc, f"preference step {kill_after}/16")
+    proc.send_signal(stop)
+  metrics = os.path.join(str(killed), "metrics.jsonl")
   deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and len(tu.read_metrics(str(killed), "preference")) >= kill_after:
+  while not lines and time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(tu.read_metrics(str(killed), "preference")) >= kill_after:
       proc.send_signal(stop)
       break
     time.sleep(0.05)
-  out, _ = proc.communicate(timeout=300)
+  out = "".join(lines) + proc.communicate(timeout=300)[0]
   assert proc.returncode == 128 + stop, out[-3000:]  # 130 after SIGINT, 143 after SIGTERM
   assert f"{stop.name} received" in out and "saved (the run resumes from it exactly)" in out
   interrupted_at = tu.read_metrics(str(killed), "preference")[-1]["step"]
   assert kill_after <= interrupted_at < 16
-  rc, out = tu.run_main(config_file, str(killed), overrides)
+  rc, out = tu.run_main(config_file, str(killed), killed_overrides)
   assert rc == 0, out[-3000:]
   assert "resumed from step" in out
+  if "dpo" in config_file:
+    assert f"workdir {killed} is remote: it is not locked" in out
+    eval_json = json.loads(files.read_text(f"{killed}/eval.json"))
+    assert [r["model"] for r in eval_json["table"]] == ["reference", "dpo"]
+    # max_to_keep=2: orbax deleted the older ones in the bucket, as on a disk
+    assert files.listdir(f"{killed}/checkpoints") == sorted(os.listdir(straight / "checkpoints"))
+    assert files.listdir(f"{killed}/checkpoints") == ["15", "16"]
+    assert files.listdir(f"{killed}/tensorboard")
 
   step_a, a = tu.latest_params(straight / "checkpoints", items)
-  step_b, b = tu.latest_params(killed / "checkpoints", items)
+  step_b, b = tu.latest_params(os.path.join(str(killed), "checkpoints"), items)
   assert step_a == step_b == 16
   for item in items:
     assert tu.tree_equal(a[item], b[item]), item

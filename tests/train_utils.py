@@ -106,7 +106,9 @@ def lines_until(proc, text, timeout=300):
 
 
 def read_metrics(workdir, stage=None):
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  from midpo import files
+  rows = [json.loads(l) for l in files.read_text(os.path.join(workdir, "metrics.jsonl"))
+          .splitlines()]
   return [r for r in rows if stage is None or r["stage"] == stage]
 
 
@@ -115,14 +117,16 @@ def latest_params(directory, items=("policy", "policy_opt")):
   device whatever mesh wrote them (no model needed)."""
   import jax
   import orbax.checkpoint as ocp
-  mngr = ocp.CheckpointManager(os.path.abspath(directory))
+  from midpo import files
+  directory = files.abspath(directory)
+  mngr = ocp.CheckpointManager(directory)
   step = mngr.latest_step()
   mngr.close()
   here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   checkpointer = ocp.StandardCheckpointer()
   out = {}
   for name in items:
-    path = os.path.join(os.path.abspath(directory), str(step), name)
+    path = os.path.join(directory, str(step), name)
     meta = checkpointer.metadata(path).item_metadata
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), meta)
     out[name] = jax.device_get(checkpointer.restore(path, target))

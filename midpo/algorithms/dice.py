@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from midpo import sampling
+from midpo import files, sampling
 from midpo.core.priors import Prior, PriorOutput, masked_sum, register_prior
 from midpo.data import pipeline, synthetic
 from midpo.training import config as config_lib
@@ -82,7 +82,7 @@ def sample_dice_pairs(env, sampler, older, name: str, round_index: int, pairs: d
   config = env.config
   d = config.dice
   path = os.path.join(env.workdir, "pairs", f"dice_round{round_index}_samples.jsonl")
-  if os.path.exists(path):
+  if files.exists(path):
     return path
   prompts = synthetic.prompts(config.data.synthetic.seed, "train", config.num_pair_prompts)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 4), round_index)

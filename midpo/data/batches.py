@@ -25,11 +25,12 @@ from midpo.data import pipeline
 
 
 def ensure_built(data_config, split: str, process_index: int, process_count: int,
-                 workdir: str | None = None) -> None:
+                 workdir: str | None = None, *, shared_data_dir: bool = True) -> None:
   """Builds ``data_config``'s dataset once: process 0 builds it, the others wait for it
-  (a barrier named after ``split``); a single process builds it itself. A split without a
+  (a barrier named after ``split``); a single process builds it itself, and so does every
+  process when the ``data_dir`` is not ``shared_data_dir`` (each its own). A split without a
   usable row is a ``DataError`` (report written to ``workdir``)."""
-  if process_count == 1 or process_index == 0:
+  if process_count == 1 or process_index == 0 or not shared_data_dir:
     pipeline.build_dataset(data_config, workdir, process_index, process_count)
   if process_count > 1:
     multihost_utils.sync_global_devices(f"built {split}")
@@ -40,7 +41,7 @@ class ShardedBatches:
   first batches, and every pair in order (``chunks``)."""
 
   def __init__(self, data_config, tokenizer, split: str, workdir, *, process_index: int,
-               process_count: int, mode: str = "pairs"):
+               process_count: int, mode: str = "pairs", shared_data_dir: bool = True):
     shards = int(data_config.num_shards) or process_count
     if shards % process_count:
       raise ValueError(f"config.data.num_shards={shards} is not a multiple of the "
@@ -54,7 +55,8 @@ class ShardedBatches:
     self.mode = mode
     self.pad_id = tokenizer.pad_id
     first = process_index * per_process
-    ensure_built(c, split, process_index, process_count, workdir)
+    ensure_built(c, split, process_index, process_count, workdir,
+                 shared_data_dir=shared_data_dir)
     self.shards = [
         pipeline.make_iterator(c, tokenizer, split, workdir, process_index=s,
                                process_count=shards, mode=mode, build=False)

@@ -193,12 +193,11 @@ def write_data_report(
   that loads 'train' and then 'test' has both in one report); the same names are replaced. A
   report written by another process (an earlier run in the same workdir) is replaced whole.
   """
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   path = os.path.join(workdir, data_report_filename(process_index, process_count))
   old_stages, old_batches = {}, {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
+  if files.exists(path):
+    old = json.loads(files.read_text(path))
     # A report left by an earlier run (an earlier process) is replaced, not added to.
     if old.get("schema_version") == SCHEMA_VERSION and old.get("writer") == WRITER:
       old_stages, old_batches = old["stages"], old["batches"]

@@ -18,6 +18,9 @@
 
   A directory that holds no data file, or not the key's split, is an error naming what it holds.
 
+Any of them may be remote (``gs://bucket/data/train-*.parquet``; read through ``midpo.files``):
+a remote glob takes ``*``, ``?`` and ``[...]`` but not ``**``.
+
 File types (:data:`FILE_TYPES`): ``.jsonl`` and ``.jsonl.gz`` (one object a line; blank lines are
 the note ``blank_lines``; a line that is not UTF-8 JSON is the bad row ``undecodable_line``),
 ``.json`` and ``.json.gz`` (one list of objects; a file that does not parse as a whole is an
@@ -28,13 +31,14 @@ text file is skipped. Row numbers (``line``) are 1-based, as the file has them.
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import gzip
 import json
 import os
 import re
 from typing import Any, Iterator, Sequence
 
+from midpo import files
 from midpo.data import report as report_lib
 from midpo.data.report import BadRow
 
@@ -92,16 +96,14 @@ def _split_of(path: str) -> str | None:
 
 def _save_to_disk_files(directory: str, split: str) -> list[str] | None:
   state = os.path.join(directory, "state.json")
-  if os.path.isfile(state):
-    with open(state, encoding="utf-8") as f:
-      names = [d["filename"] for d in json.load(f).get("_data_files", [])]
+  if files.isfile(state):
+    names = [d["filename"] for d in json.loads(files.read_text(state)).get("_data_files", [])]
     if not names:
       raise FilesSpecError(f"{directory}: save_to_disk state.json lists no data files")
     return [os.path.join(directory, n) for n in names]
   index = os.path.join(directory, "dataset_dict.json")
-  if os.path.isfile(index):
-    with open(index, encoding="utf-8") as f:
-      splits = list(json.load(f).get("splits", []))
+  if files.isfile(index):
+    splits = list(json.loads(files.read_text(index)).get("splits", []))
     if split not in splits:
       raise FilesSpecError(
         f"{directory}: a DatasetDict with splits {splits}, no {split!r}; name one split's "
@@ -115,10 +117,12 @@ def _folder_files(directory: str, split: str) -> list[str]:
   if saved is not None:
     return saved
   found = []
-  for root, dirs, names in os.walk(directory):
+  for root, dirs, names in files.walk(directory):
     dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    hidden = any(part.startswith(".") for part in os.path.relpath(root, directory).split(os.sep)
+                 if part != ".")
     found += [os.path.join(root, n) for n in sorted(names)
-              if not n.startswith(".") and _is_data_file(n)]
+              if not hidden and not n.startswith(".") and _is_data_file(n)]
   if not found:
     raise FilesSpecError(f"{directory}: no data files ({', '.join(FILE_TYPES)}) in it")
   by_split: dict[str, list[str]] = {}
@@ -150,30 +154,34 @@ def resolve_files(spec: Any, key: str = "train_files") -> list[str]:
   out: list[str] = []
   try:
     for entry in _entries(spec):
-      entry = os.path.expanduser(entry)
+      entry = entry if files.is_remote(entry) else os.path.expanduser(entry)
       if any(ch in entry for ch in _GLOB_CHARS):
-        matches = sorted(glob.glob(entry, recursive=True))
+        matches = files.glob(entry)
         if not matches:
           raise FilesSpecError(f"{entry!r} matches no file")
       else:
         matches = [entry]
       for m in matches:
-        if os.path.isdir(m):
+        if files.isdir(m):
           out += _folder_files(m, split)
-        elif os.path.isfile(m):
+        elif files.isfile(m):
           file_type(m)
           out.append(m)
         else:
           raise FilesSpecError(f"{m}: no such file or directory")
   except (FilesSpecError, ValueError) as e:
     raise FilesSpecError(f"config.data.files.{key}: {e}") from None
-  return [os.path.abspath(p) for p in out]
+  return [files.abspath(p) for p in out]
 
 
-def _open_text(path: str):
-  if path.endswith(".gz"):
-    return gzip.open(path, "rb")
-  return open(path, "rb")
+@contextlib.contextmanager
+def _open_text(path: str) -> Iterator[Any]:
+  with files.open(path, "rb") as raw:
+    if not path.endswith(".gz"):
+      yield raw
+      return
+    with gzip.GzipFile(fileobj=raw) as f:
+      yield f
 
 
 def _decode_line(raw: bytes, first: bool) -> Any:
@@ -225,11 +233,11 @@ def _arrow_rows(path: str, ext: str) -> Iterator[dict]:
   if ext == ".parquet":
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
-    batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
-    for batch in batches:
-      yield from batch.to_pylist()
+    with files.open(path, "rb") as f:
+      for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
     return
-  with pyarrow.memory_map(path) as source:
+  with (files.open(path, "rb") if files.is_remote(path) else pyarrow.memory_map(path)) as source:
     try:
       reader = pyarrow.ipc.open_stream(source)
     except pyarrow.ArrowInvalid:

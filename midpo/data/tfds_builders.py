@@ -67,6 +67,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from midpo import files
 from midpo.data import formats
 from midpo.data import sources
 from midpo.data import report as report_lib
@@ -86,7 +87,7 @@ def _hash(obj: Any) -> str:
 def file_sha256(path: str) -> str:
   """The SHA-256 of a file's bytes, hex."""
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with files.open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -154,7 +155,7 @@ def synthetic_config(**kwargs) -> SyntheticConfig:
     raise ValueError("config.data.synthetic.prompt_specificity must be in [0, 1]; got "
                      f"{cfg.prompt_specificity}")
   if cfg.samples_path:
-    cfg.samples_path = os.path.abspath(cfg.samples_path)
+    cfg.samples_path = files.abspath(cfg.samples_path)
     cfg.samples_sha256 = file_sha256(cfg.samples_path)
   fields = {k: getattr(cfg, k) for k in _SYNTHETIC_FIELDS}
   # Where the samples file lives does not change the data; its bytes do.
@@ -326,13 +327,13 @@ def files_config(
     raise ValueError(f"config.data.files.format must be one of {formats.FORMATS}, got {format!r}")
   if bad_rows not in report_lib.POLICIES:
     raise ValueError(f"config.data.bad_rows must be one of {report_lib.POLICIES}")
-  train = tuple(os.path.abspath(p) for p in train_files)
-  test = tuple(os.path.abspath(p) for p in test_files)
+  train = tuple(files.abspath(p) for p in train_files)
+  test = tuple(files.abspath(p) for p in test_files)
   if not train:
     raise ValueError("config.data.files.train_files is empty")
   for p in train + test:
     sources.file_type(p)
-    if not os.path.isfile(p):
+    if not files.isfile(p):
       raise FileNotFoundError(p)
   fp = _hash(
     {

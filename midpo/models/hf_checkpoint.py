@@ -339,13 +339,13 @@ def save_hf_checkpoint(model: Transformer, path: str, *, dtype: str | None = Non
   tensors = hf_tensors(model, dtype=dtype)
   if jax.process_index() != 0:
     return []
-  os.makedirs(path, exist_ok=True)
+  files.makedirs(path)
   # Weights of an earlier export in the same directory would be read instead
   # of (or mixed with) these: remove them.
-  for name in os.listdir(path):
+  for name in (files.listdir(path) if files.isdir(path) else []):
     if name in (SINGLE_FILE, INDEX_FILE) or (
         name.startswith("model-") and name.endswith(".safetensors")):
-      os.remove(os.path.join(path, name))
+      files.remove(os.path.join(path, name))
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name, arr in tensors.items():

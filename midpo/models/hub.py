@@ -1,6 +1,9 @@
 """Where a checkpoint named by ``config.model.hf_path`` lives on this machine.
 
-A local directory is used as it is. Anything else that has the shape of a Hugging Face Hub id
+A local directory is used as it is. A remote one (``gs://bucket/model``; see ``midpo.files``)
+is copied once per process into the local cache (``files.cache_dir('checkpoints')``; its files
+that a checkpoint needs, a copy made again when a file's size differs), since the weights are
+memory-mapped and the tokenizer read from local files. Anything else that has the shape of a Hugging Face Hub id
 (``org/name``, optionally ``org/name@revision``) is fetched with ``huggingface_hub``'s
 ordinary ``snapshot_download`` (its cache, its ``HF_HOME`` / ``HF_HUB_CACHE``, its token), only
 the files a checkpoint needs. Offline mode (``HF_HUB_OFFLINE=1``) is honoured: the cached
@@ -9,8 +12,14 @@ snapshot is used, and without one the error says how to get it.
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import os
 import re
+
+from absl import logging
+
+from midpo import files
 
 # What a causal-LM checkpoint directory needs (config, weights, tokenizer, template); not the
 # copies some repositories add (consolidated.safetensors, original/).
@@ -32,18 +41,22 @@ def is_hub_id(path: str) -> bool:
 
 
 def local_dir(path: str, key: str = "model.hf_path") -> str:
-  """The local directory of checkpoint ``path`` (a directory, or a Hub id downloaded once per
-  process).
+  """The local directory of checkpoint ``path`` (a local directory; a remote one copied, or a
+  Hub id downloaded, once per process).
 
   Raises:
-    HubError: ``path`` is neither; or it is a Hub id that cannot be fetched (offline without
+    HubError: ``path`` is none of them (a remote directory that does not exist or holds no
+      checkpoint file); or it is a Hub id that cannot be fetched (offline without
       a cached snapshot, no network, no access), the message naming ``config.<key>`` and the
       fix.
   """
-  if os.path.isdir(path):
-    return path
   if path in _resolved:
     return _resolved[path]
+  if files.is_remote(path):
+    _resolved[path] = _copy_remote(path, key)
+    return _resolved[path]
+  if os.path.isdir(path):
+    return path
   if not _HUB_ID.match(path):
     raise HubError(f"config.{key}: {path!r} is not a directory nor a Hub id (org/name)")
   repo_id, _, revision = path.partition("@")
@@ -64,4 +77,28 @@ def local_dir(path: str, key: str = "model.hf_path") -> str:
           errors.GatedRepoError) as e:
     raise HubError(f"config.{key}: {path!r}: {type(e).__name__}: {e}") from None
   _resolved[path] = local
+  return local
+
+
+def _copy_remote(path: str, key: str) -> str:
+  """A local copy of the checkpoint files (``CHECKPOINT_FILES``) of remote directory ``path``."""
+  if not files.isdir(path):
+    raise HubError(f"config.{key}: {path!r}: no such directory")
+  names = [n for n in files.listdir(path)
+           if any(fnmatch.fnmatch(n, p) for p in CHECKPOINT_FILES)]
+  if not names:
+    raise HubError(f"config.{key}: {path!r} holds no checkpoint file ({', '.join(CHECKPOINT_FILES)})")
+  local = files.cache_dir("checkpoints", hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16])
+  copied = 0
+  for name in names:
+    src, dst = f"{path.rstrip('/')}/{name}", os.path.join(local, name)
+    with files.open(src, "rb") as f:
+      size = f.seek(0, os.SEEK_END)
+    if os.path.exists(dst) and os.path.getsize(dst) == size:
+      continue
+    with files.atomic_path(dst) as tmp:
+      files.copy(src, tmp)
+    copied += 1
+  logging.info("config.%s: %s copied to %s (%d of %d files new)", key, path, local, copied,
+               len(names))
   return local

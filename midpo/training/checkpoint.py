@@ -20,6 +20,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from midpo import files
+
 
 class CheckpointError(RuntimeError):
   """No checkpoint of a directory can be read (each one's problem named)."""
@@ -40,7 +42,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True,
                keep_period: Optional[int] = None):
-    self.directory = os.path.abspath(directory)
+    self.directory = files.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            keep_period=keep_period,
                                            enable_async_checkpointing=async_save)
@@ -80,8 +82,7 @@ class Checkpointer:
     """
     path = os.path.join(self.directory, str(step), "meta", "metadata")
     try:
-      with open(path, encoding="utf-8") as f:
-        return json.load(f)
+      return json.loads(files.read_text(path))
     except (OSError, ValueError) as e:
       raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from None
 
@@ -141,13 +142,13 @@ class Checkpointer:
     names = []
     for step in steps:
       name, suffix = f"damaged.{step}", 0
-      while os.path.exists(os.path.join(self.directory, name)):
+      while files.exists(os.path.join(self.directory, name)):
         suffix += 1
         name = f"damaged.{step}.{suffix}"
       names.append(name)
     if jax.process_index() == 0:
       for step, name in zip(steps, names):
-        os.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, name))
+        files.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, name))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("midpo_checkpoint_set_aside")
     self._manager.reload()

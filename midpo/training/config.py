@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from midpo import files
 from midpo.core import losses, priors
 from midpo.data import pipeline, sources
 from midpo.models import hub
@@ -200,16 +201,20 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     value = _get(config, key)
     if not is_number(value) or not math.isfinite(value) or value < 0:
       fail(key, f"must be a finite number >= 0 (0: off); got {value!r}")
-  if config.model.hf_path and not (os.path.isdir(config.model.hf_path)
+  if config.model.hf_path and not (files.isdir(config.model.hf_path)
                                    or hub.is_hub_id(config.model.hf_path)):
     fail("model.hf_path", f"{config.model.hf_path!r} is not a directory (nor a Hub id, "
          "org/name)")
+  if files.is_remote(config.data.data_dir):
+    fail("data.data_dir", f"{config.data.data_dir!r}: TFDS writes array_record files, which "
+         "need a local or mounted filesystem; leave it empty (a remote workdir builds into a "
+         "local cache) or name a local directory")
   if config.pairs_file and config.pairs_from != "reference":
     fail("pairs_file", "is a file of pairs sampled from the reference: set pairs_from="
          "'reference' or leave it empty")
-  if config.pairs_file and not os.path.isfile(config.pairs_file):
+  if config.pairs_file and not files.isfile(config.pairs_file):
     fail("pairs_file", f"{config.pairs_file!r} is not a file")
-  if config.sft.checkpoint and not os.path.isdir(config.sft.checkpoint):
+  if config.sft.checkpoint and not files.isdir(config.sft.checkpoint):
     fail("sft.checkpoint", f"{config.sft.checkpoint!r} is not a directory")
   if "sft" not in stages and "preference" in stages and not (
       config.sft.checkpoint or config.model.hf_path):

@@ -21,6 +21,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from midpo import files
 from midpo.data import batches as batches_lib
 from midpo.data import pipeline, synthetic
 from midpo.models import config as model_config_lib
@@ -179,13 +180,25 @@ class Env:
     """This process's share of ``split`` (see ``midpo.data.batches``)."""
     return batches_lib.ShardedBatches(data_config, self.tokenizer, split, self.workdir,
                                       process_index=self.process_index,
-                                      process_count=self.process_count, mode=mode)
+                                      process_count=self.process_count, mode=mode,
+                                      shared_data_dir=self.shared_data_dir)
+
+  @property
+  def shared_data_dir(self) -> bool:
+    """Whether every process sees the same TFDS ``data_dir`` (so that process 0 builds the
+    datasets for all): false for the per-process local cache a remote workdir gets."""
+    return bool(self.config.data.data_dir) or not files.is_remote(self.workdir)
 
   def data_config(self, **synthetic_overrides):
-    """``config.data`` with its defaults resolved (``data_dir`` under the
-    workdir) and ``synthetic_overrides`` applied to its ``synthetic`` block."""
+    """``config.data`` with its defaults resolved and ``synthetic_overrides`` applied to
+    its ``synthetic`` block. ``data_dir`` defaults to ``<workdir>/tfds``; for a remote
+    workdir (``gs://``), where TFDS cannot write its ``array_record`` files, to a local
+    cache per process, ``files.cache_dir('tfds', ...)`` (built datasets are named by a hash
+    of their config and contents, so runs share what they can)."""
     c = self.config.data.copy_and_resolve_references()
-    if not c.data_dir:
+    if not c.data_dir and files.is_remote(self.workdir):
+      c.data_dir = files.cache_dir("tfds", f"process-{self.process_index}")
+    elif not c.data_dir:
       c.data_dir = os.path.join(self.workdir, "tfds")
     for k, v in synthetic_overrides.items():
       setattr(c.synthetic, k, v)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 from absl import logging
 
+from midpo import files as midpo_files
 from midpo.models import hf_checkpoint, hub
 from midpo.training import env as env_lib
 
@@ -26,6 +26,6 @@ def export_hf(env: env_lib.Env, policy: Any) -> str:
     for name in TOKENIZER_FILES:
       src = os.path.join(hub.local_dir(env.config.model.hf_path), name)
       if os.path.exists(src):
-        shutil.copy(src, os.path.join(path, name))
+        midpo_files.copy(src, os.path.join(path, name))
   logging.info("exported the policy in Hugging Face format to %s (%d files)", path, len(files))
   return path

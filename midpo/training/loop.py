@@ -233,6 +233,7 @@ def run_loop(env, spec: LoopSpec, state: dict) -> dict:
                             "log_window": {"values": window, "tokens": tokens,
                                            "recent_losses": recent[-guard.spike_window:]}},
               force=force)
+    env.writer.flush()  # a remote workdir's metrics.jsonl keeps up with its checkpoints
 
   pending = None
   t0 = time.perf_counter()

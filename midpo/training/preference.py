@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from midpo import files
 from midpo.core import losses, priors
 from midpo.training import checkpoint as ckpt_lib
 from midpo.training import config as config_lib
@@ -181,7 +182,7 @@ def restore_preference(env: env_lib.Env, ref_params: PyTree) -> tuple[PyTree, Py
   """
   directory = preference_dir(env)
   step = None
-  if os.path.isdir(directory):
+  if files.isdir(directory):
     ckpt = ckpt_lib.Checkpointer(directory)
     step = ckpt.latest_step()
     ckpt.close()
@@ -228,7 +229,7 @@ def snapshots(env: env_lib.Env, every: int) -> list[Snapshot]:
   total = env.config.train.steps
 
   def kept(directory):
-    if not os.path.isdir(directory):
+    if not files.isdir(directory):
       raise FileNotFoundError(f"no preference checkpoints in {directory}")
     ckpt = ckpt_lib.Checkpointer(directory)
     steps = [s for s in ckpt.all_steps() if s > 0 and (s % every == 0 or s == total)]

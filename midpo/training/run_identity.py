@@ -49,6 +49,7 @@ from typing import Any, Iterator
 
 from absl import logging
 
+from midpo import files
 from midpo.training import config as config_lib
 from midpo.training import metrics_writer
 
@@ -114,11 +115,10 @@ def check_restart(config, workdir: str) -> list[tuple[str, Any, Any]]:
     ConfigError: a key outside ``RESUMABLE`` changed (all of them named).
   """
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not files.exists(path):
     return []
   try:
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
+    old = json.loads(files.read_text(path))
   except (OSError, ValueError) as e:
     raise config_lib.ConfigError(
         f"{path} is not a readable config ({type(e).__name__}: {e}): it records what this "
@@ -153,8 +153,7 @@ def record_restart(workdir: str, diff: list[tuple[str, Any, Any]]) -> None:
     return
   row = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
          "changed": {k: [a, b] for k, a, b in diff}}
-  with open(os.path.join(workdir, "restarts.jsonl"), "a", encoding="utf-8") as f:
-    f.write(json.dumps(row, default=str) + "\n")
+  files.append_text(os.path.join(workdir, "restarts.jsonl"), json.dumps(row, default=str) + "\n")
 
 
 def check_checkpoint(saved: dict | None, current: dict, where: str) -> None:
@@ -182,12 +181,19 @@ class WorkdirInUse(RuntimeError):
 @contextlib.contextmanager
 def workdir_lock(workdir: str, *, hold: bool = True) -> Iterator[None]:
   """Holds ``<workdir>/workdir.lock`` for the duration (``hold=False``: a
-  no-op, for processes other than 0).
+  no-op, for processes other than 0). A remote workdir (``gs://``) has no
+  lock: object stores have no ``flock``, and a lock object would outlive a
+  killed run; a warning says so once.
 
   Raises:
     WorkdirInUse: another process holds it (named by pid, host and start).
   """
   if not hold:
+    yield
+    return
+  if files.is_remote(workdir):
+    logging.warning("workdir %s is remote: it is not locked, so nothing stops a second run "
+                    "from writing into it at the same time; start one run per workdir", workdir)
     yield
     return
   path = os.path.join(workdir, "workdir.lock")

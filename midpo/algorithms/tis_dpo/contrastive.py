@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from midpo import files
 from midpo.algorithms.tis_dpo import weights as weights_lib
 from midpo.core import losses, priors
 from midpo.training import config as config_lib
@@ -85,7 +86,7 @@ def validate_config(config) -> None:
     config_lib.fail("tis.transform", f"must be one of {weights_lib.TRANSFORMS}; got "
                     f"{tis.transform!r}")
   for key in ("plus_checkpoint", "minus_checkpoint"):
-    if tis[key] and not os.path.isdir(tis[key]):
+    if tis[key] and not files.isdir(tis[key]):
       config_lib.fail(f"tis.{key}", f"{tis[key]!r} is not a directory")
 
 
