@@ -12,8 +12,6 @@ INSTALL_REQUIRES = [
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
-    # Every path of a run, local or remote (midpo.files); orbax requires it too.
-    "etils[epath]==1.15.0",
     "chex==0.1.92",
     "ml_collections==1.1.0",
     "tensorflow-datasets==4.9.10",

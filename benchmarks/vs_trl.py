@@ -11,6 +11,10 @@ steps (compilation, allocator warm-up) and reports the median step time, real to
 
     python benchmarks/vs_trl.py                      # the CPU shape below, 2 repeats
     python benchmarks/vs_trl.py --repeats 3 --steps 8
+    python benchmarks/vs_trl.py --midpo_variant train.fused_lm_head=True   # one more worker
+
+Each ``--midpo_variant`` (comma-separated ``key=value`` config overrides) runs as one more midpo
+worker in the same alternation, reported beside the default one.
 
 CPU shape (issue #13): hidden 256, 4 layers, 4 heads / 2 KV heads, MLP 1024, vocabulary 8192,
 tied embeddings; 8 pairs of 64 prompt + 192 response tokens. The midpo side is its own
@@ -112,8 +116,22 @@ def run_trl(ckpt, data, pairs, warmup, steps):
                                           "threads": torch.get_num_threads()})
 
 
-def run_midpo(ckpt, data, pairs, warmup, steps, workdir, max_length):
-  """midpo's preference step (DPO prior, alpha 0.1, online reference, float32, AdamW)."""
+def _overrides(spec: str) -> dict:
+  """``'a.b=1,c=True'`` -> ``{'a.b': 1, 'c': True}`` (values as Python literals, else text)."""
+  import ast
+  out = {}
+  for item in filter(None, spec.split(",")):
+    key, _, value = item.partition("=")
+    try:
+      out[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value.strip()
+  return out
+
+
+def run_midpo(ckpt, data, pairs, warmup, steps, workdir, max_length, overrides=None):
+  """midpo's preference step (DPO prior, alpha 0.1, online reference, float32, AdamW), with
+  ``overrides`` of its config."""
   sys.path.insert(0, ROOT)
   import jax
   import numpy as np
@@ -132,7 +150,8 @@ def run_midpo(ckpt, data, pairs, warmup, steps, workdir, max_length):
       # Rows padded to exactly prompt + response tokens (bucket_window 0: max_length), as
       # TRL pads to the longest row; every row here has that length.
       "data.batch_size": pairs, "data.max_length": max_length, "data.bucket_window": 0,
-      "data.num_buckets": 0, "data.shuffle": False, "eval.mutual_information": "none"}.items():
+      "data.num_buckets": 0, "data.shuffle": False, "eval.mutual_information": "none",
+      **(overrides or {})}.items():
     *path, leaf = key.split(".")
     node = config
     for p in path:
@@ -186,7 +205,10 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--steps", type=int, default=6)
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--midpo_variant", action="append", default=[],
+                      help="comma-separated key=value config overrides: one more midpo worker")
   parser.add_argument("--worker", choices=("trl", "midpo"), help=argparse.SUPPRESS)
+  parser.add_argument("--overrides", default="", help=argparse.SUPPRESS)
   parser.add_argument("--root", help=argparse.SUPPRESS)
   args = parser.parse_args()
 
@@ -197,16 +219,19 @@ def main():
     else:
       out = run_midpo(ckpt, data, args.pairs, args.warmup, args.steps,
                       tempfile.mkdtemp(prefix="vs_trl_midpo_"),
-                      args.prompt_len + args.response_len)
+                      args.prompt_len + args.response_len, _overrides(args.overrides))
     print("RESULT " + json.dumps(out), flush=True)
     return
 
   root = tempfile.mkdtemp(prefix="vs_trl_")
   make_assets(root, args.pairs, args.prompt_len, args.response_len)
-  runs = {"trl": [], "midpo": []}
+  workers = [("trl", "trl", ""), ("midpo", "midpo", "")] + [
+      (f"midpo[{v}]", "midpo", v) for v in args.midpo_variant]
+  runs = {label: [] for label, _, _ in workers}
   for r in range(args.repeats):
-    for name in ("trl", "midpo"):
-      cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--root", root,
+    for name, worker, overrides in workers:
+      cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--root", root,
+             "--overrides", overrides,
              "--pairs", str(args.pairs), "--warmup", str(args.warmup), "--steps",
              str(args.steps), "--prompt_len", str(args.prompt_len), "--response_len",
              str(args.response_len)]
@@ -227,12 +252,13 @@ def main():
   print(f"# {platform.machine()} CPU, {os.cpu_count()} cores; {args.pairs} pairs of "
         f"{args.prompt_len} + {args.response_len} tokens ({tokens} real tokens a step); "
         f"median of {args.steps} steps x {args.repeats} alternating runs")
-  for k in ("trl", "midpo"):
+  for k in runs:
     print(f"{k:6s} {med[k]:7.3f} s/step  {tokens / med[k]:8.0f} tokens/s  peak RSS "
           f"{rss[k]:7.0f} MiB  {flops * tokens / med[k] / 1e9:6.1f} GFLOP/s "
           f"({100 * flops * tokens / med[k] / 1e9 / peak:4.1f}% of measured matmul peak)")
-  print(f"midpo / TRL: tokens/s {med['trl'] / med['midpo']:.2f}x, peak RSS "
-        f"{rss['midpo'] / rss['trl']:.2f}x; matmul peak {peak:.0f} GFLOP/s (numpy float32)")
+  for k in (k for k in runs if k != "trl"):
+    print(f"{k} / TRL: tokens/s {med['trl'] / med[k]:.2f}x, peak RSS {rss[k] / rss['trl']:.2f}x")
+  print(f"matmul peak {peak:.0f} GFLOP/s (numpy float32)")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0
   c.train.reference = "online"   # online | cached
   c.train.vocab_chunk = 4096
+  # The LM head fused with the chunked log-softmax (midpo.core.fused_head): the SFT and
+  # preference steps never materialise [B, T, V] logits, forward or backward.
+  c.train.fused_lm_head = False
   # Alternation of policy and prior updates (for priors with parameters):
   # 'joint' updates both on every batch (as SparsePO does), 'alternate' runs
   # policy_steps_per_round policy steps, then prior_steps_per_round prior steps.

@@ -50,15 +50,23 @@ def test_file_operations_on_a_bucket(gcs):
     files.open(root + "/log.jsonl", "a")
 
   files.write_text(root + "/a/y.txt", "y")
+  files.write_text(root + "/a/.hidden.txt", "h")
   files.write_text(root + "/a/sub/z.txt", "z")
-  assert files.listdir(root + "/a") == ["sub", "x.json", "y.txt"]
-  assert files.glob(root + "/a/*.txt") == [root + "/a/y.txt"]
+  assert files.listdir(root + "/a") == [".hidden.txt", "sub", "x.json", "y.txt"]
+  assert files.glob(root + "/a/*.txt") == [root + "/a/y.txt"]  # as a local glob: no dot files
+  assert files.glob(root + "/a/.*.txt") == [root + "/a/.hidden.txt"]
+  files.remove(root + "/a/.hidden.txt")
   assert files.glob(root + "/*/sub/?.txt") == [root + "/a/sub/z.txt"]
   with pytest.raises(ValueError, match=r"'\*\*' is not supported on remote paths"):
     files.glob(root + "/**/*.txt")
   walked = {r: sorted(n) for r, _, n in files.walk(root)}
   assert walked[root + "/a/sub"] == ["z.txt"]  # the roots keep their scheme
   assert walked[root + "/a"] == ["x.json", "y.txt"]
+  pruned = []
+  for r, dirs, _ in files.walk(root):
+    pruned.append(r)
+    dirs[:] = [d for d in dirs if d != "sub"]  # as with os.walk: not visited
+  assert root + "/a/sub" not in pruned and root + "/a" in pruned
 
   files.rename(root + "/a", root + "/b")
   assert not files.exists(root + "/a") and files.read_text(root + "/b/sub/z.txt") == "z"
@@ -77,6 +85,31 @@ def test_file_operations_on_a_bucket(gcs):
   assert not files.exists(root + "/never.bin")  # a failed write uploads nothing
   files.remove(root + "/blob.bin")
   assert not files.exists(root + "/blob.bin")
+
+
+def test_copies_between_a_disk_and_a_bucket(gcs, tmp_path):
+  src = tmp_path / "big.bin"
+  src.write_bytes(os.urandom(3 << 20))
+  files.copy(str(src), f"gs://{gcs}/copies/big.bin")
+  files.copy(f"gs://{gcs}/copies/big.bin", f"gs://{gcs}/copies/again.bin")
+  files.copy(f"gs://{gcs}/copies/again.bin", str(tmp_path / "back.bin"))
+  assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+
+
+def test_metrics_in_a_bucket_are_uploaded_whole_at_flush_and_after_the_interval(gcs):
+  from midpo.training import metrics_writer
+  workdir = f"gs://{gcs}/metrics"
+  writer = metrics_writer.MetricsWriter(workdir, remote_flush_s=3600.0)
+  writer.write("preference", 1, {"loss": 0.5})
+  assert not files.exists(f"{workdir}/metrics.jsonl")  # within the interval: not yet
+  writer.flush()  # what a checkpoint save does
+  assert tu.read_metrics(workdir) == [{"stage": "preference", "step": 1, "loss": 0.5}]
+  assert [n for n in files.listdir(f"{workdir}/tensorboard") if "tfevents" in n]
+  writer.close()
+  resumed = metrics_writer.MetricsWriter(workdir, remote_flush_s=0.0)  # a restart
+  resumed.write("preference", 2, {"loss": 0.25})  # the interval has passed: uploaded
+  assert [r["step"] for r in tu.read_metrics(workdir)] == [1, 2]
+  resumed.close()
 
 
 def test_gs_paths_without_gcsfs_say_what_to_install(monkeypatch):
@@ -130,29 +163,46 @@ def test_a_datasets_save_to_disk_folder_in_a_bucket(gcs, tmp_path):
   assert [r["prompt"] for r in rows] == [r["prompt"] for r in ROWS]
 
 
-def test_a_checkpoint_directory_in_a_bucket_is_copied_once(gcs, tmp_path, monkeypatch, caplog):
+def test_a_checkpoint_directory_in_a_bucket_is_copied_once_and_again_when_it_changes(
+    gcs, tmp_path, monkeypatch, caplog):
+  from tests import test_trl_tokenization as ttt
+  from midpo.training import env as env_lib
   monkeypatch.setenv("MIDPO_CACHE", str(tmp_path / "cache"))
   monkeypatch.setattr(hub, "_resolved", {})
   src = tmp_path / "model"
-  src.mkdir()
+  ttt._build(str(src), "chatml")  # tokenizer.json, tokenizer_config.json
   (src / "config.json").write_text('{"model_type": "llama"}')
   (src / "model.safetensors").write_bytes(os.urandom(4096))
-  (src / "tokenizer.json").write_text("{}")
   (src / "README.md").write_text("not part of a checkpoint")
+  (src / "tokenizer_extras").mkdir()  # a folder whose name matches a checkpoint pattern
+  (src / "tokenizer_extras" / "notes.txt").write_text("not a checkpoint file")
+  wanted = sorted(n for n in os.listdir(src) if n not in ("README.md", "tokenizer_extras"))
   url = f"gs://{gcs}/models/tiny"
   _upload(src, url)
   with caplog.at_level(logging.INFO):
     local = hub.local_dir(url)
   assert not files.is_remote(local) and local.startswith(str(tmp_path / "cache"))
-  assert sorted(os.listdir(local)) == ["config.json", "model.safetensors", "tokenizer.json"]
-  for name in os.listdir(local):
+  assert sorted(os.listdir(local)) == wanted
+  for name in wanted:
     assert (src / name).read_bytes() == open(os.path.join(local, name), "rb").read()
-  assert "(3 of 3 files new)" in caplog.text
+  assert f"({len(wanted)} files)" in caplog.text
   monkeypatch.setattr(hub, "_resolved", {})  # a new process: nothing is copied again
   caplog.clear()
   with caplog.at_level(logging.INFO):
     assert hub.local_dir(url) == local
-  assert "(0 of 3 files new)" in caplog.text
+  assert "unchanged since its copy" in caplog.text
+  # Rewritten in place with the same size (a new export): a new copy, not the stale one.
+  (src / "model.safetensors").write_bytes(os.urandom(4096))
+  files.copy(str(src / "model.safetensors"), f"{url}/model.safetensors")
+  monkeypatch.setattr(hub, "_resolved", {})
+  changed = hub.local_dir(url)
+  assert changed != local
+  assert open(os.path.join(changed, "model.safetensors"), "rb").read() == (
+      src / "model.safetensors").read_bytes()
+  # config.tokenizer may name the bucket directory too.
+  config = tu.tiny_config("dpo", **{"tokenizer": url})
+  assert env_lib.make_tokenizer(config).vocab_size == (
+      env_lib.make_tokenizer(tu.tiny_config("dpo", **{"tokenizer": str(src)})).vocab_size)
 
   with pytest.raises(hub.HubError, match="config.model.hf_path: .*no such directory"):
     hub.local_dir(f"gs://{gcs}/models/none")

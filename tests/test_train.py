@@ -608,6 +608,7 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file
     assert files.listdir(f"{killed}/checkpoints") == sorted(os.listdir(straight / "checkpoints"))
     assert files.listdir(f"{killed}/checkpoints") == ["15", "16"]
     assert files.listdir(f"{killed}/tensorboard")
+    assert not (tu.ROOT / "gs:").exists()  # nothing went to a local look-alike of the bucket
 
   step_a, a = tu.latest_params(straight / "checkpoints", items)
   step_b, b = tu.latest_params(os.path.join(str(killed), "checkpoints"), items)

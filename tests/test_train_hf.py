@@ -45,7 +45,9 @@ def test_train_from_hf_checkpoint_and_export(tmp_path, gcs, monkeypatch):
       "metrics.jsonl", "tensorboard"]
   assert [r["step"] for r in map(json.loads, files.read_text(f"{workdir}/metrics.jsonl")
                                  .splitlines()) if r["stage"] == "preference"] == [1, 2, 3, 4]
-  assert os.listdir(tmp_path / "cache" / "tfds" / "process-0")  # built locally
+  (data_dir,) = os.listdir(tmp_path / "cache" / "tfds")  # built locally, per workdir
+  assert os.listdir(tmp_path / "cache" / "tfds" / data_dir / "process-0")
+  assert not os.path.exists("gs:")  # nothing went to a local look-alike of the bucket
   monkeypatch.setattr(hub, "_resolved", {})
   export = hub.local_dir(f"{workdir}/hf_export")  # a local copy of the bucket's export
   assert os.path.exists(os.path.join(export, "config.json"))

@@ -77,21 +77,27 @@ def _check_shapes(logits_BxTxV, targets_BxT, mask_BxT, ref_logits_BxTxV=None) ->
                      f"{logits_BxTxV.shape}")
 
 
-class _Chunks(NamedTuple):
+class VocabChunks(NamedTuple):
+  """How the vocabulary axis is cut: ``n_full`` chunks of ``size``, then one of ``rem``."""
   size: int     # c
   n_full: int   # number of full chunks of size c
   rem: int      # size of the final partial chunk (0 if none)
 
 
-def _chunks(vocab: int, chunk: Optional[int]) -> _Chunks:
+def vocab_chunks(vocab: int, chunk: Optional[int]) -> VocabChunks:
+  """Chunks of ``chunk`` ids over a vocabulary of ``vocab`` (None: the whole of it at once).
+
+  Raises:
+    ValueError: ``chunk`` is not positive.
+  """
   if chunk is None or chunk >= vocab:
-    return _Chunks(vocab, 1, 0)
+    return VocabChunks(vocab, 1, 0)
   if chunk <= 0:
     raise ValueError(f"vocab_chunk must be positive; got {chunk}")
-  return _Chunks(chunk, vocab // chunk, vocab % chunk)
+  return VocabChunks(chunk, vocab // chunk, vocab % chunk)
 
 
-def _reduce_chunks(block_fn, init, chunks: _Chunks):
+def reduce_chunks(block_fn, init, chunks: VocabChunks):
   """``carry = block_fn(carry, start, size)`` over every vocabulary chunk."""
   c, n_full, rem = chunks
   if n_full == 1:
@@ -108,18 +114,18 @@ def _block(x_BxTxV, start, size, dtype):
   return jax.lax.dynamic_slice_in_dim(x_BxTxV, start, size, axis=-1).astype(dtype)
 
 
-def _logsumexp(x_BxTxV, chunks: _Chunks, dtype):
+def _logsumexp(x_BxTxV, chunks: VocabChunks, dtype):
   # The max is an exact reduction in the input dtype: no float32 copy.
   m_BxT = jnp.max(x_BxTxV, axis=-1).astype(dtype)
 
   def block_fn(s, start, size):
     return s + jnp.sum(jnp.exp(_block(x_BxTxV, start, size, dtype) - m_BxT[..., None]), -1)
 
-  s_BxT = _reduce_chunks(block_fn, jnp.zeros(m_BxT.shape, dtype), chunks)
+  s_BxT = reduce_chunks(block_fn, jnp.zeros(m_BxT.shape, dtype), chunks)
   return m_BxT + jnp.log(s_BxT)
 
 
-def _log_sum_sq_probs(x_BxTxV, chunks: _Chunks, dtype):
+def _log_sum_sq_probs(x_BxTxV, chunks: VocabChunks, dtype):
   """``log sum_v softmax(x)_v^2 = logsumexp(2x) - 2 logsumexp(x)``, chunked."""
   m_BxT = jnp.max(x_BxTxV, axis=-1).astype(dtype)
 
@@ -129,7 +135,7 @@ def _log_sum_sq_probs(x_BxTxV, chunks: _Chunks, dtype):
     return s1 + jnp.sum(e, -1), s2 + jnp.sum(e * e, -1)
 
   zeros = jnp.zeros(m_BxT.shape, dtype)
-  s1, s2 = _reduce_chunks(block_fn, (zeros, zeros), chunks)
+  s1, s2 = reduce_chunks(block_fn, (zeros, zeros), chunks)
   return jnp.log(s2) - 2.0 * jnp.log(s1)
 
 
@@ -160,7 +166,7 @@ def _forward(policy, ref, targets, want_klr, want_klp, chunks):
       return cr, cp
 
     zeros = jnp.zeros(lse_p.shape, dtype)
-    cr, cp = _reduce_chunks(block_fn, (zeros, zeros), chunks)
+    cr, cp = reduce_chunks(block_fn, (zeros, zeros), chunks)
     if want_klr:
       out["kl_ref_policy"] = cr - lse_r + lse_p
     if want_klp:
@@ -206,7 +212,7 @@ def _stats_bwd(want_klr, want_klp, chunks, residuals, cts):
         g = g + g_klp[..., None] * P * (lp - lr - klp[..., None])
     return jax.lax.dynamic_update_slice_in_dim(grad, g.astype(grad.dtype), start, axis=-1)
 
-  grad = _reduce_chunks(block_fn, jnp.zeros_like(policy), chunks)
+  grad = reduce_chunks(block_fn, jnp.zeros_like(policy), chunks)
   ref_ct = None if ref is None else jnp.zeros_like(ref)
   targets_ct = np.zeros(targets.shape, dtype=jax.dtypes.float0)
   return grad, ref_ct, targets_ct
@@ -236,7 +242,7 @@ def token_stats(policy_logits_BxTxV: Array, targets_BxT: Array, mask_BxT: Array,
   # real tokens are a data error that `validate_targets` reports on the host.
   safe = jnp.clip(jnp.where(real, targets_BxT, 0), 0, vocab - 1).astype(jnp.int32)
   ref = None if ref_logits_BxTxV is None else jax.lax.stop_gradient(ref_logits_BxTxV)
-  chunks = _chunks(vocab, vocab_chunk)
+  chunks = vocab_chunks(vocab, vocab_chunk)
   out = _stats(policy_logits_BxTxV, ref, safe, bool(kl_ref_policy), bool(kl_policy_ref), chunks)
   if log_sum_sq_probs:
     frozen = jax.lax.stop_gradient(policy_logits_BxTxV)
@@ -268,8 +274,8 @@ def validate_targets(targets_BxT, mask_BxT, vocab_size: int) -> None:
 
 
 __all__ = [
-    "DEFAULT_VOCAB_CHUNK", "TokenStats", "compute_dtype", "token_logprobs", "token_stats",
-    "validate_targets",
+    "DEFAULT_VOCAB_CHUNK", "TokenStats", "VocabChunks", "compute_dtype", "reduce_chunks",
+    "token_logprobs", "token_stats", "validate_targets", "vocab_chunks",
 ]
 
 

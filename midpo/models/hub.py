@@ -1,9 +1,10 @@
 """Where a checkpoint named by ``config.model.hf_path`` lives on this machine.
 
 A local directory is used as it is. A remote one (``gs://bucket/model``; see ``midpo.files``)
-is copied once per process into the local cache (``files.cache_dir('checkpoints')``; its files
-that a checkpoint needs, a copy made again when a file's size differs), since the weights are
-memory-mapped and the tokenizer read from local files. Anything else that has the shape of a Hugging Face Hub id
+is copied once per process into the local cache (``files.cache_dir('checkpoints')``: the files
+a checkpoint needs, in a folder named after the path and the files' fingerprints, so a
+checkpoint rewritten in place is copied again), since the weights are memory-mapped and the
+tokenizer read from local files. Anything else that has the shape of a Hugging Face Hub id
 (``org/name``, optionally ``org/name@revision``) is fetched with ``huggingface_hub``'s
 ordinary ``snapshot_download`` (its cache, its ``HF_HOME`` / ``HF_HUB_CACHE``, its token), only
 the files a checkpoint needs. Offline mode (``HF_HUB_OFFLINE=1``) is honoured: the cached
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
 import re
+import shutil
+import tempfile
 
 from absl import logging
 
@@ -81,24 +85,31 @@ def local_dir(path: str, key: str = "model.hf_path") -> str:
 
 
 def _copy_remote(path: str, key: str) -> str:
-  """A local copy of the checkpoint files (``CHECKPOINT_FILES``) of remote directory ``path``."""
+  """A local copy of the checkpoint files (``CHECKPOINT_FILES``) of remote directory ``path``,
+  in a cache folder named after the path and every file's fingerprint (generation or
+  checksum): a checkpoint rewritten in place gets a new copy, never a stale one."""
   if not files.isdir(path):
     raise HubError(f"config.{key}: {path!r}: no such directory")
-  names = [n for n in files.listdir(path)
-           if any(fnmatch.fnmatch(n, p) for p in CHECKPOINT_FILES)]
+  root = path.rstrip("/")
+  names = [n for n in files.listdir(root) if any(fnmatch.fnmatch(n, p) for p in CHECKPOINT_FILES)
+           and files.isfile(f"{root}/{n}")]
   if not names:
-    raise HubError(f"config.{key}: {path!r} holds no checkpoint file ({', '.join(CHECKPOINT_FILES)})")
-  local = files.cache_dir("checkpoints", hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16])
-  copied = 0
-  for name in names:
-    src, dst = f"{path.rstrip('/')}/{name}", os.path.join(local, name)
-    with files.open(src, "rb") as f:
-      size = f.seek(0, os.SEEK_END)
-    if os.path.exists(dst) and os.path.getsize(dst) == size:
-      continue
-    with files.atomic_path(dst) as tmp:
-      files.copy(src, tmp)
-    copied += 1
-  logging.info("config.%s: %s copied to %s (%d of %d files new)", key, path, local, copied,
-               len(names))
+    raise HubError(f"config.{key}: {path!r} holds no checkpoint file "
+                   f"({', '.join(CHECKPOINT_FILES)})")
+  prints = {n: files.fingerprint(f"{root}/{n}") for n in names}
+  digest = hashlib.sha256(json.dumps([root, sorted(prints.items())]).encode()).hexdigest()
+  local = os.path.join(files.cache_dir("checkpoints"), digest[:16])
+  if os.path.isdir(local):
+    logging.info("config.%s: %s is unchanged since its copy in %s", key, path, local)
+    return local
+  tmp = tempfile.mkdtemp(prefix=f".{digest[:16]}.", dir=os.path.dirname(local))
+  try:
+    for name in names:
+      files.copy(f"{root}/{name}", os.path.join(tmp, name))
+    os.rename(tmp, local)  # whole or not at all; a concurrent copy of the same one may win
+  except OSError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isdir(local):
+      raise
+  logging.info("config.%s: %s copied to %s (%d files)", key, path, local, len(names))
   return local

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from midpo.core import fused_head
 from midpo.models import attention as attention_lib
 from midpo.models import sharding
 from midpo.models.attention import positions_from_mask
@@ -282,6 +283,15 @@ class Transformer(nnx.Module):
       logits = cap * jnp.tanh(logits / cap)
     names = ("batch",) + (None,) * (logits.ndim - 2) + ("act_vocab",)
     return self._constrain(logits, names) if logits.ndim >= 2 else logits
+
+  def lm_head_weights(self) -> tuple[jax.Array, fused_head.Head]:
+    """The LM head's weights and how `logits_from_hidden` applies them, for
+    `midpo.core.fused_head`: the tied embedding [V, D] ('vd') or `lm_head`
+    [D, V] ('dv'), the compute dtype and Gemma 2's soft-capping."""
+    c = self.config
+    if self.lm_head is None:
+      return self.embed[...], fused_head.Head("vd", c.jnp_dtype, c.final_logit_softcap)
+    return self.lm_head[...], fused_head.Head("dv", c.jnp_dtype, c.final_logit_softcap)
 
   def _constrain(self, x, names):
     """Sharding constraint by logical names, when the model is on a mesh."""

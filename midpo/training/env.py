@@ -10,6 +10,7 @@ later stage takes the ``Env``; parameters are plain pytrees merged with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -193,11 +194,13 @@ class Env:
     """``config.data`` with its defaults resolved and ``synthetic_overrides`` applied to
     its ``synthetic`` block. ``data_dir`` defaults to ``<workdir>/tfds``; for a remote
     workdir (``gs://``), where TFDS cannot write its ``array_record`` files, to a local
-    cache per process, ``files.cache_dir('tfds', ...)`` (built datasets are named by a hash
-    of their config and contents, so runs share what they can)."""
+    cache per workdir and process, ``files.cache_dir('tfds', <hash of the workdir>,
+    'process-<i>')``, which a restart of the run reuses."""
     c = self.config.data.copy_and_resolve_references()
     if not c.data_dir and files.is_remote(self.workdir):
-      c.data_dir = files.cache_dir("tfds", f"process-{self.process_index}")
+      # Per workdir too: two runs on one host never build into the same directory at once.
+      run = hashlib.sha256(self.workdir.rstrip("/").encode()).hexdigest()[:12]
+      c.data_dir = files.cache_dir("tfds", run, f"process-{self.process_index}")
     elif not c.data_dir:
       c.data_dir = os.path.join(self.workdir, "tfds")
     for k, v in synthetic_overrides.items():
@@ -246,14 +249,14 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 def make_tokenizer(config):
   """``config.tokenizer``: 'synthetic', 'byte', a directory with tokenizer.json (or a Hub
-  id, ``midpo.models.hub``), or 'auto' (the checkpoint's, ``config.model.hf_path``, when
-  set; else 'byte')."""
+  id or a ``gs://`` directory, ``midpo.models.hub``), or 'auto' (the checkpoint's,
+  ``config.model.hf_path``, when set; else 'byte')."""
   if config.tokenizer == "synthetic":
     return synthetic.SyntheticTokenizer()
   if config.tokenizer == "auto":
     return tokenizer_lib.load_tokenizer(hub.local_dir(config.model.hf_path)
                                         if config.model.hf_path else "byte")
-  if hub.is_hub_id(config.tokenizer):
+  if hub.is_hub_id(config.tokenizer) or files.is_remote(config.tokenizer):
     return tokenizer_lib.load_tokenizer(hub.local_dir(config.tokenizer, "tokenizer"))
   return tokenizer_lib.load_tokenizer(config.tokenizer)
 

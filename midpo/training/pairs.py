@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from midpo.core import losses, priors, stats
+from midpo.core import fused_head, losses, priors, stats
 from midpo.training import inputs as inputs_lib
 
 PyTree = Any
@@ -72,6 +72,7 @@ def make_pair_stats(env, fields, *, prior: Optional[priors.Prior] = None,
   sum_sq = "log_sum_sq_probs" in fields
   want_hidden = "ref_hidden" in fields
   chunk = env.config.train.vocab_chunk
+  fused = bool(env.config.train.fused_lm_head)
   providers = inputs_lib.providers_for(env, prior, sorted(fields))
 
   def stats_fn(policy_params, prior_params, frozen, batch):
@@ -79,17 +80,21 @@ def make_pair_stats(env, fields, *, prior: Optional[priors.Prior] = None,
     inputs, targets, in_mask = tokens[:, :-1], tokens[:, 1:], att[:, :-1]
     resp = to_rows(batch["response_mask"])
     mask = resp[:, 1:].astype(jnp.float32)
-    logits = nnx.merge(graphdef, policy_params)(inputs, in_mask)
-    ref_logits = hidden = None
-    if online:
-      ref_model = nnx.merge(graphdef, frozen["reference"])
-      if want_hidden:
-        ref_logits, hidden = ref_model(inputs, in_mask, return_hidden_states=True)
-        hidden = jax.lax.stop_gradient(hidden)
-      else:
-        ref_logits = ref_model(inputs, in_mask)
-    ts = stats.token_stats(logits, targets, mask, ref_logits, kl_ref_policy=klr,
-                           kl_policy_ref=klp, log_sum_sq_probs=sum_sq, vocab_chunk=chunk)
+    kw = dict(kl_ref_policy=klr, kl_policy_ref=klp, log_sum_sq_probs=sum_sq, vocab_chunk=chunk)
+    if fused:
+      ts, hidden = _fused_token_stats(graphdef, policy_params, frozen if online else None,
+                                      inputs, in_mask, targets, mask, want_hidden, kw)
+    else:
+      logits = nnx.merge(graphdef, policy_params)(inputs, in_mask)
+      ref_logits = hidden = None
+      if online:
+        ref_model = nnx.merge(graphdef, frozen["reference"])
+        if want_hidden:
+          ref_logits, hidden = ref_model(inputs, in_mask, return_hidden_states=True)
+          hidden = jax.lax.stop_gradient(hidden)
+        else:
+          ref_logits = ref_model(inputs, in_mask)
+      ts = stats.token_stats(logits, targets, mask, ref_logits, **kw)
     ref_logps = None
     if cached:
       ref_logps = jnp.where(mask > 0, to_rows(batch["ref_logps"])[:, 1:], 0.0)
@@ -109,6 +114,26 @@ def make_pair_stats(env, fields, *, prior: Optional[priors.Prior] = None,
     return split_roles(seq)
 
   return stats_fn
+
+
+def _fused_token_stats(graphdef, policy_params, frozen, inputs, in_mask, targets, mask,
+                       want_hidden, kw):
+  """``make_pair_stats``' token statistics through the fused LM head (``frozen`` None: no
+  online reference); returns them and the reference's layer outputs (``want_hidden``)."""
+  policy = nnx.merge(graphdef, policy_params)
+  h = policy.hidden_states(inputs, in_mask)
+  w, head = policy.lm_head_weights()
+  ref_h = ref_w = hidden = None
+  if frozen is not None:
+    ref_model = nnx.merge(graphdef, frozen["reference"])
+    if want_hidden:
+      ref_h, hidden = ref_model.hidden_states(inputs, in_mask, return_all_layers=True)
+      hidden = jax.lax.stop_gradient(hidden)
+    else:
+      ref_h = ref_model.hidden_states(inputs, in_mask)
+    ref_w, _ = ref_model.lm_head_weights()
+  ts = fused_head.token_stats_from_hidden(h, w, head, targets, mask, ref_h, ref_w, **kw)
+  return ts, hidden
 
 
 def pair_fields(env, prior: priors.Prior, *, reference: Optional[str] = None) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from midpo.core import stats
+from midpo.core import fused_head, stats
 from midpo.training import env as env_lib
 from midpo.training import loop, optim
 
@@ -22,12 +22,21 @@ PyTree = Any
 SFT_FIELDS = ("tokens", "attention_mask", "response_mask")
 
 
-def sft_loss(graphdef, params: PyTree, batch: dict) -> tuple[jax.Array, dict]:
-  """Token-mean NLL (nats per token) of the response tokens of ``[B, T]`` rows."""
+def sft_loss(graphdef, params: PyTree, batch: dict, *, fused_lm_head: bool = False,
+             vocab_chunk: int | None = stats.DEFAULT_VOCAB_CHUNK) -> tuple[jax.Array, dict]:
+  """Token-mean NLL (nats per token) of the response tokens of ``[B, T]`` rows (through
+  ``midpo.core.fused_head`` with ``fused_lm_head``)."""
   tokens, att = batch["tokens"], batch["attention_mask"]
   mask = batch["response_mask"][:, 1:].astype(jnp.float32)
-  logits = nnx.merge(graphdef, params)(tokens[:, :-1], att[:, :-1])
-  lp = stats.token_logprobs(logits, tokens[:, 1:], mask)
+  model = nnx.merge(graphdef, params)
+  if fused_lm_head:
+    w, head = model.lm_head_weights()
+    lp = fused_head.token_stats_from_hidden(
+        model.hidden_states(tokens[:, :-1], att[:, :-1]), w, head, tokens[:, 1:], mask,
+        vocab_chunk=vocab_chunk).logps
+  else:
+    lp = stats.token_logprobs(model(tokens[:, :-1], att[:, :-1]), tokens[:, 1:], mask,
+                              vocab_chunk=vocab_chunk)
   n = jnp.maximum(jnp.sum(mask), 1.0)
   loss = -jnp.sum(lp) / n
   return loss, {"loss": loss, "tokens": jnp.sum(mask)}
@@ -56,8 +65,9 @@ def run_sft(env: env_lib.Env) -> PyTree:
   graphdef = env.graphdef
 
   def update(params, opt, batch):
-    (_, metrics), grads = jax.value_and_grad(functools.partial(sft_loss, graphdef),
-                                             has_aux=True)(params, batch)
+    loss_fn = functools.partial(sft_loss, graphdef, fused_lm_head=config.train.fused_lm_head,
+                                vocab_chunk=config.train.vocab_chunk)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
     updates, opt = tx.update(grads, opt, params)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return optax.apply_updates(params, updates), opt, metrics
