@@ -114,7 +114,7 @@ def test_peak_temporary_memory_at_32k_vocabulary_stays_below_one_logits_array():
 
 
 def test_the_pair_step_and_the_sft_loss_through_the_fused_head_equal_the_plain_ones(
-    shared, tmp_path):
+    shared, tmp_path, monkeypatch):
   """``train.fused_lm_head=True`` in the trainer: the pair statistics every prior reads
   (policy and online reference log-probs, both KLs, WPO's term, the reference's layer
   outputs) and their gradients, and the SFT loss and its gradient, on a batch of the tiny
@@ -125,16 +125,21 @@ def test_the_pair_step_and_the_sft_loss_through_the_fused_head_equal_the_plain_o
 
   fields = ("logps", "ref_logps", "kl_ref_policy", "kl_policy_ref", "log_sum_sq_probs",
             "ref_hidden")
-  results = {}
+  config = tu.tiny_config("dpo", **{"data.data_dir": shared["data_dir"],
+                                    "sft.checkpoint": shared["sft"], "train.vocab_chunk": 24})
+  env = env_lib.make_env(config, str(tmp_path))
+  reference = sft.run_sft(env)
+  policy = jax.tree.map(lambda x: x * 1.01, reference)  # away from the reference: KLs > 0
+  local = env.batches(env.data_config(), "train", mode="pairs").first_batches(1)[0]
+  batch = env.global_batch(pairs.select(local, pairs.ROW_FIELDS))
+  sft_batch = {k: pairs.to_rows(batch[k]) for k in sft.SFT_FIELDS}
+  results, calls = {}, []
+  real = fused_head.token_stats_from_hidden
+  monkeypatch.setattr(fused_head, "token_stats_from_hidden",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
   for fused in (False, True):
-    config = tu.tiny_config("dpo", **{"data.data_dir": shared["data_dir"],
-                                      "sft.checkpoint": shared["sft"],
-                                      "train.fused_lm_head": fused, "train.vocab_chunk": 24})
-    env = env_lib.make_env(config, str(tmp_path / str(fused)))
-    reference = sft.run_sft(env)
-    policy = jax.tree.map(lambda x: x * 1.01, reference)  # away from the reference: KLs > 0
-    local = env.batches(env.data_config(), "train", mode="pairs").first_batches(1)[0]
-    batch = env.global_batch(pairs.select(local, pairs.ROW_FIELDS))
+    with env.config.unlocked():
+      env.config.train.fused_lm_head = fused
     stats_fn = pairs.make_pair_stats(env, fields)
 
     def objective(policy):
@@ -144,11 +149,11 @@ def test_the_pair_step_and_the_sft_loss_through_the_fused_head_equal_the_plain_o
       return total, (chosen, rejected)
 
     (_, seqs), grads = jax.value_and_grad(objective, has_aux=True)(policy)
-    sft_batch = {k: pairs.to_rows(batch[k]) for k in sft.SFT_FIELDS}
     (sft_value, _), sft_grads = jax.value_and_grad(
         lambda p: sft.sft_loss(env.graphdef, p, sft_batch, fused_lm_head=fused, vocab_chunk=24),
         has_aux=True)(policy)
     results[fused] = jax.device_get((seqs, grads, sft_value, sft_grads))
+    assert bool(calls) == fused  # the option picks the path: pair stats and SFT loss
 
   (seqs_p, grads_p, sft_p, sft_grads_p), (seqs_f, grads_f, sft_f, sft_grads_f) = (
       results[False], results[True])
