@@ -96,14 +96,9 @@ def _forward(h_p, w_p, h_r, w_r, targets, want_klr, want_klp, chunks, head):
   if want_klr or want_klp:
 
     def block_fn(carry, start, size):
-      cr, cp = carry
-      p = _logits(h_p, w_p, start, size, head)
-      r = _logits(h_r, w_r, start, size, head)
-      if want_klr:  # sum_v R_v (r_v - p_v)
-        cr = cr + jnp.sum(jnp.exp(r - lse_r[..., None]) * (r - p), -1)
-      if want_klp:  # sum_v P_v (p_v - r_v)
-        cp = cp + jnp.sum(jnp.exp(p - lse_p[..., None]) * (p - r), -1)
-      return cr, cp
+      return stats.kl_block(carry, _logits(h_p, w_p, start, size, head),
+                            _logits(h_r, w_r, start, size, head), lse_p, lse_r, want_klr,
+                            want_klp)
 
     zeros = jnp.zeros(lse_p.shape, jnp.float32)
     cr, cp = stats.reduce_chunks(block_fn, (zeros, zeros), chunks)
@@ -125,10 +120,9 @@ def _fused_fwd(h_p, w_p, h_r, w_r, targets, want_klr, want_klp, chunks, head):
 
 
 def _fused_bwd(want_klr, want_klp, chunks, head, residuals, cts):
-  """The logits' gradient block by block (as ``stats._stats_bwd``: ``e_y - P`` for the
-  log-probs, ``P - R`` for ``KL(R||P)``, ``P (log P - log R - KL(P||R))`` for ``KL(P||R)``,
-  times ``1 - tanh^2`` under soft-capping), turned at once into the gradients of ``h`` and
-  ``w``: ``dh += g w_chunk``, ``dw_chunk = g^T h``."""
+  """The logits' gradient block by block (``stats.logits_grad_block``, times ``1 - tanh^2``
+  under soft-capping), turned at once into the gradients of ``h`` and ``w``:
+  ``dh += g w_chunk``, ``dw_chunk = g^T h``."""
   h_p, w_p, h_r, w_r, targets, lse_p, lse_r, klp = residuals
   g_lp = cts["logps"].astype(jnp.float32)
   g_klr = cts["kl_ref_policy"].astype(jnp.float32) if want_klr else None
@@ -140,16 +134,8 @@ def _fused_bwd(want_klr, want_klp, chunks, head, residuals, cts):
   def block_fn(carry, start, size):
     dh, dw = carry
     x = _logits(h_p, w_p, start, size, head)
-    lp = x - lse_p[..., None]
-    P = jnp.exp(lp)
-    ids = start + jax.lax.broadcasted_iota(jnp.int32, x.shape, 2)
-    g = g_lp[..., None] * ((ids == targets[..., None]).astype(jnp.float32) - P)
-    if want_klr or want_klp:
-      lr = _logits(h_r, w_r, start, size, head) - lse_r[..., None]
-      if want_klr:
-        g = g + g_klr[..., None] * (P - jnp.exp(lr))
-      if want_klp:
-        g = g + g_klp[..., None] * P * (lp - lr - klp[..., None])
+    r = _logits(h_r, w_r, start, size, head) if (want_klr or want_klp) else None
+    g = stats.logits_grad_block(x, r, start, targets, lse_p, lse_r, g_lp, g_klr, g_klp, klp)
     if head.softcap is not None:
       g = g * (1.0 - jnp.square(x / head.softcap))
     g = g.astype(head.dtype)

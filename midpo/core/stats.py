@@ -156,14 +156,8 @@ def _forward(policy, ref, targets, want_klr, want_klp, chunks):
   if want_klr or want_klp:
 
     def block_fn(carry, start, size):
-      cr, cp = carry
-      p = _block(policy, start, size, dtype)
-      r = _block(ref, start, size, dtype)
-      if want_klr:  # sum_v R_v (r_v - p_v)
-        cr = cr + jnp.sum(jnp.exp(r - lse_r[..., None]) * (r - p), -1)
-      if want_klp:  # sum_v P_v (p_v - r_v)
-        cp = cp + jnp.sum(jnp.exp(p - lse_p[..., None]) * (p - r), -1)
-      return cr, cp
+      return kl_block(carry, _block(policy, start, size, dtype), _block(ref, start, size, dtype),
+                      lse_p, lse_r, want_klr, want_klp)
 
     zeros = jnp.zeros(lse_p.shape, dtype)
     cr, cp = reduce_chunks(block_fn, (zeros, zeros), chunks)
@@ -172,6 +166,39 @@ def _forward(policy, ref, targets, want_klr, want_klp, chunks):
     if want_klp:
       out["kl_policy_ref"] = cp - lse_p + lse_r
   return out, (lse_p, lse_r)
+
+
+def kl_block(carry, p, r, lse_p, lse_r, want_klr: bool, want_klp: bool):
+  """One vocabulary block's share of both KL sums: ``carry = (cr, cp)`` ``[B, T]`` plus
+  ``sum_v R_v (r_v - p_v)`` (for ``KL(R||P)``) and ``sum_v P_v (p_v - r_v)`` (for ``KL(P||R)``)
+  over the block's logits ``p``, ``r`` ``[B, T, c]``; the KLs are ``cr - lse_r + lse_p`` and
+  ``cp - lse_p + lse_r`` once every block is in."""
+  cr, cp = carry
+  if want_klr:
+    cr = cr + jnp.sum(jnp.exp(r - lse_r[..., None]) * (r - p), -1)
+  if want_klp:
+    cp = cp + jnp.sum(jnp.exp(p - lse_p[..., None]) * (p - r), -1)
+  return cr, cp
+
+
+def logits_grad_block(p, r, start, targets, lse_p, lse_r, g_lp, g_klr=None, g_klp=None,
+                      klp=None):
+  """The gradient of ``g_lp . logps + g_klr . KL(R||P) + g_klp . KL(P||R)`` with respect to one
+  vocabulary block of the policy's logits ``p`` ``[B, T, c]`` (ids ``start ..``; ``r`` the
+  reference's block, needed only with a KL term). With ``P = softmax(p)``, ``R = softmax(r)``
+  and the one-hot label ``e_y``: ``d logps / dp = e_y - P``, ``d KL(R||P) / dp = P - R`` and
+  ``d KL(P||R) / dp = P * (log P - log R - KL(P||R))``."""
+  lp = p - lse_p[..., None]
+  P = jnp.exp(lp)
+  ids = start + jax.lax.broadcasted_iota(jnp.int32, p.shape, 2)
+  g = g_lp[..., None] * ((ids == targets[..., None]).astype(p.dtype) - P)
+  if g_klr is not None or g_klp is not None:
+    lr = r - lse_r[..., None]
+    if g_klr is not None:
+      g = g + g_klr[..., None] * (P - jnp.exp(lr))
+    if g_klp is not None:
+      g = g + g_klp[..., None] * P * (lp - lr - klp[..., None])
+  return g
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -185,12 +212,8 @@ def _stats_fwd(policy, ref, targets, want_klr, want_klp, chunks):
 
 
 def _stats_bwd(want_klr, want_klp, chunks, residuals, cts):
-  """Gradient w.r.t. the policy logits, one vocabulary block at a time.
-
-  With ``P = softmax(p)``, ``R = softmax(r)`` and the one-hot label ``e_y``:
-  ``d logps / dp = e_y - P``, ``d KL(R||P) / dp = P - R`` and
-  ``d KL(P||R) / dp = P * (log P - log R - KL(P||R))``.
-  """
+  """Gradient w.r.t. the policy logits, one vocabulary block at a time
+  (``logits_grad_block``)."""
   policy, ref, targets, lse_p, lse_r, klp = residuals
   dtype = lse_p.dtype
   g_lp = cts["logps"].astype(dtype)
@@ -198,18 +221,9 @@ def _stats_bwd(want_klr, want_klp, chunks, residuals, cts):
   g_klp = cts["kl_policy_ref"].astype(dtype) if want_klp else None
 
   def block_fn(grad, start, size):
-    p = _block(policy, start, size, dtype)
-    lp = p - lse_p[..., None]
-    P = jnp.exp(lp)
-    ids = start + jax.lax.broadcasted_iota(jnp.int32, p.shape, 2)
-    onehot = (ids == targets[..., None]).astype(dtype)
-    g = g_lp[..., None] * (onehot - P)
-    if want_klr or want_klp:
-      lr = _block(ref, start, size, dtype) - lse_r[..., None]
-      if want_klr:
-        g = g + g_klr[..., None] * (P - jnp.exp(lr))
-      if want_klp:
-        g = g + g_klp[..., None] * P * (lp - lr - klp[..., None])
+    r = _block(ref, start, size, dtype) if (want_klr or want_klp) else None
+    g = logits_grad_block(_block(policy, start, size, dtype), r, start, targets, lse_p, lse_r,
+                          g_lp, g_klr, g_klp, klp)
     return jax.lax.dynamic_update_slice_in_dim(grad, g.astype(grad.dtype), start, axis=-1)
 
   grad = reduce_chunks(block_fn, jnp.zeros_like(policy), chunks)
@@ -274,8 +288,9 @@ def validate_targets(targets_BxT, mask_BxT, vocab_size: int) -> None:
 
 
 __all__ = [
-    "DEFAULT_VOCAB_CHUNK", "TokenStats", "VocabChunks", "compute_dtype", "reduce_chunks",
-    "token_logprobs", "token_stats", "validate_targets", "vocab_chunks",
+    "DEFAULT_VOCAB_CHUNK", "TokenStats", "VocabChunks", "compute_dtype", "kl_block",
+    "logits_grad_block", "reduce_chunks", "token_logprobs", "token_stats", "validate_targets",
+    "vocab_chunks",
 ]
 
 
