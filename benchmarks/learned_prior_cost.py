@@ -53,6 +53,10 @@ def main():
     print(f"  maximum-likelihood rounds: {len(rounds)} rounds, {fit:6.1f} s "
           f"({fit / total:.0%}; first round {rounds['seconds'].iloc[0]:.1f} s, then "
           f"{rounds['seconds'].iloc[1:].mean():.1f} s each)")
+    if "sampling_seconds" in rounds:
+      sampled = float(rounds["sampling_seconds"].sum())
+      print(f"    of which sampling the policy: {sampled:6.1f} s; fitting zeta_phi (and its "
+            f"log-likelihoods before and after): {fit - sampled:6.1f} s")
     print(f"  policy steps and diagnostics: {total - fit:6.1f} s")
   for name in baselines:
     seconds, _ = stage_seconds(metrics, f"baseline/{name}")

@@ -102,6 +102,26 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
       assert ckpt_lib.Checkpointer(str(tmp_path / "tis" / model)).latest_step() == 4
 
 
+def test_the_mi_prior_fits_the_same_on_packed_and_padded_rows(shared, tmp_path):
+  """train.prior_packing (the default) against padded rows, in the trainer: the
+  same samples, the same NLL before each round's fit to float32 rounding, and
+  after the fit close (the fits differ by rounding only)."""
+  rounds = {}
+  for packed in (True, False):
+    config = tu.tiny_config("joint_prior", **{
+        "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
+        "stages": ("preference",), "train.steps": 4, "num_pair_prompts": 16,
+        "baselines": (), **tu.MI_TINY, "train.prior_packing": packed})
+    train.train_and_evaluate(config, str(tmp_path / str(packed)))
+    rounds[packed] = [r for r in tu.read_metrics(str(tmp_path / str(packed)))
+                      if r["stage"] == "prior/mle"]
+  assert [r["step"] for r in rounds[True]] == [r["step"] for r in rounds[False]] == [0, 2]
+  for a, b in zip(rounds[True], rounds[False]):
+    assert a["samples"] == b["samples"] and a["sample_length"] == b["sample_length"]
+    np.testing.assert_allclose(a["nll_per_token"], b["nll_per_token"], rtol=1e-5)
+    np.testing.assert_allclose(a["nll_per_token_fit"], b["nll_per_token_fit"], rtol=1e-3)
+
+
 def _check_evaluation_along_training(workdir, config, results, rounds):
   """eval.every=2 of 4 steps per round: every model at steps 2 and 4 of each
   round, with both pair accuracies (the prior's frozen models restored for
@@ -621,7 +641,7 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file
     # Every round's samples and fit, and the held-out diagnostics, agree too.
     rows = lambda w: {(r["stage"], r["step"], k): v for r in tu.read_metrics(str(w))
                       if r["stage"].startswith("prior/") for k, v in r.items()
-                      if k not in ("seconds", "stage", "step")}
+                      if k not in ("seconds", "sampling_seconds", "stage", "step")}
     pa, pb = rows(straight), rows(killed)
     assert sorted({s for st, s, _ in pa if st == "prior/mle"}) == [0, 3, 6, 9, 12, 15]
     assert sorted({s for st, s, _ in pa if st == "prior/diagnostics"}) == [0, 3, 6, 9, 12, 15, 16]

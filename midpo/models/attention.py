@@ -23,6 +23,20 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+  """RoPE positions of packed rows: 0, 1, ... within each segment ([B, T] int32).
+
+  ``segment_ids`` [B, T]: the sequence each token belongs to (1, 2, ... in the
+  row, each a contiguous span), 0 for padding (position 0).
+  """
+  seg = segment_ids.astype(jnp.int32)
+  index = jnp.broadcast_to(jnp.arange(seg.shape[-1], dtype=jnp.int32), seg.shape)
+  starts = jnp.concatenate([jnp.ones_like(seg[..., :1], bool), seg[..., 1:] != seg[..., :-1]],
+                           axis=-1)
+  first = jax.lax.cummax(jnp.where(starts, index, 0), axis=seg.ndim - 1)
+  return jnp.where(seg > 0, index - first, 0)
+
+
 def rope_inv_freq(c: ModelConfig) -> np.ndarray:
   """Inverse frequencies [Dh/2] (float32), with linear or llama3 scaling."""
   dim = c.head_dim

@@ -232,6 +232,12 @@ class Transformer(nnx.Module):
   materialising [B, T, V] at once: `model.hidden_states(...)` returns the final
   normed hidden states [B, T, D] and `model.logits_from_hidden(h)` applies the
   LM head (tied embedding or `lm_head`) to any [..., D] slice of them.
+
+  Packed rows (several sequences in one row, no padding between them) pass
+  `segment_ids` [B, T] (1, 2, ... per sequence, 0 = padding; MaxText's
+  `decoder_segment_ids`): a token attends only to earlier tokens of its own
+  segment, positions restart at 0 in each, and the attention mask defaults to
+  `segment_ids > 0`. Packed rows always take the explicit masked attention.
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -255,18 +261,20 @@ class Transformer(nnx.Module):
   # -- public API -------------------------------------------------------------
 
   def __call__(self, tokens, attention_mask=None, positions=None, *,
-               return_hidden_states: bool = False):
+               segment_ids=None, return_hidden_states: bool = False):
     """Logits [B, T, V] float32; with `return_hidden_states`, also every
     layer's output (the residual stream after each block) [B, T, L, D]."""
-    h, all_h, _ = self._forward(tokens, attention_mask, positions, None, return_hidden_states)
+    h, all_h, _ = self._forward(tokens, attention_mask, positions, None, return_hidden_states,
+                                segment_ids)
     logits = self.logits_from_hidden(h)
     return (logits, all_h) if return_hidden_states else logits
 
   def hidden_states(self, tokens, attention_mask=None, positions=None, *,
-                    return_all_layers: bool = False):
+                    segment_ids=None, return_all_layers: bool = False):
     """Final normed hidden states [B, T, D] (compute dtype); with
     `return_all_layers`, also every layer's output [B, T, L, D]."""
-    h, all_h, _ = self._forward(tokens, attention_mask, positions, None, return_all_layers)
+    h, all_h, _ = self._forward(tokens, attention_mask, positions, None, return_all_layers,
+                                segment_ids)
     return (h, all_h) if return_all_layers else h
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
@@ -317,12 +325,21 @@ class Transformer(nnx.Module):
 
   # -- implementation ---------------------------------------------------------
 
-  def _forward(self, tokens, attention_mask, positions, cache, return_all):
+  def _forward(self, tokens, attention_mask, positions, cache, return_all, segment_ids=None):
     c = self.config
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}.")
     b, t = tokens.shape
+    if segment_ids is not None:
+      segment_ids = jnp.asarray(segment_ids).astype(jnp.int32)
+      if segment_ids.shape != tokens.shape or cache is not None:
+        raise ValueError(f"segment_ids {segment_ids.shape} must match tokens {tokens.shape} "
+                         "(and packed rows take no KV cache).")
+      if attention_mask is None:
+        attention_mask = segment_ids > 0
+      if positions is None:
+        positions = attention_lib.positions_from_segments(segment_ids)
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
     attention_mask = jnp.asarray(attention_mask).astype(jnp.int32)
@@ -351,7 +368,8 @@ class Transformer(nnx.Module):
       key_mask = attention_mask
       q_slots = k_slots = jnp.arange(t)
       cache_index = None
-      key_lengths = attention_mask.sum(-1) if c.attention_impl != "xla" else None
+      key_lengths = (attention_mask.sum(-1) if c.attention_impl != "xla" and segment_ids is None
+                     else None)
     else:
       key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
       q_slots = cache.index + jnp.arange(t)
@@ -359,10 +377,13 @@ class Transformer(nnx.Module):
       cache_index = cache.index
       key_lengths = None  # The cache path always uses the explicit mask.
     allowed = k_slots[None, :] <= q_slots[:, None]
-    full_mask = (key_mask[:, None, :] > 0) & allowed[None]  # [B, T, S]
+    key_ok = key_mask[:, None, :] > 0
+    if segment_ids is not None:
+      key_ok &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    full_mask = key_ok & allowed[None]  # [B, T, S]
     if c.sliding_window is not None:
       allowed &= (q_slots[:, None] - k_slots[None, :]) < c.sliding_window
-    mask = (key_mask[:, None, :] > 0) & allowed[None]  # [B, T, S]
+    mask = key_ok & allowed[None]  # [B, T, S]
     # Per layer: whether it attends through the sliding window (all layers or none, unless
     # layer_types says which).
     sliding = np.array([t == "sliding_attention" for t in c.layer_types] if c.layer_types

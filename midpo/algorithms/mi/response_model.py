@@ -95,6 +95,24 @@ class ResponseModel:
                           batch["response_mask"])
     return jnp.sum(lp, axis=-1)
 
+  def packed_token_logps(self, params, packed) -> jax.Array:
+    """``[R, W-1]`` ``log zeta_phi`` of the scored tokens of packed rows
+    (``midpo.data.packing.pack``: ``tokens``, ``segment_ids``, ``target_mask``
+    ``[R, W]``/``[R, W-1]``), 0 elsewhere. The sequences are what the model
+    reads: ``[bos] response`` for the unconditional prior, the whole row for the
+    conditional one (the packer's caller builds them)."""
+    model = nnx.merge(self.graphdef, params)
+    seg = packed["segment_ids"][:, :-1]
+    logits = model(packed["tokens"][:, :-1], segment_ids=seg)
+    return stats.token_logprobs(logits, packed["tokens"][:, 1:], packed["target_mask"],
+                                vocab_chunk=self.vocab_chunk)
+
+  def packed_sequence_logps(self, params, packed, num_sequences: int) -> jax.Array:
+    """``[N]`` ``log zeta_phi(y)`` of each packed sequence (``num_sequences`` static)."""
+    lp = self.packed_token_logps(params, packed)
+    return jax.ops.segment_sum(lp.reshape(-1), packed["sequence_index"].reshape(-1),
+                               num_segments=num_sequences + 1)[:num_sequences]
+
 
 def nll(model: ResponseModel, params, batch) -> tuple[jax.Array, dict]:
   """Token-mean negative log-likelihood of the responses in ``batch``
@@ -109,6 +127,17 @@ def nll(model: ResponseModel, params, batch) -> tuple[jax.Array, dict]:
   loss = -jnp.sum(w * seq) / jnp.maximum(n_tokens, 1e-9)
   return loss, {"nll_per_token": loss,
                 "nll_per_sequence": -jnp.sum(w * seq) / jnp.maximum(jnp.sum(w), 1e-9)}
+
+
+def packed_nll(model: ResponseModel, params, packed) -> tuple[jax.Array, dict]:
+  """:func:`nll` of packed rows (``midpo.data.packing.pack``): the token-mean
+  negative log-likelihood of every scored token, equal to :func:`nll` of the
+  same sequences unpacked up to float32 rounding."""
+  lp = model.packed_token_logps(params, packed)
+  n_tokens = jnp.maximum(jnp.sum(packed["target_mask"]), 1e-9)
+  n_sequences = jnp.maximum(jnp.max(packed["segment_ids"], axis=1).sum(), 1)
+  loss = -jnp.sum(lp) / n_tokens
+  return loss, {"nll_per_token": loss, "nll_per_sequence": -jnp.sum(lp) / n_sequences}
 
 
 def make_mle_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
@@ -127,4 +156,4 @@ def make_mle_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
   return jax.jit(step, donate_argnums=(0, 1), out_shardings=out)
 
 
-__all__ = ["ResponseModel", "compact_responses", "make_mle_step", "nll"]
+__all__ = ["ResponseModel", "compact_responses", "make_mle_step", "nll", "packed_nll"]

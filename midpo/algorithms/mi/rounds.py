@@ -27,7 +27,7 @@ from midpo import sampling
 from midpo.algorithms import diagnostics
 from midpo.algorithms.mi import response_model
 from midpo.algorithms.mi.prior import ModelPrior
-from midpo.data import pipeline, synthetic
+from midpo.data import packing, pipeline, synthetic
 from midpo.models import config as model_config_lib
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
@@ -108,6 +108,26 @@ def sample_rows(env: env_lib.Env, samples: sampling.Samples, *,
                                 env.tokenizer.pad_id)
 
 
+def pack_width(env: env_lib.Env, conditional: bool) -> int:
+  """Tokens per packed row: ``train.prior_pack_width``, or more when the longest
+  possible sequence (``[bos]`` and ``eval.max_new_tokens`` response tokens; with
+  the prompt, up to ``data.max_length``, for a conditional prior) needs it."""
+  longest = env.config.eval.max_new_tokens + 1
+  if conditional:
+    longest += env.config.data.max_length
+  return max(int(env.config.train.prior_pack_width), pipeline.round_up(longest, 8))
+
+
+def packed_sequences(env: env_lib.Env, samples: sampling.Samples, model) -> tuple[list, list]:
+  """What ``zeta_phi`` reads of each sample, and where its scored tokens start:
+  ``[bos] response`` (from 1) for the unconditional prior, ``prompt response``
+  (from the prompt's length) for the conditional one."""
+  prompts, responses = sampling.sample_ids(env, samples)
+  if model.conditional:
+    return [p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts]
+  return [[model.bos_id] + r for r in responses], [1] * len(responses)
+
+
 def global_rows(env: env_lib.Env, rows: dict, index: np.ndarray) -> dict[str, jax.Array]:
   """Global rows ``index`` (every process holds all rows) -> a sharded batch."""
   per = len(index) // env.process_count
@@ -125,6 +145,37 @@ def batched_logps(env: env_lib.Env, seq_logps, params, rows: dict,
     index = np.arange(start, start + batch_size) % n
     out.append(env_lib.gather(seq_logps(params, global_rows(env, rows, index))))
   return np.concatenate(out)[:n]
+
+
+class Packer:
+  """A round's samples as packed rows (``midpo.data.packing``): the MLE steps'
+  batches and the per-sequence log-likelihoods, without the padding of rows
+  as wide as the longest sample."""
+
+  def __init__(self, env: env_lib.Env, model, samples: sampling.Samples):
+    self.env = env
+    self.sequences, self.starts = packed_sequences(env, samples, model)
+    self.width = pack_width(env, model.conditional)
+    shards = env.process_count * env.mesh.shape["data"] * env.mesh.shape["fsdp"]
+    self.row_multiple = int(np.lcm(4, shards))
+
+  def batch(self, index: np.ndarray) -> dict[str, jax.Array]:
+    """Sequences ``index`` packed, as a global batch (every process packs all
+    of them and keeps its rows)."""
+    rows = packing.pack([self.sequences[i] for i in index], [self.starts[i] for i in index],
+                        width=self.width, pad_id=self.env.tokenizer.pad_id,
+                        row_multiple=self.row_multiple)
+    return global_rows(self.env, rows, np.arange(len(rows["tokens"])))
+
+  def sequence_logps(self, seq_logps, params, batch_size: int) -> np.ndarray:
+    """``[N]`` ``log zeta_phi(y)`` of every sample, ``batch_size`` sequences at a
+    time (the last batch wraps around)."""
+    n = len(self.sequences)
+    out = []
+    for start in range(0, n, batch_size):
+      index = np.arange(start, start + batch_size) % n
+      out.append(env_lib.gather(seq_logps(params, self.batch(index), batch_size)))
+    return np.concatenate(out)[:n]
 
 
 class MaximumLikelihood(recipes.PriorUpdate):
@@ -159,7 +210,14 @@ class MaximumLikelihood(recipes.PriorUpdate):
     self.mle_step = response_model.make_mle_step(
         functools.partial(response_model.nll, self.model), run.prior_tx,
         param_shardings=run.shard["prior"], opt_shardings=run.shard["prior_opt"])
-    self.seq_logps = jax.jit(self.model.sequence_logps)
+    self.packed = bool(env.config.train.prior_packing)
+    if self.packed:
+      self.mle_step = response_model.make_mle_step(
+          functools.partial(response_model.packed_nll, self.model), run.prior_tx,
+          param_shardings=run.shard["prior"], opt_shardings=run.shard["prior_opt"])
+      self.seq_logps = jax.jit(self.model.packed_sequence_logps, static_argnums=2)
+    else:
+      self.seq_logps = jax.jit(self.model.sequence_logps)
     super().start(run)
 
   def before_step(self, run, state, step_index):
@@ -181,9 +239,18 @@ class MaximumLikelihood(recipes.PriorUpdate):
                  round_in_stage, step_index, len(prompts), steps)
     samples = sampling.sample(env, state["policy"], prompts,
                               jax.random.fold_in(key, 0), temperature=1.0)
-    rows = sample_rows(env, samples)
-    n_tokens = rows["response_mask"].sum(axis=1)
-    before = batched_logps(env, self.seq_logps, state["prior"], rows, t.prior_batch_size)
+    t_sampled = time.perf_counter()
+    if self.packed:
+      packer = Packer(env, self.model, samples)
+      n_tokens = np.array([len(q) - s for q, s in zip(packer.sequences, packer.starts)])
+      get_batch = packer.batch
+      logps = lambda p: packer.sequence_logps(self.seq_logps, p, t.prior_batch_size)
+    else:
+      rows = sample_rows(env, samples)
+      n_tokens = rows["response_mask"].sum(axis=1)
+      get_batch = functools.partial(global_rows, env, rows)
+      logps = lambda p: batched_logps(env, self.seq_logps, p, rows, t.prior_batch_size)
+    before = logps(state["prior"])
     rng = np.random.default_rng([int(env.config.seed), self.round_index, round_in_stage])
     n, bsz = len(samples.prompts), t.prior_batch_size
     order = np.concatenate([rng.permutation(n) for _ in range(-(-steps * bsz // n) + 1)])
@@ -192,9 +259,8 @@ class MaximumLikelihood(recipes.PriorUpdate):
     params, opt = jax.tree.map(jnp.copy, (state["prior"], state["prior_opt"]))
     for j in range(steps):
       env_lib.check_stop(env, f"prior round {round_in_stage}'s fit ({j} of {steps} steps)")
-      batch = global_rows(env, rows, order[j * bsz:(j + 1) * bsz])
-      params, opt, _ = self.mle_step(params, opt, batch)
-    after = batched_logps(env, self.seq_logps, params, rows, t.prior_batch_size)
+      params, opt, _ = self.mle_step(params, opt, get_batch(order[j * bsz:(j + 1) * bsz]))
+    after = logps(params)
     kl_before = samples.logps - before
     kl_after = samples.logps - after
     m = {"nll_per_token": float(-before.sum() / n_tokens.sum()),
@@ -205,7 +271,7 @@ class MaximumLikelihood(recipes.PriorUpdate):
          "mle_steps": steps, "samples": n,
          "sample_length": float(samples.lengths.mean()),
          "sample_finished_fraction": float(samples.finished.mean()),
-         "seconds": time.perf_counter() - t0}
+         "seconds": time.perf_counter() - t0, "sampling_seconds": t_sampled - t0}
     env.writer.write("prior/mle", step_index, m)
     logging.info("prior round %d (step %d): %d samples, %d MLE steps in %.1f s; NLL/token "
                  "%.3f -> %.3f; E_x KL(pi||zeta) %.2f +- %.2f -> %.2f", round_in_stage,
@@ -220,7 +286,11 @@ def default_config() -> ml_collections.ConfigDict:
   samples and maximum-likelihood steps of each round, and of the first."""
   return ml_collections.ConfigDict({
       "prior_samples": 256, "prior_batch_size": 64, "prior_warmup_samples": 2048,
-      "prior_warmup_steps": 100})
+      "prior_warmup_steps": 100,
+      # The fit's sequences packed into rows of at least prior_pack_width tokens
+      # (midpo.data.packing; the same loss to float32 rounding, without the
+      # padding of rows as wide as the longest sample), or padded rows (False).
+      "prior_packing": True, "prior_pack_width": 128})
 
 
 def validate_run(config, prior, batch_shards, process_count) -> None:
@@ -239,6 +309,11 @@ def validate_run(config, prior, batch_shards, process_count) -> None:
   if not isinstance(t.prior_warmup_steps, int) or t.prior_warmup_steps < 0:
     config_lib.fail("train.prior_warmup_steps",
                     f"must be a non-negative int; got {t.prior_warmup_steps!r}")
+  if not isinstance(t.prior_packing, bool):
+    config_lib.fail("train.prior_packing", f"must be True or False; got {t.prior_packing!r}")
+  if not isinstance(t.prior_pack_width, int) or t.prior_pack_width < 2:
+    config_lib.fail("train.prior_pack_width",
+                    f"must be an int >= 2 (tokens per packed row); got {t.prior_pack_width!r}")
   for key in ("prior_samples", "prior_warmup_samples"):
     if t.prior_batch_size > t[key]:
       config_lib.fail("train.prior_batch_size", f"{t.prior_batch_size} is more than the "
