@@ -86,6 +86,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.dtype = "float32"      # compute dtype
   c.model.param_dtype = "float32"
   c.model.remat = "none"
+  # 'auto': cuDNN's fused attention on a GPU with bf16/fp16 compute, XLA's masked
+  # attention elsewhere; or 'xla', 'jax' (jax.nn.dot_product_attention), 'cudnn'.
+  c.model.attention_impl = "auto"
   # Layers as one lax.scan (True) or unrolled (False); unset: the model's own
   # (built-in tiny/micro unrolled, checkpoints scanned). MaxText's name.
   c.model.scan_layers = ml_collections.config_dict.placeholder(bool)

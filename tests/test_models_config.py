@@ -100,3 +100,39 @@ def test_named_configs_export(name):
   config = get_config(name)
   # Everything but how the layers run (not a config.json key) survives export.
   assert config_from_hf(config_to_hf(config), scan_layers=config.scan_layers) == config
+
+
+def test_attention_auto_is_cudnn_only_on_a_gpu_where_it_applies():
+  from midpo.models.config import resolve_attention_impl
+  bf16 = get_config("tiny", dtype="bfloat16")
+  f32 = get_config("tiny")
+  assert resolve_attention_impl("auto", bf16, "gpu") == "cudnn"
+  assert resolve_attention_impl("auto", f32, "gpu") == "xla"
+  assert resolve_attention_impl("auto", bf16, "cpu") == "xla"
+  assert resolve_attention_impl("auto", bf16, "tpu") == "xla"
+  gemma = get_config("tiny", dtype="bfloat16", attn_logit_softcap=50.0)
+  assert resolve_attention_impl("auto", gemma, "gpu") == "xla"
+  assert resolve_attention_impl("jax", f32, "cpu") == "jax"
+  with pytest.raises(ValueError, match="needs a GPU"):
+    resolve_attention_impl("cudnn", bf16, "cpu")
+  with pytest.raises(ValueError, match="supported"):
+    resolve_attention_impl("flash", bf16, "gpu")
+  with pytest.raises(ValueError, match="attn_logit_softcap"):
+    get_config("tiny", attention_impl="jax", attn_logit_softcap=50.0)
+
+
+def test_a_run_resolves_model_attention_impl_for_its_backend():
+  """config.model.attention_impl='auto' (the default) is XLA's attention on this
+  CPU, as before the option existed; 'cudnn' here is a config error."""
+  from midpo.training import config as config_lib
+  from midpo.training import env as env_lib
+  from tests import train_utils as tu
+  config = tu.tiny_config("dpo")
+  assert config.model.attention_impl == "auto"
+  tok = env_lib.make_tokenizer(config)
+  assert env_lib.make_model_config(config, tok).attention_impl == "xla"
+  config.model.attention_impl = "jax"
+  assert env_lib.make_model_config(config, tok).attention_impl == "jax"
+  config.model.attention_impl = "cudnn"
+  with pytest.raises(config_lib.ConfigError, match="model.attention_impl.*needs a GPU"):
+    env_lib.make_model_config(config, tok)

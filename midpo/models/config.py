@@ -143,6 +143,8 @@ class ModelConfig:
       fail("remat", self.remat, REMAT_POLICIES)
     if self.attention_impl not in ATTENTION_IMPLS:
       fail("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    if self.attention_impl != "xla" and self.attn_logit_softcap is not None:
+      fail("attention_impl", self.attention_impl, "'xla' with attn_logit_softcap")
     if self.model_type not in MODEL_TYPES:
       fail("model_type", self.model_type, MODEL_TYPES)
     if self.qk_norm not in QK_NORMS:
@@ -254,3 +256,28 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
   if name not in _CONFIGS:
     raise ValueError(f"Unknown model config {name!r}; known: {config_names()}.")
   return _CONFIGS[name].replace(**overrides)
+
+
+def resolve_attention_impl(name: str, config: ModelConfig, platform: str) -> str:
+  """The attention implementation a run's ``model.attention_impl`` means on
+  ``platform`` (``jax.default_backend()``: 'cpu', 'gpu', 'tpu').
+
+  'auto' is cuDNN's fused attention on a GPU where it applies (bfloat16 or
+  float16 compute, no per-layer ``layer_types``, no score soft-capping), and
+  XLA's explicit masked attention everywhere else; any other name is returned
+  as it is.
+
+  Raises:
+    ValueError: ``name`` is not 'auto' or one of ``ATTENTION_IMPLS``, or it is
+      'cudnn' off a GPU.
+  """
+  if name not in ("auto",) + ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={name!r}; supported: {('auto',) + ATTENTION_IMPLS}")
+  if name == "cudnn" and platform != "gpu":
+    raise ValueError(f"attention_impl='cudnn' needs a GPU (this backend is {platform!r}); "
+                     "'auto' takes it where it applies")
+  if name != "auto":
+    return name
+  fits = (config.dtype in ("bfloat16", "float16") and config.layer_types is None
+          and config.attn_logit_softcap is None)
+  return "cudnn" if platform == "gpu" and fits else "xla"

@@ -263,7 +263,12 @@ def make_tokenizer(config):
 
 def make_model_config(config, tok) -> model_config_lib.ModelConfig:
   """The policy's model configuration: a local HF checkpoint's, or the named
-  built-in one with the tokenizer's vocabulary (rounded up to a multiple of 8)."""
+  built-in one with the tokenizer's vocabulary (rounded up to a multiple of 8);
+  ``model.attention_impl`` resolved for this backend.
+
+  Raises:
+    ConfigError: an unknown model name or attention implementation.
+  """
   overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                    remat=config.model.remat)
   if config.model.scan_layers is not None:
@@ -278,7 +283,12 @@ def make_model_config(config, tok) -> model_config_lib.ModelConfig:
     mc = base.replace(vocab_size=pipeline.round_up(tok.vocab_size, 8), bos_token_id=tok.bos_id,
                       eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **overrides)
   tokenizer_lib.check_fits(tok, mc.vocab_size)
-  return mc
+  try:
+    impl = model_config_lib.resolve_attention_impl(config.model.attention_impl, mc,
+                                                   jax.default_backend())
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.model.attention_impl: {e}") from None
+  return mc.replace(attention_impl=impl)
 
 
 def make_env(config, workdir: str) -> Env:

@@ -75,7 +75,9 @@ ADDED_KEYS = {"loss.loss_weights": [], "loss.f_divergence_type": "reverse_kl",
               # run from before it tokenised apart too, and its data state then refuses.
               "data.tokenization": "auto", "data.max_unk_fraction": 0.01,
               "data.truncation_mode": "keep_prompt_end", "train.fused_lm_head": False,
-              "train.prior_packing": False, "train.prior_pack_width": 128}
+              "train.prior_packing": False, "train.prior_pack_width": 128,
+              # 'auto' is 'xla', as before, off GPUs and in float32.
+              "model.attention_impl": "auto"}
 
 
 # Keys whose spelling changed but not their meaning: these values are the same.

@@ -50,7 +50,8 @@ def network_config(env: env_lib.Env, prior) -> model_config_lib.ModelConfig:
     raise config_lib.ConfigError(f"config.prior.network: {e}") from None
   return base.replace(vocab_size=mc.vocab_size, bos_token_id=mc.bos_token_id,
                       eos_token_id=mc.eos_token_id, pad_token_id=mc.pad_token_id,
-                      dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat)
+                      dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
+                      attention_impl=mc.attention_impl)
 
 
 def make_response_model(env: env_lib.Env, prior: ModelPrior) -> response_model.ResponseModel:
