@@ -12,9 +12,18 @@ steps (compilation, allocator warm-up) and reports the median step time, real to
     python benchmarks/vs_trl.py                      # the CPU shape below, 2 repeats
     python benchmarks/vs_trl.py --repeats 3 --steps 8
     python benchmarks/vs_trl.py --midpo_variant train.fused_lm_head=True   # one more worker
+    python benchmarks/vs_trl.py --device gpu --shape llama3.2-1b --dtype bfloat16 \
+        --prompt_len 128 --response_len 384 --steps 10 --repeats 1      # benchmarks/gpu_suite.sh
 
 Each ``--midpo_variant`` (comma-separated ``key=value`` config overrides) runs as one more midpo
-worker in the same alternation, reported beside the default one.
+worker in the same alternation, reported beside the default one. ``--out FILE`` appends every
+worker's result and the summary as JSON lines.
+
+On a GPU (``--device gpu``) both use the GPU; memory is the peak device memory
+(``torch.cuda.max_memory_allocated``; JAX's ``peak_bytes_in_use``) and the utilisation is
+against ``--peak_tflops`` (default 989: the H100/H200 SXM dense bf16 datasheet figure).
+``--dtype bfloat16``: TRL's ``bf16=True`` (autocast, float32 weights) against midpo's
+``model.dtype=bfloat16`` (float32 parameters; attention through cuDNN on a GPU, ``auto``).
 
 CPU shape (issue #13): hidden 256, 4 layers, 4 heads / 2 KV heads, MLP 1024, vocabulary 8192,
 tied embeddings; 8 pairs of 64 prompt + 192 response tokens. The midpo side is its own
@@ -37,12 +46,23 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPE = dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-             max_position_embeddings=512)
+SHAPES = {
+    "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                  max_position_embeddings=512),
+    # Llama-3.2-1B's config.json (random weights here).
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                        head_dim=64, tie_word_embeddings=True, max_position_embeddings=131072,
+                        rope_theta=500000.0, rms_norm_eps=1e-5,
+                        rope_scaling={"rope_type": "llama3", "factor": 32.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192}),
+}
 
 
-def make_assets(root: str, pairs: int, prompt_len: int, response_len: int, seed: int = 0):
+def make_assets(root: str, shape: dict, pairs: int, prompt_len: int, response_len: int,
+                seed: int = 0):
   """A checkpoint directory (model + word-level tokenizer) and a JSONL of rows."""
   import numpy as np
   import tokenizers
@@ -54,18 +74,20 @@ def make_assets(root: str, pairs: int, prompt_len: int, response_len: int, seed:
   os.makedirs(ckpt, exist_ok=True)
   specials = ["<pad>", "<s>", "</s>", "<unk>"]
   vocab = {t: i for i, t in enumerate(specials)}
-  vocab.update({f"w{i}": i for i in range(len(specials), SHAPE["vocab_size"])})
+  vocab.update({f"w{i}": i for i in range(len(specials), shape["vocab_size"])})
   tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   tok.save(os.path.join(ckpt, "tokenizer.json"))
   with open(os.path.join(ckpt, "tokenizer_config.json"), "w") as f:
     json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>",
                "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
-  torch.manual_seed(seed)
-  config = transformers.LlamaConfig(**SHAPE, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-  transformers.LlamaForCausalLM(config).save_pretrained(ckpt, safe_serialization=True)
+  if not os.path.exists(os.path.join(ckpt, "model.safetensors.index.json")) and not \
+      os.path.exists(os.path.join(ckpt, "model.safetensors")):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    transformers.LlamaForCausalLM(config).save_pretrained(ckpt, safe_serialization=True)
   rng = np.random.default_rng(seed)
-  words = lambda n: " ".join(f"w{i}" for i in rng.integers(4, SHAPE["vocab_size"], n))
+  words = lambda n: " ".join(f"w{i}" for i in rng.integers(4, shape["vocab_size"], n))
   rows = [{"prompt": words(prompt_len), "chosen": " " + words(response_len - 1),
            "rejected": " " + words(response_len - 1)} for _ in range(pairs * 4)]
   data = os.path.join(root, "pairs.jsonl")
@@ -80,8 +102,9 @@ def _report(times, tokens, extra=None):
               **(extra or {}))
 
 
-def run_trl(ckpt, data, pairs, warmup, steps):
-  """TRL 1.16 DPOTrainer (sigmoid loss, beta 0.1, online reference, float32, AdamW)."""
+def run_trl(ckpt, data, pairs, warmup, steps, device="cpu", dtype="float32", max_length=1024):
+  """TRL 1.16 DPOTrainer (sigmoid loss, beta 0.1, online reference, AdamW; float32, or bf16
+  autocast over float32 weights)."""
   import datasets
   import torch
   import transformers
@@ -104,16 +127,21 @@ def run_trl(ckpt, data, pairs, warmup, steps):
   with tempfile.TemporaryDirectory() as out:
     args = trl.DPOConfig(output_dir=out, per_device_train_batch_size=pairs, beta=0.1,
                          learning_rate=1e-4, max_steps=warmup + steps, logging_steps=10**6,
-                         save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-                         max_length=1024, dataloader_num_workers=0, seed=0)
+                         save_strategy="no", report_to=[], use_cpu=device == "cpu",
+                         bf16=dtype == "bfloat16", max_length=max(1024, max_length),
+                         dataloader_num_workers=0, seed=0)
     trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args,
                              train_dataset=rows, processing_class=tok,
                              callbacks=[Timer()])
     batch = next(iter(trainer.get_train_dataloader()))
     tokens = int(batch["attention_mask"].sum())
     trainer.train()
-  return _report(times[warmup:], tokens, {"torch": torch.__version__, "trl": trl.__version__,
-                                          "threads": torch.get_num_threads()})
+  extra = {"torch": torch.__version__, "trl": trl.__version__,
+           "threads": torch.get_num_threads()}
+  if device == "gpu":
+    extra["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    extra["device_name"] = torch.cuda.get_device_name()
+  return _report(times[warmup:], tokens, extra)
 
 
 def _overrides(spec: str) -> dict:
@@ -180,8 +208,13 @@ def run_midpo(ckpt, data, pairs, warmup, steps, workdir, max_length, overrides=N
     jax.block_until_ready((policy, m))
     times.append(time.perf_counter() - t0)
   flops = env.model_config.flops_per_token(int(np.asarray(local["tokens"]).shape[-1]))
-  return _report(times[warmup:], tokens, {"jax": jax.__version__,
-                                          "flops_per_token_train": flops})
+  extra = {"jax": jax.__version__, "flops_per_token_train": flops,
+           "backend": jax.default_backend(),
+           "attention_impl": env.model_config.attention_impl}
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    extra["peak_device_mib"] = stats["peak_bytes_in_use"] / 2**20
+  return _report(times[warmup:], tokens, extra)
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
@@ -205,6 +238,16 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--steps", type=int, default=6)
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--shape", choices=tuple(SHAPES), default="small")
+  parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="dense peak for the utilisation line (default: measured float32 "
+                      "matmul on a CPU; 989 bf16 on a GPU)")
+  parser.add_argument("--out", default="", help="append JSON lines to this file")
+  parser.add_argument("--assets_dir", default="",
+                      help="keep the checkpoint here and reuse it on the next call with the "
+                      "same --shape (the rows are written anew each call)")
   parser.add_argument("--midpo_variant", action="append", default=[],
                       help="comma-separated key=value config overrides: one more midpo worker")
   parser.add_argument("--worker", choices=("trl", "midpo"), help=argparse.SUPPRESS)
@@ -214,17 +257,29 @@ def main():
 
   if args.worker:
     ckpt, data = os.path.join(args.root, "ckpt"), os.path.join(args.root, "pairs.jsonl")
+    length = args.prompt_len + args.response_len
     if args.worker == "trl":
-      out = run_trl(ckpt, data, args.pairs, args.warmup, args.steps)
+      out = run_trl(ckpt, data, args.pairs, args.warmup, args.steps, args.device, args.dtype,
+                    length)
     else:
+      overrides = {"model.dtype": args.dtype, **_overrides(args.overrides)}
       out = run_midpo(ckpt, data, args.pairs, args.warmup, args.steps,
-                      tempfile.mkdtemp(prefix="vs_trl_midpo_"),
-                      args.prompt_len + args.response_len, _overrides(args.overrides))
+                      tempfile.mkdtemp(prefix="vs_trl_midpo_"), length, overrides)
     print("RESULT " + json.dumps(out), flush=True)
     return
 
-  root = tempfile.mkdtemp(prefix="vs_trl_")
-  make_assets(root, args.pairs, args.prompt_len, args.response_len)
+  if args.assets_dir:
+    root = os.path.join(args.assets_dir, args.shape)
+    os.makedirs(root, exist_ok=True)
+  else:
+    root = tempfile.mkdtemp(prefix="vs_trl_")
+  make_assets(root, SHAPES[args.shape], args.pairs, args.prompt_len, args.response_len)
+  # A CPU run keeps both frameworks off any GPU the machine has.
+  worker_env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+  if args.device == "cpu":
+    worker_env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+  settings = dict(shape=args.shape, device=args.device, dtype=args.dtype, pairs=args.pairs,
+                  prompt_len=args.prompt_len, response_len=args.response_len)
   workers = [("trl", "trl", ""), ("midpo", "midpo", "")] + [
       (f"midpo[{v}]", "midpo", v) for v in args.midpo_variant]
   runs = {label: [] for label, _, _ in workers}
@@ -234,31 +289,53 @@ def main():
              "--overrides", overrides,
              "--pairs", str(args.pairs), "--warmup", str(args.warmup), "--steps",
              str(args.steps), "--prompt_len", str(args.prompt_len), "--response_len",
-             str(args.response_len)]
-      proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+             str(args.response_len), "--device", args.device, "--dtype", args.dtype]
+      proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=worker_env)
       line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
       if proc.returncode or line is None:
         sys.exit(f"{name} worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
       res = json.loads(line[len("RESULT "):])
       runs[name].append(res)
-      print(json.dumps({"framework": name, "repeat": r, **res}), flush=True)
-  peak = matmul_gflops()
+      _emit(args.out, {"framework": name, "repeat": r, **settings, **res})
+  gpu = args.device == "gpu"
+  peak = args.peak_tflops * 1e3 if args.peak_tflops else (989e3 if gpu else matmul_gflops())
   med = {k: statistics.median(x["seconds"] for x in v) for k, v in runs.items()}
-  rss = {k: max(x["peak_rss_mib"] for x in v) for k, v in runs.items()}
+  mem_key = "peak_device_mib" if gpu else "peak_rss_mib"
+  rss = {k: max(x[mem_key] for x in v) for k, v in runs.items()}
   tokens = runs["midpo"][0]["tokens"]
   assert tokens == runs["trl"][0]["tokens"], (tokens, runs["trl"][0]["tokens"])
   flops = runs["midpo"][0]["flops_per_token_train"] * 4 / 3  # 6N + 2N reference per token
-  print(f"# {platform.machine()} CPU, {os.cpu_count()} cores; {args.pairs} pairs of "
+  where = (runs["trl"][0].get("device_name", "GPU") if gpu
+           else f"{platform.machine()} CPU, {os.cpu_count()} cores")
+  print(f"# {where}; {args.shape}, {args.dtype}; {args.pairs} pairs of "
         f"{args.prompt_len} + {args.response_len} tokens ({tokens} real tokens a step); "
         f"median of {args.steps} steps x {args.repeats} alternating runs")
+  mem_name = "peak device memory" if gpu else "peak RSS"
+  summary = {"summary": True, **settings, "peak_gflops": peak, "frameworks": {}}
   for k in runs:
-    print(f"{k:6s} {med[k]:7.3f} s/step  {tokens / med[k]:8.0f} tokens/s  peak RSS "
-          f"{rss[k]:7.0f} MiB  {flops * tokens / med[k] / 1e9:6.1f} GFLOP/s "
-          f"({100 * flops * tokens / med[k] / 1e9 / peak:4.1f}% of measured matmul peak)")
+    achieved = flops * tokens / med[k] / 1e9
+    print(f"{k:6s} {med[k]:7.3f} s/step  {tokens / med[k]:8.0f} tokens/s  {mem_name} "
+          f"{rss[k]:7.0f} MiB  {achieved:8.1f} GFLOP/s ({100 * achieved / peak:4.1f}% of peak)")
+    summary["frameworks"][k] = dict(seconds=med[k], tokens_per_s=tokens / med[k],
+                                    memory_mib=rss[k], utilisation=achieved / peak,
+                                    speedup_vs_trl=med["trl"] / med[k],
+                                    memory_vs_trl=rss[k] / rss["trl"])
   for k in (k for k in runs if k != "trl"):
-    print(f"{k} / TRL: tokens/s {med['trl'] / med[k]:.2f}x, peak RSS {rss[k] / rss['trl']:.2f}x")
-  print(f"matmul peak {peak:.0f} GFLOP/s (numpy float32)")
+    print(f"{k} / TRL: tokens/s {med['trl'] / med[k]:.2f}x, {mem_name} "
+          f"{rss[k] / rss['trl']:.2f}x")
+  print(f"peak {peak:.0f} GFLOP/s ({'--peak_tflops or the bf16 datasheet' if gpu else 'numpy float32 matmul, measured'})")
+  if args.out:
+    _emit(args.out, summary, echo=False)
+
+
+def _emit(path: str, row: dict, echo: bool = True) -> None:
+  """Prints ``row`` as a JSON line (and appends it to ``path``)."""
+  line = json.dumps(row)
+  if echo:
+    print(line, flush=True)
+  if path:
+    with open(path, "a") as f:
+      f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -302,3 +302,39 @@ def test_help_and_executable(minimal_path, script):
   out = _launch(script, ["--help"], minimal_path)
   assert out.returncode == 0 and out.stdout.startswith("Usage: launch/")
   assert "--dry-run" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/gpu_suite.sh (its measurements need a GPU; what runs before them is checked here)
+
+GPU_SUITE = REPO / "benchmarks" / "gpu_suite.sh"
+
+
+def test_gpu_suite_stops_without_a_gpu(tmp_path):
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  for tool in ("bash", "dirname", "mkdir", "date", "tee"):
+    (bindir / tool).symlink_to(shutil.which(tool))
+  proc = subprocess.run(["bash", str(GPU_SUITE), str(tmp_path / "out")], capture_output=True,
+                        text=True, env={"PATH": str(bindir)}, timeout=30, check=False)
+  assert proc.returncode == 2, proc.stderr
+  assert "no NVIDIA GPU here" in proc.stderr
+  assert (tmp_path / "out" / "gpu_suite.jsonl").read_text() == ""
+
+
+def test_gpu_suite_checks_packages_then_refuses_a_jax_without_a_gpu(tmp_path):
+  """With a (fake) nvidia-smi it finds every package of this environment (none to install)
+  and stops where jax sees no GPU, before any measurement."""
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  (bindir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: a fake card'\n")
+  (bindir / "nvidia-smi").chmod(0o755)
+  env = {"PATH": f"{bindir}:{os.path.dirname(sys.executable)}:/usr/bin:/bin",
+         "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path)}
+  proc = subprocess.run(["bash", str(GPU_SUITE), str(tmp_path / "out")], capture_output=True,
+                        text=True, env=env, timeout=120, check=False)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode != 0, out
+  assert "GPU 0: a fake card" in out
+  assert "installing" not in out, out
+  assert "AssertionError" in out and "vs_trl.py" not in out

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue #13 on one H100/H200, within 8 minutes:
+#   1. Llama-3.2-1B shape (random weights), bf16 compute over float32 weights, 8 pairs of
+#      128 + 384 tokens: TRL 1.16's DPOTrainer, midpo's DPO step and its TDPO step
+#      (a token-level prior against DPO);
+#   2. the same model, 16 pairs of 256 + 768 tokens: TRL and midpo.
+# Each line of OUT/gpu_suite.jsonl is one worker's result or a summary (tokens/s, peak device
+# memory, utilisation against the 989 TFLOP/s bf16 datasheet peak, ratios to TRL); the log
+# is OUT/gpu_suite.log. Figures go to BENCHMARKS.md with the date, the card and the versions
+# the JSON lines name.
+#
+#   bash benchmarks/gpu_suite.sh [OUT]            # from the repository root
+#
+# What it needs beyond a CUDA build of jax, torch and transformers (a GPU image has them):
+# trl, datasets and midpo's own dependencies that are not there. midpo itself runs from this
+# checkout (PYTHONPATH), not installed: its pinned jax is the CPU build, and would replace the
+# GPU one. Missing packages are installed with pip, at the versions setup.py pins, from the
+# package index, or with MIDPO_WHEELS=DIR from the wheels in DIR alone (a machine with no
+# network; fill DIR elsewhere with `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 ...` of the packages this script names as missing).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${1:-$ROOT/gpu_suite_out}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_suite.log"
+JSONL="$OUT/gpu_suite.jsonl"
+: > "$JSONL"
+PY="${PYTHON:-python3}"
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+start=$(date +%s)
+
+if ! command -v nvidia-smi > /dev/null || ! nvidia-smi -L > /dev/null 2>&1; then
+  echo "gpu_suite: no NVIDIA GPU here (nvidia-smi -L failed); nothing measured." >&2
+  exit 2
+fi
+nvidia-smi -L | tee "$LOG"
+
+# module name -> pip requirement (the versions setup.py pins; datasets is TRL's).
+missing=$("$PY" - <<'EOF'
+import importlib.util
+need = {"trl": "trl==1.16.0", "datasets": "datasets", "ml_collections": "ml_collections==1.1.0",
+        "tensorflow_datasets": "tensorflow-datasets==4.9.10",
+        "array_record": "array_record==0.8.6", "tensorboardX": "tensorboardX==2.6.5",
+        "importlib_resources": "importlib_resources==7.1.0", "safetensors": "safetensors",
+        "tokenizers": "tokenizers", "transformers": "transformers", "torch": "torch",
+        "flax": "flax", "optax": "optax", "orbax.checkpoint": "orbax-checkpoint",
+        "chex": "chex", "absl": "absl-py", "pandas": "pandas", "jinja2": "Jinja2"}
+def there(module):
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:
+    return False
+print(" ".join(req for mod, req in need.items() if not there(mod)))
+EOF
+)
+if [ -n "$missing" ]; then
+  echo "gpu_suite: installing $missing" | tee -a "$LOG"
+  if [ -n "${MIDPO_WHEELS:-}" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/midpo_site \
+      "$MIDPO_WHEELS"/*.whl 2>&1 | tee -a "$LOG"
+    export PYTHONPATH="$PYTHONPATH:/tmp/midpo_site"
+  else
+    # shellcheck disable=SC2086
+    "$PY" -m pip install -q $missing 2>&1 | tee -a "$LOG"
+  fi
+fi
+"$PY" -c "import jax; d = jax.devices(); assert d[0].platform == 'gpu', d; print('jax', jax.__version__, d)" \
+  2>&1 | tee -a "$LOG"
+
+# One call of benchmarks/vs_trl.py; a stuck one ends at its time limit and the suite goes on.
+bench() {
+  local limit=$1; shift
+  echo "== $(date -u +%FT%TZ) vs_trl.py $*" | tee -a "$LOG"
+  timeout "$limit" "$PY" benchmarks/vs_trl.py --device gpu --shape llama3.2-1b \
+    --dtype bfloat16 --warmup 3 --steps 10 --repeats 1 --assets_dir /tmp/midpo_gpu_assets \
+    --out "$JSONL" "$@" 2>&1 | tee -a "$LOG" || echo "gpu_suite: this call failed or timed out" \
+    | tee -a "$LOG"
+}
+
+bench 270 --pairs 8 --prompt_len 128 --response_len 384 \
+  --midpo_variant prior.name=tdpo,prior.kl_coef=0.5
+bench 170 --pairs 16 --prompt_len 256 --response_len 768
+
+echo "gpu_suite: $(( $(date +%s) - start )) s; results in $JSONL" | tee -a "$LOG"
