@@ -139,6 +139,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # The LM head fused with the chunked log-softmax (midpo.core.fused_head): the SFT and
   # preference steps never materialise [B, T, V] logits, forward or backward.
   c.train.fused_lm_head = False
+  # TRL's padding_free: the preference step's models read the pairs packed into rows of
+  # data.max_length tokens (segment ids; midpo.data.packing), not padded to the batch's
+  # longest row. Equal to the padded step to float32 rounding; one process only, for now.
+  c.train.padding_free = False
   # Alternation of policy and prior updates (for priors with parameters):
   # 'joint' updates both on every batch (as SparsePO does), 'alternate' runs
   # policy_steps_per_round policy steps, then prior_steps_per_round prior steps.

@@ -122,6 +122,23 @@ def test_the_mi_prior_fits_the_same_on_packed_and_padded_rows(shared, tmp_path):
     np.testing.assert_allclose(a["nll_per_token_fit"], b["nll_per_token_fit"], rtol=1e-3)
 
 
+def test_a_padding_free_run_trains_as_the_padded_one(shared, tmp_path):
+  """train.padding_free in the trainer: the same losses and gradient norms, step by step,
+  to float32 rounding (three steps of TDPO, whose loss reads per-token KLs)."""
+  logged = {}
+  for padding_free in (False, True):
+    config = tu.tiny_config("tdpo", **{
+        "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
+        "stages": ("preference",), "train.steps": 3, "log_every": 1,
+        "train.padding_free": padding_free})
+    train.train_and_evaluate(config, str(tmp_path / str(padding_free)))
+    logged[padding_free] = tu.read_metrics(str(tmp_path / str(padding_free)), "preference")
+  assert [r["step"] for r in logged[True]] == [1, 2, 3]
+  for a, b in zip(logged[True], logged[False]):
+    for key in ("loss", "grad_norm/policy", "logps/chosen", "rewards/margins"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=key)
+
+
 def _check_evaluation_along_training(workdir, config, results, rounds):
   """eval.every=2 of 4 steps per round: every model at steps 2 and 4 of each
   round, with both pair accuracies (the prior's frozen models restored for

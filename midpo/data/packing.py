@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -37,7 +38,8 @@ def pack(sequences: Sequence[Sequence[int]], target_starts: Sequence[int], *, wi
     ``tokens[:, 1:]`` is a scored token of the same segment as the token
     before it); ``sequence_index`` ``[R, W-1]`` int32 (the sequence of each
     target, ``N`` where ``target_mask`` is 0), for per-sequence sums with
-    ``jax.ops.segment_sum(..., num_segments=N + 1)``.
+    ``jax.ops.segment_sum(..., num_segments=N + 1)``; ``sequence_row`` and
+    ``sequence_offset`` ``[N]`` int32: where each sequence starts.
 
   Raises:
     ValueError: lengths of ``sequences`` and ``target_starts`` differ, a
@@ -80,7 +82,60 @@ def pack(sequences: Sequence[Sequence[int]], target_starts: Sequence[int], *, wi
     target_mask[row, lo:hi] = 1.0
     sequence_index[row, lo:hi] = i
   return {"tokens": tokens, "segment_ids": segment_ids, "target_mask": target_mask,
-          "sequence_index": sequence_index}
+          "sequence_index": sequence_index,
+          "sequence_row": np.array([r for r, _ in placed], np.int32).reshape(-1),
+          "sequence_offset": np.array([o for _, o in placed], np.int32).reshape(-1)}
 
 
-__all__ = ["pack"]
+def pack_pairs(tokens_Bx2xT, attention_Bx2xT, response_Bx2xT, *, width: int, pad_id: int,
+               row_multiple: int = 1) -> dict[str, np.ndarray]:
+  """Right-padded preference rows ``[prompt response]`` packed padding-free (TRL's
+  ``padding_free``), with the map back to the padded layout.
+
+  Each of the ``2B`` rows (pair-major) is its real tokens; its scored tokens are
+  the response, which must be the last span of the row.
+
+  Returns:
+    ``packed_tokens``, ``packed_segment_ids`` ``[R, W]``; ``packed_target_mask``
+    ``[R, W-1]`` (:func:`pack`); ``unpack_index`` ``[B, 2, T-1]`` int32: for each
+    padded target slot (``response_mask[..., 1:]``) the flat index of its packed
+    slot in ``[R * (W-1)]``, and ``R * (W-1)`` (one past the end: a zero) for the
+    slots that are not scored.
+
+  Raises:
+    ValueError: a row's response is not one span ending at its last real token,
+      or a row does not fit ``width``.
+  """
+  tokens = np.asarray(tokens_Bx2xT).reshape(-1, np.shape(tokens_Bx2xT)[-1])
+  att = np.asarray(attention_Bx2xT).reshape(tokens.shape)
+  resp = np.asarray(response_Bx2xT).reshape(tokens.shape)
+  lengths = att.sum(axis=1)
+  starts = np.argmax(resp > 0, axis=1)
+  sequences = []
+  for r, (n, start) in enumerate(zip(lengths, starts)):
+    index = np.arange(tokens.shape[1])
+    if not np.array_equal(resp[r] > 0, (index >= start) & (index < n)) or n < 2 or start < 1:
+      raise ValueError(f"row {r}: padding-free packing needs [prompt response] rows, the "
+                       "response one non-empty span after a prompt, ending at the last token")
+    sequences.append(tokens[r, :n].tolist())
+  p = pack(sequences, starts.tolist(), width=width, pad_id=pad_id, row_multiple=row_multiple)
+  t = tokens.shape[1] - 1
+  slots = p["tokens"].shape[0] * (width - 1)
+  unpack = np.full((len(sequences), t), slots, np.int32)
+  for r, (n, start) in enumerate(zip(lengths, starts)):
+    j = np.arange(start - 1, n - 1)
+    unpack[r, j] = p["sequence_row"][r] * (width - 1) + p["sequence_offset"][r] + j
+  return {"packed_tokens": p["tokens"], "packed_segment_ids": p["segment_ids"],
+          "packed_target_mask": p["target_mask"],
+          "unpack_index": unpack.reshape(np.shape(tokens_Bx2xT)[:-1] + (t,))}
+
+
+def unpack(x_RxW, index_BxT):
+  """Values of packed target slots ``[R, W-1, ...]`` at the padded layout's slots
+  (``unpack_index``): ``[B, T-1, ...]``, zero where the index is one past the end."""
+  flat = x_RxW.reshape((-1,) + x_RxW.shape[2:])
+  flat = jnp.concatenate([flat, jnp.zeros((1,) + flat.shape[1:], flat.dtype)])
+  return jnp.take(flat, index_BxT, axis=0)
+
+
+__all__ = ["pack", "pack_pairs", "unpack"]

@@ -279,5 +279,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
           f"data x fsdp = {batch_shards} batch shards")
   if config.eval.batch_size * process_count % batch_shards:
     fail("eval.batch_size", f"must divide over data x fsdp = {batch_shards} batch shards")
+  if config.train.get("padding_free", False) and process_count > 1:
+    fail("train.padding_free", f"packs each process's pairs on its own, and the {process_count} "
+         "processes' packed row counts would differ: one process only, for now")
   for rule in _RULES:
     rule(config, prior, batch_shards, process_count)

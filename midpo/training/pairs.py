@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from midpo.core import fused_head, losses, priors, stats
+from midpo.data import packing
 from midpo.training import inputs as inputs_lib
 
 PyTree = Any
@@ -75,26 +76,37 @@ def make_pair_stats(env, fields, *, prior: Optional[priors.Prior] = None,
   fused = bool(env.config.train.fused_lm_head)
   providers = inputs_lib.providers_for(env, prior, sorted(fields))
 
+  def model_token_stats(policy_params, frozen, inputs, in_mask, targets, mask, segment_ids):
+    kw = dict(kl_ref_policy=klr, kl_policy_ref=klp, log_sum_sq_probs=sum_sq, vocab_chunk=chunk)
+    if fused:
+      return _fused_token_stats(graphdef, policy_params, frozen if online else None, inputs,
+                                in_mask, targets, mask, want_hidden, kw, segment_ids)
+    logits = nnx.merge(graphdef, policy_params)(inputs, in_mask, segment_ids=segment_ids)
+    ref_logits = hidden = None
+    if online:
+      ref_model = nnx.merge(graphdef, frozen["reference"])
+      if want_hidden:
+        ref_logits, hidden = ref_model(inputs, in_mask, segment_ids=segment_ids,
+                                       return_hidden_states=True)
+        hidden = jax.lax.stop_gradient(hidden)
+      else:
+        ref_logits = ref_model(inputs, in_mask, segment_ids=segment_ids)
+    return stats.token_stats(logits, targets, mask, ref_logits, **kw), hidden
+
   def stats_fn(policy_params, prior_params, frozen, batch):
     tokens, att = to_rows(batch["tokens"]), to_rows(batch["attention_mask"])
     inputs, targets, in_mask = tokens[:, :-1], tokens[:, 1:], att[:, :-1]
     resp = to_rows(batch["response_mask"])
     mask = resp[:, 1:].astype(jnp.float32)
-    kw = dict(kl_ref_policy=klr, kl_policy_ref=klp, log_sum_sq_probs=sum_sq, vocab_chunk=chunk)
-    if fused:
-      ts, hidden = _fused_token_stats(graphdef, policy_params, frozen if online else None,
-                                      inputs, in_mask, targets, mask, want_hidden, kw)
+    if "packed_tokens" in batch:  # train.padding_free: the models read packed rows
+      p_tokens, seg = batch["packed_tokens"], batch["packed_segment_ids"][:, :-1]
+      ts, hidden = model_token_stats(policy_params, frozen, p_tokens[:, :-1], seg > 0,
+                                     p_tokens[:, 1:], batch["packed_target_mask"], seg)
+      index = to_rows(batch["unpack_index"])
+      ts = jax.tree.map(lambda x: packing.unpack(x, index), ts)
+      hidden = None if hidden is None else packing.unpack(hidden, index)
     else:
-      logits = nnx.merge(graphdef, policy_params)(inputs, in_mask)
-      ref_logits = hidden = None
-      if online:
-        ref_model = nnx.merge(graphdef, frozen["reference"])
-        if want_hidden:
-          ref_logits, hidden = ref_model(inputs, in_mask, return_hidden_states=True)
-          hidden = jax.lax.stop_gradient(hidden)
-        else:
-          ref_logits = ref_model(inputs, in_mask)
-      ts = stats.token_stats(logits, targets, mask, ref_logits, **kw)
+      ts, hidden = model_token_stats(policy_params, frozen, inputs, in_mask, targets, mask, None)
     ref_logps = None
     if cached:
       ref_logps = jnp.where(mask > 0, to_rows(batch["ref_logps"])[:, 1:], 0.0)
@@ -117,23 +129,36 @@ def make_pair_stats(env, fields, *, prior: Optional[priors.Prior] = None,
 
 
 def _fused_token_stats(graphdef, policy_params, frozen, inputs, in_mask, targets, mask,
-                       want_hidden, kw):
+                       want_hidden, kw, segment_ids=None):
   """``make_pair_stats``' token statistics through the fused LM head (``frozen`` None: no
   online reference); returns them and the reference's layer outputs (``want_hidden``)."""
   policy = nnx.merge(graphdef, policy_params)
-  h = policy.hidden_states(inputs, in_mask)
+  h = policy.hidden_states(inputs, in_mask, segment_ids=segment_ids)
   w, head = policy.lm_head_weights()
   ref_h = ref_w = hidden = None
   if frozen is not None:
     ref_model = nnx.merge(graphdef, frozen["reference"])
     if want_hidden:
-      ref_h, hidden = ref_model.hidden_states(inputs, in_mask, return_all_layers=True)
+      ref_h, hidden = ref_model.hidden_states(inputs, in_mask, segment_ids=segment_ids,
+                                              return_all_layers=True)
       hidden = jax.lax.stop_gradient(hidden)
     else:
-      ref_h = ref_model.hidden_states(inputs, in_mask)
+      ref_h = ref_model.hidden_states(inputs, in_mask, segment_ids=segment_ids)
     ref_w, _ = ref_model.lm_head_weights()
   ts = fused_head.token_stats_from_hidden(h, w, head, targets, mask, ref_h, ref_w, **kw)
   return ts, hidden
+
+
+def packed_rows(env, local: dict) -> dict[str, np.ndarray]:
+  """``train.padding_free``: a host batch's rows packed (``midpo.data.packing.pack_pairs``)
+  into rows of ``data.max_length`` tokens, their count a multiple of the batch shards and of
+  an eighth of the ``2B`` rows (at most 8 shapes, so 8 compilations)."""
+  two_b = 2 * len(local["tokens"])
+  shards = env.mesh.shape["data"] * env.mesh.shape["fsdp"]
+  return packing.pack_pairs(local["tokens"], local["attention_mask"], local["response_mask"],
+                            width=int(env.config.data.max_length),
+                            pad_id=int(env.tokenizer.pad_id),
+                            row_multiple=int(np.lcm(shards, max(1, two_b // 8))))
 
 
 def pair_fields(env, prior: priors.Prior, *, reference: Optional[str] = None) -> tuple[str, ...]:

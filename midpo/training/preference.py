@@ -104,7 +104,10 @@ def run_preference_round(env: env_lib.Env, prior: priors.Prior, frozen: dict,
       local = cache.add_to(local)
     if swap_roles:  # after the cache, so that the reference's log-probs swap too
       local = pairs_lib.swap_roles(local)
-    batch = env.global_batch(pairs_lib.select(local, fields))
+    host = pairs_lib.select(local, fields)
+    if config.train.padding_free:
+      host.update(pairs_lib.packed_rows(env, local))
+    batch = env.global_batch(host)
     rng = jax.random.fold_in(base_key, step_index)
     state = update.before_step(run, state, step_index)
     return update.step(run, state, batch, rng, step_index)

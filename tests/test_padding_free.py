@@ -1,0 +1,149 @@
+"""train.padding_free: the preference step on packed pairs equals the padded step.
+
+Every algorithm's first step (built as the trainer builds it, as in
+tests/test_golden.py) from the same start, once on the padded batch and once
+with the packed rows added: loss, metrics and the updated parameters agree to
+float32 rounding. Also the map back to the padded layout, and a trainer run.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from midpo import algorithms, train
+from midpo.data import packing
+from midpo.training import config as config_lib
+from midpo.training import env as env_lib
+from midpo.training import optim, pairs, recipes
+from tests import train_utils as tu
+from tests.test_golden import ALGORITHMS, HYPERPARAMETERS, KEYS
+
+
+def test_pack_pairs_maps_every_scored_slot_back():
+  rng = np.random.default_rng(0)
+  b, t = 3, 12
+  tokens = rng.integers(3, 50, (b, 2, t)).astype(np.int32)
+  att = np.zeros((b, 2, t), np.int32)
+  resp = np.zeros((b, 2, t), np.int32)
+  for i in range(b):
+    for k in range(2):
+      p, n = int(rng.integers(1, 4)), int(rng.integers(5, t + 1))
+      att[i, k, :n] = 1
+      resp[i, k, p:n] = 1
+  out = packing.pack_pairs(tokens, att, resp, width=16, pad_id=0, row_multiple=2)
+  r, w = out["packed_tokens"].shape
+  assert w == 16 and r % 2 == 0 and out["unpack_index"].shape == (b, 2, t - 1)
+  # Every scored padded slot points at the packed slot of the same target token.
+  flat_targets = np.concatenate([out["packed_tokens"][:, 1:].reshape(-1), [-1]])
+  flat_mask = np.concatenate([out["packed_target_mask"].reshape(-1), [0]])
+  got = flat_targets[out["unpack_index"]]
+  scored = resp[..., 1:] > 0
+  np.testing.assert_array_equal(got[scored], tokens[..., 1:][scored])
+  assert np.all(flat_mask[out["unpack_index"]][scored] == 1)
+  assert np.all(out["unpack_index"][~scored] == r * (w - 1))
+  assert out["packed_target_mask"].sum() == scored.sum()
+  values = jnp.arange(r * (w - 1), dtype=jnp.float32).reshape(r, w - 1) + 1
+  np.testing.assert_array_equal(np.asarray(packing.unpack(values, out["unpack_index"]))[~scored],
+                                0)
+  bad = resp.copy()
+  bad[0, 0, -1] = 0
+  bad[0, 0, 1:att[0, 0].sum() - 1] = 1
+  att[0, 0, :] = 1
+  with pytest.raises(ValueError, match="padding-free packing needs"):
+    packing.pack_pairs(tokens, att, bad, width=16, pad_id=0)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  # Rows of unequal lengths (the synthetic task's), padded to the bucket.
+  config = tu.tiny_config("dpo", **{"data.synthetic.num_train": 64, "train.reference": "online"})
+  env = env_lib.make_env(config, str(tmp_path_factory.mktemp("padding_free")))
+  models = {name: env_lib.init_params(env, seed) for seed, name in
+            enumerate(("reference", "policy", "plus", "minus", "previous"))}
+  local = env.batches(env.data_config(), "train", mode="pairs").first_batches(1)[0]
+  return env, models, local
+
+
+def _step(env, models, local, name, packed):
+  prior = algorithms.make_prior(name, **HYPERPARAMETERS.get(name, {}))
+  frozen = {k: models[k] for k in ("reference", "previous", "plus", "minus")}
+  update = recipes.recipe_for(prior).make_update(prior)
+  tx = optax.sgd(1.0)  # the update is minus the gradient: compared element by element
+  prior_tx = update.optimizer(env)
+  policy = jax.tree.map(jnp.copy, models["policy"])
+  policy_opt = optim.init_opt(tx, policy, env.mesh)
+  prior_params = update.init_params(env, prior, models["reference"], _Batches(local))
+  prior_opt = optim.init_opt(prior_tx, prior_params, env.mesh) if prior_tx else None
+  shard = {"policy": env_lib.shardings_of(policy),
+           "policy_opt": env_lib.shardings_of(policy_opt),
+           "prior": env_lib.shardings_of(prior_params) if prior_params is not None else None,
+           "prior_opt": env_lib.shardings_of(prior_opt) if prior_opt is not None else None}
+  loss_config = config_lib.make_loss_config(env.config)
+  steps = pairs.make_preference_steps(env, prior, loss_config, tx, prior_tx, shard,
+                                      prior_on_loss=update.on_loss)
+  run = recipes.RoundRun(env, prior, loss_config, frozen, steps, shard, prior_tx, 0, 1)
+  host = pairs.select(local, pairs.pair_fields(env, prior))
+  if packed:
+    host.update(pairs.packed_rows(env, local))
+  state = {"policy": policy, "policy_opt": policy_opt, "prior": prior_params,
+           "prior_opt": prior_opt}
+  state, metrics = update.step(run, state, env.global_batch(host), jax.random.key(0), 0)
+  return {k: float(metrics[k]) for k in KEYS if k in metrics}, state["policy"]
+
+
+# The packed rows feed only the models' per-token statistics, which are mapped back to the
+# padded layout before any prior reads them: one algorithm per kind of statistic. DPO
+# (sequence log-probs), SimPO (no reference), TDPO (KL(ref || policy) per token), TIS-DPO
+# (KL(policy || ref), token weights from its own models), SparsePO (the reference's hidden
+# states, prior parameters), 'mi' (its prior network's log-probs). Each also through the
+# fused LM head.
+CASES = [(name, False) for name in ("dpo", "simpo", "tdpo", "tis_dpo", "sparsepo", "mi")] + [
+    ("dpo", True), ("tdpo", True)]
+
+
+@pytest.mark.parametrize("name, fused", CASES)
+def test_the_padding_free_step_equals_the_padded_step(world, name, fused):
+  env, models, local = world
+  assert set(n for n, _ in CASES) <= set(ALGORITHMS)
+  env.config.train.fused_lm_head = fused
+  try:
+    padded, p_pad = _step(env, models, local, name, packed=False)
+    packed, p_pack = _step(env, models, local, name, packed=True)
+  finally:
+    env.config.train.fused_lm_head = False
+  assert set(packed) == set(padded)
+  for k in padded:
+    np.testing.assert_allclose(packed[k], padded[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), p_pad,
+                       models["policy"])
+  assert max(jax.tree.leaves(moved)) > 1e-4  # the step has a gradient to compare
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+               p_pack, p_pad)
+
+
+class _Batches:
+  """What a recipe's ``init_params`` reads of the batch iterator: the first batch."""
+
+  def __init__(self, local):
+    self.local = local
+
+  def first_batches(self, n):
+    return [self.local][:n]
+
+
+def test_the_packed_rows_are_fewer_than_the_padded_ones(world):
+  env, _, local = world
+  rows = pairs.packed_rows(env, local)
+  padded_slots = local["tokens"].shape[0] * 2 * local["tokens"].shape[-1]
+  packed_slots = rows["packed_tokens"].size
+  assert packed_slots < padded_slots
+  assert rows["packed_tokens"].shape[1] == env.config.data.max_length
+
+
+def test_padding_free_is_one_process_only_for_now():
+  config = tu.tiny_config("dpo", **{"train.padding_free": True})
+  config_lib.validate(config, num_devices=2, process_count=1)
+  with pytest.raises(config_lib.ConfigError, match="train.padding_free.*one process only"):
+    config_lib.validate(config, num_devices=2, process_count=2)
