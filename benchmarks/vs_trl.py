@@ -62,8 +62,10 @@ SHAPES = {
 
 
 def make_assets(root: str, shape: dict, pairs: int, prompt_len: int, response_len: int,
-                seed: int = 0):
-  """A checkpoint directory (model + word-level tokenizer) and a JSONL of rows."""
+                seed: int = 0, vary_lengths: bool = False, num_rows: int = 0):
+  """A checkpoint directory (model + word-level tokenizer) and a JSONL of ``num_rows`` rows
+  (default ``4 * pairs``): prompts of ``prompt_len`` and responses of ``response_len`` tokens,
+  or with ``vary_lengths`` uniform in ``[1, prompt_len]`` and ``[2, response_len]``."""
   import numpy as np
   import tokenizers
   import torch
@@ -88,8 +90,10 @@ def make_assets(root: str, shape: dict, pairs: int, prompt_len: int, response_le
     transformers.LlamaForCausalLM(config).save_pretrained(ckpt, safe_serialization=True)
   rng = np.random.default_rng(seed)
   words = lambda n: " ".join(f"w{i}" for i in rng.integers(4, shape["vocab_size"], n))
-  rows = [{"prompt": words(prompt_len), "chosen": " " + words(response_len - 1),
-           "rejected": " " + words(response_len - 1)} for _ in range(pairs * 4)]
+  n_prompt = lambda: int(rng.integers(1, prompt_len + 1)) if vary_lengths else prompt_len
+  n_resp = lambda: (int(rng.integers(2, response_len + 1)) if vary_lengths else response_len) - 1
+  rows = [{"prompt": words(n_prompt()), "chosen": " " + words(n_resp()),
+           "rejected": " " + words(n_resp())} for _ in range(num_rows or pairs * 4)]
   data = os.path.join(root, "pairs.jsonl")
   with open(data, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
