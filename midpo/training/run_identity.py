@@ -77,7 +77,8 @@ ADDED_KEYS = {"loss.loss_weights": [], "loss.f_divergence_type": "reverse_kl",
               "data.truncation_mode": "keep_prompt_end", "train.fused_lm_head": False,
               "train.prior_packing": False, "train.prior_pack_width": 128,
               # 'auto' is 'xla', as before, off GPUs and in float32.
-              "model.attention_impl": "auto", "train.padding_free": False}
+              "model.attention_impl": "auto", "train.padding_free": False,
+              "eval.mi_packing": False}
 
 
 # Keys whose spelling changed but not their meaning: these values are the same.

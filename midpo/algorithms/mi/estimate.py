@@ -22,7 +22,9 @@ prompts and seed, so the estimates are comparable across policies, not exact.
 Config (``config.eval``): ``mutual_information`` ('none' | 'final' | 'every':
 at the end only, or at every evaluated step), ``reference_mutual_information``
 (the reference's too: a sweep estimates it once per seed instead), ``mi_samples``, ``mi_network``,
-``mi_steps`` (maximum-likelihood steps), ``mi_batch_size``, ``mi_learning_rate``.
+``mi_steps`` (maximum-likelihood steps), ``mi_batch_size``, ``mi_learning_rate``,
+``mi_packing`` (the fit on packed rows, ``midpo.data.packing``; the padded fit to float32
+rounding).
 """
 
 from __future__ import annotations
@@ -72,28 +74,40 @@ def mutual_information(env: env_lib.Env, fit_samples: sampling.Samples,
   model = rounds.make_response_model(env, prior)
   net = rounds.network_config(env, prior)
   tx = optim.constant_adamw(e.mi_learning_rate, 0.0, 1.0)
-  step = env.compiled(("mi_estimate_step", e.mi_network, e.mi_learning_rate), lambda: (
-      response_model.make_mle_step(functools.partial(response_model.nll, model), tx)))
-  seq_logps = env.compiled(("mi_estimate_logps", e.mi_network),
-                           lambda: jax.jit(model.sequence_logps))
-  # Rows as long as the longest sample (a multiple of 16: few shapes to compile).
-  fit_rows = rounds.sample_rows(env, fit_samples, multiple=16)
+  packed = bool(e.mi_packing)
+  nll = response_model.packed_nll if packed else response_model.nll
+  step = env.compiled(("mi_estimate_step", e.mi_network, e.mi_learning_rate, packed), lambda: (
+      response_model.make_mle_step(functools.partial(nll, model), tx)))
+  seq_logps = env.compiled(
+      ("mi_estimate_logps", e.mi_network, packed),
+      lambda: (jax.jit(model.packed_sequence_logps, static_argnums=2) if packed
+               else jax.jit(model.sequence_logps)))
+  bsz = e.mi_batch_size
+  if packed:  # the responses packed into rows (midpo.data.packing), as the 'mi' prior's fit
+    fit, scored = rounds.Packer(env, model, fit_samples), rounds.Packer(env, model, eval_samples)
+    batch_of = fit.batch
+    logps_of = lambda packer, p: packer.sequence_logps(seq_logps, p, bsz)
+    tokens_of = lambda packer: sum(len(q) - s for q, s in zip(packer.sequences, packer.starts))
+  else:  # rows as long as the longest sample (a multiple of 16: few shapes to compile)
+    fit = rounds.sample_rows(env, fit_samples, multiple=16)
+    scored = rounds.sample_rows(env, eval_samples, multiple=16)
+    batch_of = functools.partial(rounds.global_rows, env, fit)
+    logps_of = lambda rows, p: rounds.batched_logps(env, seq_logps, p, rows, bsz)
+    tokens_of = lambda rows: rows["response_mask"].sum()
   params = env_lib.init_params(env, seed, net)
   opt = optim.init_opt(tx, params, env.mesh)
   rng = np.random.default_rng(seed)
-  n, bsz = len(fit_samples.prompts), e.mi_batch_size
+  n = len(fit_samples.prompts)
   order = np.concatenate([rng.permutation(n) for _ in range(-(-e.mi_steps * bsz // n) + 1)])
   for j in range(e.mi_steps):
     env_lib.check_stop(env, f"the mutual-information estimate's fit ({j} of {e.mi_steps} steps)")
-    params, opt, _ = step(params, opt, rounds.global_rows(env, fit_rows,
-                                                          order[j * bsz:(j + 1) * bsz]))
-  rows = rounds.sample_rows(env, eval_samples, multiple=16)
-  log_zeta = rounds.batched_logps(env, seq_logps, params, rows, bsz)
-  log_zeta_fit = rounds.batched_logps(env, seq_logps, params, fit_rows, bsz)
+    params, opt, _ = step(params, opt, batch_of(order[j * bsz:(j + 1) * bsz]))
+  log_zeta = logps_of(scored, params)
+  log_zeta_fit = logps_of(fit, params)
   m, se = sampling.mean_se(eval_samples.logps - log_zeta)
   return {"value": m, "se": se,
-          "nll_per_token": float(-log_zeta.sum() / rows["response_mask"].sum()),
-          "nll_per_token_fit": float(-log_zeta_fit.sum() / fit_rows["response_mask"].sum()),
+          "nll_per_token": float(-log_zeta.sum() / tokens_of(scored)),
+          "nll_per_token_fit": float(-log_zeta_fit.sum() / tokens_of(fit)),
           "num_samples": len(eval_samples.prompts)}
 
 
@@ -102,7 +116,9 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "mutual_information": "final", "reference_mutual_information": True,
       "mi_samples": 1024, "mi_network": "micro", "mi_steps": 100,
-      "mi_batch_size": 64, "mi_learning_rate": 3e-3})
+      "mi_batch_size": 64, "mi_learning_rate": 3e-3,
+      # The fit's responses packed into rows (as train.prior_packing), or padded (False).
+      "mi_packing": True})
 
 
 def validate_config(config) -> None:
@@ -116,6 +132,8 @@ def validate_config(config) -> None:
     config_lib.fail("eval.mutual_information", "the estimate fits zeta* on the synthetic "
                     "task's prompts; with data.source='files' set it to 'none' and "
                     "eval.reference_mutual_information=False (configs/own_data.py does)")
+  if not isinstance(e.mi_packing, bool):
+    config_lib.fail("eval.mi_packing", f"must be True or False; got {e.mi_packing!r}")
   for key in ("mi_samples", "mi_steps", "mi_batch_size"):
     if not isinstance(e[key], int) or e[key] < 1:
       config_lib.fail(f"eval.{key}", f"must be a positive int; got {e[key]!r}")
