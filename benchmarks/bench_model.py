@@ -81,7 +81,7 @@ def bench_train_step(config, batch, seq, steps, seed=0):
           "tokens_per_s": real_tokens / seconds, "model_flops_per_s": flops / seconds}
 
 
-def bench_sampling(config, batch, prompt_len, new_tokens, steps, seed=0):
+def bench_sampling(config, batch, prompt_len, new_tokens, steps, seed=0, top_p=0.95):
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
   params = jax.jit(lambda: nnx.state(Transformer(config, rngs=nnx.Rngs(params=seed))))()
   model = nnx.merge(graphdef, params)
@@ -89,7 +89,7 @@ def bench_sampling(config, batch, prompt_len, new_tokens, steps, seed=0):
   mask = jnp.ones_like(tokens)
   # No EOS: every row samples exactly `new_tokens` tokens.
   run = lambda: generate(model, tokens, mask, rng=jax.random.key(0), max_new_tokens=new_tokens,
-                         temperature=1.0, top_p=0.95).tokens
+                         temperature=1.0, top_p=top_p).tokens
   seconds = _time(run, steps, warmup=1)
   return {"seconds_per_call": seconds, "new_tokens_per_call": batch * new_tokens,
           "tokens_per_s": batch * new_tokens / seconds}
@@ -104,6 +104,8 @@ def main(argv=None):
   p.add_argument("--gen_batch", type=int, default=16)
   p.add_argument("--prompt_len", type=int, default=32)
   p.add_argument("--new_tokens", type=int, default=128)
+  p.add_argument("--top_p", type=float, default=0.95,
+                 help="nucleus sampling (midpo's own sampling, in training and evaluation, is 1.0)")
   p.add_argument("--big_config", default="llama3.2-1b")
   p.add_argument("--big_batch", type=int, default=8)
   p.add_argument("--big_seq", type=int, default=1024)
@@ -126,11 +128,12 @@ def main(argv=None):
         f"{train['tokens_per_s']:,.0f} real tokens/s ({train['seconds_per_step'] * 1e3:.1f} ms/step, "
         f"{train['model_flops_per_s'] / 1e9:.2f} model GFLOP/s)")
   sample = bench_sampling(small, args.gen_batch, args.prompt_len, args.new_tokens,
-                          max(2, args.steps // 3))
+                          max(2, args.steps // 3), top_p=args.top_p)
   results["small_sample"] = {"config": args.config, "batch": args.gen_batch,
-                             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, **sample}
+                             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                             "top_p": args.top_p, **sample}
   print(f"[{args.config}] sampling batch {args.gen_batch}, prompt {args.prompt_len}, "
-        f"{args.new_tokens} new: {sample['tokens_per_s']:,.0f} new tokens/s "
+        f"{args.new_tokens} new, top-p {args.top_p}: {sample['tokens_per_s']:,.0f} new tokens/s "
         f"({sample['seconds_per_call']:.3f} s/call)")
 
   if args.skip_big:
