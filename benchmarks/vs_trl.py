@@ -163,7 +163,9 @@ def _overrides(spec: str) -> dict:
 
 def run_midpo(ckpt, data, pairs, warmup, steps, workdir, max_length, overrides=None):
   """midpo's preference step (DPO prior, alpha 0.1, online reference, float32, AdamW), with
-  ``overrides`` of its config."""
+  ``overrides`` of its config. The step is the recipe's own (``midpo.training.recipes``), as the
+  trainer runs it, so a prior with parameters (SparsePO) or token weights (TIS-DPO, from its two
+  contrastive models, here copies of the reference) is timed with them."""
   sys.path.insert(0, ROOT)
   import jax
   import numpy as np
@@ -171,7 +173,7 @@ def run_midpo(ckpt, data, pairs, warmup, steps, workdir, max_length, overrides=N
   from midpo import algorithms  # noqa: F401
   from midpo.training import config as config_lib
   from midpo.training import env as env_lib
-  from midpo.training import optim
+  from midpo.training import optim, recipes
   from midpo.training import pairs as pairs_lib
 
   import importlib
@@ -195,21 +197,34 @@ def run_midpo(ckpt, data, pairs, warmup, steps, workdir, max_length, overrides=N
   ref = env_lib.load_hf_params(env)
   it = env.batches(env.data_config(), "train", mode="pairs")
   fields = pairs_lib.pair_fields(env, prior)
+  update = recipes.recipe_for(prior).make_update(prior)
   tx = optim.adamw(1e-4, 0, 1000, 0.0, 1.0)
+  prior_tx = update.optimizer(env)
   policy = jax.tree.map(lambda x: x.copy(), ref)
   opt = optim.init_opt(tx, policy, env.mesh)
+  prior_params = update.init_params(env, prior, ref, it)
+  prior_opt = optim.init_opt(prior_tx, prior_params, env.mesh) if prior_tx else None
   shard = {"policy": env_lib.shardings_of(policy), "policy_opt": env_lib.shardings_of(opt),
-           "prior": None, "prior_opt": None}
-  step = pairs_lib.make_preference_steps(env, prior, loss_config, tx, None, shard).policy
+           "prior": env_lib.shardings_of(prior_params) if prior_params is not None else None,
+           "prior_opt": env_lib.shardings_of(prior_opt) if prior_opt is not None else None}
+  frozen = {name: ref for name in ("reference", "previous", "plus", "minus")}
+  steps_ = pairs_lib.make_preference_steps(env, prior, loss_config, tx, prior_tx, shard,
+                                           prior_on_loss=update.on_loss)
+  run = recipes.RoundRun(env, prior, loss_config, frozen, steps_, shard, prior_tx, 0,
+                         warmup + steps)
   local = next(iter(it.first_batches(1)))
-  batch = env.global_batch(pairs_lib.select(local, fields))
+  host = pairs_lib.select(local, fields)
+  if config.train.padding_free:
+    host.update(pairs_lib.packed_rows(env, local))
+  batch = env.global_batch(host)
   tokens = int(local["attention_mask"].sum())
   assert local["tokens"].shape[-1] == max_length, local["tokens"].shape  # no padding
-  frozen, rng, times = {"reference": ref}, jax.random.key(0), []
+  state = {"policy": policy, "policy_opt": opt, "prior": prior_params, "prior_opt": prior_opt}
+  rng, times = jax.random.key(0), []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
-    policy, opt, m = step(policy, opt, None, frozen, batch, rng)
-    jax.block_until_ready((policy, m))
+    state, m = update.step(run, state, batch, rng, i)
+    jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t0)
   flops = env.model_config.flops_per_token(int(np.asarray(local["tokens"]).shape[-1]))
   extra = {"jax": jax.__version__, "flops_per_token_train": flops,

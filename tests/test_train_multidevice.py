@@ -37,6 +37,18 @@ def test_eight_devices_give_the_same_losses_as_one(tmp_path, sft):
     for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
       np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-6, err_msg=f"{key} {a['step']}")
   assert one[-1]["loss"] != one[0]["loss"]
+  # train.padding_free on a (data=4) mesh: the packed rows are sharded with the batch and the
+  # per-token statistics gathered back to the padded rows; the same losses again.
+  rc, out4 = tu.run_main(
+      "configs/dpo.py", str(tmp_path / "four_packed"),
+      {**common, "mesh.data": 4, "train.padding_free": True},
+      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert rc == 0, out4[-3000:]
+  packed = tu.read_metrics(str(tmp_path / "four_packed"), "preference")
+  assert len(packed) == 6
+  for a, b in zip(one, packed):
+    for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+      np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-6, err_msg=f"{key} {a['step']}")
   # The final policies agree too (restored as numpy, whatever the mesh was).
   _, p1 = tu.latest_params(tmp_path / "one" / "checkpoints")
   _, p8 = tu.latest_params(tmp_path / "eight" / "checkpoints")

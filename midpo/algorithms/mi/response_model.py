@@ -102,15 +102,18 @@ class ResponseModel:
     reads: ``[bos] response`` for the unconditional prior, the whole row for the
     conditional one (the packer's caller builds them)."""
     model = nnx.merge(self.graphdef, params)
-    seg = packed["segment_ids"][:, :-1]
-    logits = model(packed["tokens"][:, :-1], segment_ids=seg)
-    return stats.token_logprobs(logits, packed["tokens"][:, 1:], packed["target_mask"],
+    t = packed["tokens"].shape[1] - 1
+    seg = packed["segment_ids"][:, :t]
+    logits = model(packed["tokens"][:, :t], segment_ids=seg)
+    # [:, :t]: a multi-process global batch pads every [R, .] array to the width W.
+    return stats.token_logprobs(logits, packed["tokens"][:, 1:], packed["target_mask"][:, :t],
                                 vocab_chunk=self.vocab_chunk)
 
   def packed_sequence_logps(self, params, packed, num_sequences: int) -> jax.Array:
     """``[N]`` ``log zeta_phi(y)`` of each packed sequence (``num_sequences`` static)."""
     lp = self.packed_token_logps(params, packed)
-    return jax.ops.segment_sum(lp.reshape(-1), packed["sequence_index"].reshape(-1),
+    index = packed["sequence_index"][:, :lp.shape[1]]
+    return jax.ops.segment_sum(lp.reshape(-1), index.reshape(-1),
                                num_segments=num_sequences + 1)[:num_sequences]
 
 
@@ -134,7 +137,7 @@ def packed_nll(model: ResponseModel, params, packed) -> tuple[jax.Array, dict]:
   negative log-likelihood of every scored token, equal to :func:`nll` of the
   same sequences unpacked up to float32 rounding."""
   lp = model.packed_token_logps(params, packed)
-  n_tokens = jnp.maximum(jnp.sum(packed["target_mask"]), 1e-9)
+  n_tokens = jnp.maximum(jnp.sum(packed["target_mask"][:, :lp.shape[1]]), 1e-9)
   n_sequences = jnp.maximum(jnp.max(packed["segment_ids"], axis=1).sum(), 1)
   loss = -jnp.sum(lp) / n_tokens
   return loss, {"nll_per_token": loss, "nll_per_sequence": -jnp.sum(lp) / n_sequences}

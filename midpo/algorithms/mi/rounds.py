@@ -166,6 +166,7 @@ class Packer:
     rows = packing.pack([self.sequences[i] for i in index], [self.starts[i] for i in index],
                         width=self.width, pad_id=self.env.tokenizer.pad_id,
                         row_multiple=self.row_multiple)
+    rows = {k: rows[k] for k in ("tokens", "segment_ids", "target_mask", "sequence_index")}
     return global_rows(self.env, rows, np.arange(len(rows["tokens"])))
 
   def sequence_logps(self, seq_logps, params, batch_size: int) -> np.ndarray:
