@@ -54,15 +54,16 @@ def world(tmp_path_factory):
   return env, models, it
 
 
-def one_step(env, models, it, name) -> dict:
+def build_step(env, models, batches, name, tx):
+  """``(update, run, state)`` of algorithm ``name``'s first preference step, built as the
+  trainer builds it (its recipe), the policy from ``models['policy']`` with optimiser ``tx``."""
   prior = algorithms.make_prior(name, **HYPERPARAMETERS.get(name, {}))
   frozen = {k: models[k] for k in ("reference", "previous", "plus", "minus")}
   update = recipes.recipe_for(prior).make_update(prior)
-  tx = optim.adamw(1e-3, 0, 10, 0.0, 1.0)
   prior_tx = update.optimizer(env)
   policy = jax.tree.map(jnp.copy, models["policy"])
   policy_opt = optim.init_opt(tx, policy, env.mesh)
-  prior_params = update.init_params(env, prior, models["reference"], it)
+  prior_params = update.init_params(env, prior, models["reference"], batches)
   prior_opt = optim.init_opt(prior_tx, prior_params, env.mesh) if prior_tx else None
   shard = {"policy": env_lib.shardings_of(policy),
            "policy_opt": env_lib.shardings_of(policy_opt),
@@ -72,10 +73,15 @@ def one_step(env, models, it, name) -> dict:
   steps = pairs.make_preference_steps(env, prior, loss_config, tx, prior_tx, shard,
                                       prior_on_loss=update.on_loss)
   run = recipes.RoundRun(env, prior, loss_config, frozen, steps, shard, prior_tx, 0, 1)
-  local = it.first_batches(1)[0]
-  batch = env.global_batch(pairs.select(local, pairs.pair_fields(env, prior)))
   state = {"policy": policy, "policy_opt": policy_opt, "prior": prior_params,
            "prior_opt": prior_opt}
+  return update, run, state
+
+
+def one_step(env, models, it, name) -> dict:
+  update, run, state = build_step(env, models, it, name, optim.adamw(1e-3, 0, 10, 0.0, 1.0))
+  local = it.first_batches(1)[0]
+  batch = env.global_batch(pairs.select(local, pairs.pair_fields(env, run.prior)))
   state, metrics = update.step(run, state, batch, jax.random.key(0), 0)
   out = {k: float(metrics[k]) for k in KEYS if k in metrics}
   if state["prior"] is not None:  # where the prior's own parameters went

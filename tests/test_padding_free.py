@@ -12,13 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from midpo import algorithms, train
 from midpo.data import packing
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
-from midpo.training import optim, pairs, recipes
+from midpo.training import pairs
 from tests import train_utils as tu
-from tests.test_golden import ALGORITHMS, HYPERPARAMETERS, KEYS
+from tests.test_golden import ALGORITHMS, KEYS, build_step
 
 
 def test_pack_pairs_maps_every_scored_slot_back():
@@ -67,28 +66,11 @@ def world(tmp_path_factory):
 
 
 def _step(env, models, local, name, packed):
-  prior = algorithms.make_prior(name, **HYPERPARAMETERS.get(name, {}))
-  frozen = {k: models[k] for k in ("reference", "previous", "plus", "minus")}
-  update = recipes.recipe_for(prior).make_update(prior)
-  tx = optax.sgd(1.0)  # the update is minus the gradient: compared element by element
-  prior_tx = update.optimizer(env)
-  policy = jax.tree.map(jnp.copy, models["policy"])
-  policy_opt = optim.init_opt(tx, policy, env.mesh)
-  prior_params = update.init_params(env, prior, models["reference"], _Batches(local))
-  prior_opt = optim.init_opt(prior_tx, prior_params, env.mesh) if prior_tx else None
-  shard = {"policy": env_lib.shardings_of(policy),
-           "policy_opt": env_lib.shardings_of(policy_opt),
-           "prior": env_lib.shardings_of(prior_params) if prior_params is not None else None,
-           "prior_opt": env_lib.shardings_of(prior_opt) if prior_opt is not None else None}
-  loss_config = config_lib.make_loss_config(env.config)
-  steps = pairs.make_preference_steps(env, prior, loss_config, tx, prior_tx, shard,
-                                      prior_on_loss=update.on_loss)
-  run = recipes.RoundRun(env, prior, loss_config, frozen, steps, shard, prior_tx, 0, 1)
-  host = pairs.select(local, pairs.pair_fields(env, prior))
+  # Plain SGD: the update is minus the gradient, compared element by element.
+  update, run, state = build_step(env, models, _Batches(local), name, optax.sgd(1.0))
+  host = pairs.select(local, pairs.pair_fields(env, run.prior))
   if packed:
     host.update(pairs.packed_rows(env, local))
-  state = {"policy": policy, "policy_opt": policy_opt, "prior": prior_params,
-           "prior_opt": prior_opt}
   state, metrics = update.step(run, state, env.global_batch(host), jax.random.key(0), 0)
   return {k: float(metrics[k]) for k in KEYS if k in metrics}, state["policy"]
 
