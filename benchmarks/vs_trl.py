@@ -173,8 +173,9 @@ def run_midpo(ckpt, data, pairs, warmup, steps, workdir, max_length, overrides=N
   from midpo import algorithms  # noqa: F401
   from midpo.training import config as config_lib
   from midpo.training import env as env_lib
-  from midpo.training import optim, recipes
+  from midpo.training import inputs, optim, recipes
   from midpo.training import pairs as pairs_lib
+  from midpo.training.reference_cache import ReferenceCache
 
   import importlib
   config = importlib.import_module("configs.dpo").get_config()
@@ -213,6 +214,11 @@ def run_midpo(ckpt, data, pairs, warmup, steps, workdir, max_length, overrides=N
   run = recipes.RoundRun(env, prior, loss_config, frozen, steps_, shard, prior_tx, 0,
                          warmup + steps)
   local = next(iter(it.first_batches(1)))
+  # Frozen models' log-probs a prior reads cached (tis.cache_weights), computed once, untimed.
+  for field in inputs.cacheable_fields(inputs.providers_for(env, prior,
+                                                            prior.required_fields())):
+    local = ReferenceCache(env, it, frozen[field[:-len("_logps")]]).add_to(local, field)
+    fields += (field,)
   host = pairs_lib.select(local, fields)
   if config.train.padding_free:
     host.update(pairs_lib.packed_rows(env, local))

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import re
 import signal
@@ -53,7 +54,8 @@ def test_end_to_end_run_writes_results_logs_and_checkpoints(shared):
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
-def test_every_algorithm_config_runs(shared, tmp_path, name):
+def test_every_algorithm_config_runs(shared, tmp_path, name, caplog):
+  caplog.set_level(logging.INFO)
   extra = {"train.policy_steps_per_round": 2} if name == "constrained_prior" else {}
   if name in ("joint_prior", "ema_prior"):
     extra = dict(tu.MI_TINY)
@@ -61,6 +63,8 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
     extra.update(tu.MI_ESTIMATE_TINY)
   if name == "dpo":  # the README's protocol: pairs sampled from the reference
     extra["pairs_from"] = "reference"
+  if name == "tis_dpo":  # the contrastive models' log-probs cached (test_golden: online)
+    extra["tis.cache_weights"] = True
   config = tu.tiny_config(name, **{
       "data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
       "stages": ("preference", "eval"), "train.steps": 4, "num_pair_prompts": 16,
@@ -100,6 +104,9 @@ def test_every_algorithm_config_runs(shared, tmp_path, name):
     assert {"tis/plus", "tis/minus"} <= stages
     for model in ("plus", "minus"):
       assert ckpt_lib.Checkpointer(str(tmp_path / "tis" / model)).latest_step() == 4
+    # The weights' log-probs were cached once, not computed in the steps.
+    assert "cached the plus model's log-probs of" in caplog.text
+    assert "cached the minus model's log-probs of" in caplog.text
 
 
 def test_the_mi_prior_fits_the_same_on_packed_and_padded_rows(shared, tmp_path):

@@ -83,10 +83,14 @@ class Provider:
     compute: the function, traced in the step.
     batch_fields: host batch arrays it reads (``ctx.batch[...]``).
     frozen: frozen models it reads (``ctx.frozen[...]``).
+    cacheable: ``<model>_logps`` fields of frozen models that it reads from the batch when
+      they are there (the trainer computes them once before training:
+      ``midpo.training.reference_cache``), and computes in the step otherwise (evaluation).
   """
   compute: Callable[[InputContext], Array]
   batch_fields: tuple[str, ...] = ()
   frozen: tuple[str, ...] = ()
+  cacheable: tuple[str, ...] = ()
 
 
 # field -> factory(env, prior) -> Provider
@@ -141,6 +145,14 @@ def batch_fields(providers: dict[str, Provider]) -> tuple[str, ...]:
   out: list[str] = []
   for p in providers.values():
     out += [f for f in p.batch_fields if f not in out]
+  return tuple(out)
+
+
+def cacheable_fields(providers: dict[str, Provider]) -> tuple[str, ...]:
+  """The frozen models' ``<model>_logps`` fields the providers read when cached."""
+  out: list[str] = []
+  for p in providers.values():
+    out += [f for f in p.cacheable if f not in out]
   return tuple(out)
 
 

@@ -27,6 +27,7 @@ from midpo.core import losses, priors
 from midpo.training import checkpoint as ckpt_lib
 from midpo.training import config as config_lib
 from midpo.training import env as env_lib
+from midpo.training import inputs
 from midpo.training import loop, optim
 from midpo.training import pairs as pairs_lib
 from midpo.training import recipes
@@ -73,13 +74,18 @@ def run_preference_round(env: env_lib.Env, prior: priors.Prior, frozen: dict,
   t = config.train
   loss_config = loss_config or config_lib.make_loss_config(config)
   it = env.batches(env.data_config(**pairs), "train", mode="pairs")
+  # Token log-probs of frozen models computed once: the reference's (ref_logps), and any other
+  # frozen model's that a prior's inputs read as <name>_logps (TIS-DPO's cached weights).
   fields = pairs_lib.pair_fields(env, prior)
-  cache = None
-  if "ref_logps" in fields:
-    t0 = time.perf_counter()
-    cache = ReferenceCache(env, it, ref_params)
-    logging.info("cached the reference log-probs of %d pairs in %.1f s", len(cache),
-                 time.perf_counter() - t0)
+  fields += inputs.cacheable_fields(inputs.providers_for(env, prior, prior.required_fields()))
+  caches = {}
+  for field, name in [("ref_logps", "reference")] + [(f"{n}_logps", n) for n in frozen
+                                                       if n != "reference"]:
+    if field in fields:
+      t0 = time.perf_counter()
+      caches[field] = ReferenceCache(env, it, frozen[name])
+      logging.info("cached the %s model's log-probs of %d pairs in %.1f s", name,
+                   len(caches[field]), time.perf_counter() - t0)
 
   update = recipes.recipe_for(prior).make_update(prior)
   policy = jax.tree.map(jnp.copy, init_policy)
@@ -100,8 +106,8 @@ def run_preference_round(env: env_lib.Env, prior: priors.Prior, frozen: dict,
   base_key = jax.random.fold_in(jax.random.key(config.seed), 100 + round_index)
 
   def step(state, local, step_index):
-    if cache is not None:
-      local = cache.add_to(local)
+    for field, cache in caches.items():
+      local = cache.add_to(local, field)
     if swap_roles:  # after the cache, so that the reference's log-probs swap too
       local = pairs_lib.swap_roles(local)
     host = pairs_lib.select(local, fields)

@@ -1,4 +1,5 @@
-"""The reference's token log-probs of every pair, computed once before training."""
+"""The reference's token log-probs of every pair, computed once before training (and those
+of any other frozen model a prior reads as ``<name>_logps``)."""
 
 from __future__ import annotations
 
@@ -48,11 +49,12 @@ class ReferenceCache:
   def __len__(self) -> int:
     return len(self._rows)
 
-  def add_to(self, local: dict) -> dict:
-    """The host batch with a pair-major ``ref_logps`` ``[B, 2, T]``, laid out like ``tokens``."""
+  def add_to(self, local: dict, field: str = "ref_logps") -> dict:
+    """The host batch with a pair-major ``field`` ``[B, 2, T]`` (``ref_logps``, or the
+    cached log-probs of another frozen model), laid out like ``tokens``."""
     out = np.zeros(local["tokens"].shape, np.float32)
     for j, pair in enumerate(local["pair_index"]):
       for side in (0, 1):
         row = self._rows[int(pair)][side]
         out[j, side, :len(row)] = row
-    return dict(local, ref_logps=out)
+    return dict(local, **{field: out})

@@ -78,7 +78,7 @@ ADDED_KEYS = {"loss.loss_weights": [], "loss.f_divergence_type": "reverse_kl",
               "train.prior_packing": False, "train.prior_pack_width": 128,
               # 'auto' is 'xla', as before, off GPUs and in float32.
               "model.attention_impl": "auto", "train.padding_free": False,
-              "eval.mi_packing": False}
+              "eval.mi_packing": False, "tis.cache_weights": False}
 
 
 # Keys whose spelling changed but not their meaning: these values are the same.

@@ -38,13 +38,18 @@ def token_weights(env, prior) -> inputs.Provider:
     return inputs.Provider(lambda ctx: ctx.row_field("token_weights")[:, 1:],
                            batch_fields=("token_weights",))
 
-  def compute(ctx: inputs.InputContext):
-    lp = {name: ctx.frozen_logps(name) for name in ("plus", "minus")}
+  def weights(ctx: inputs.InputContext, lp: dict):
     sign = jnp.where(ctx.role_B == 0, 1.0, -1.0)[:, None]
-    raw = sign * (lp["plus"] - lp["minus"])
+    raw = sign * (lp["plus"] - lp["minus"]) * ctx.mask_BxT
     return jax.lax.stop_gradient(weights_lib.tis_weights(raw, ctx.mask_BxT, tis.transform))
 
-  return inputs.Provider(compute, frozen=("plus", "minus"))
+  def compute(ctx: inputs.InputContext):
+    # Cached (tis.cache_weights, in training): read once-computed log-probs; else compute.
+    return weights(ctx, {n: (ctx.row_field(f"{n}_logps")[:, 1:] if f"{n}_logps" in ctx.batch
+                             else ctx.frozen_logps(n)) for n in ("plus", "minus")})
+
+  cacheable = ("plus_logps", "minus_logps") if tis.cache_weights else ()
+  return inputs.Provider(compute, frozen=("plus", "minus"), cacheable=cacheable)
 
 
 class ContrastiveModels(recipes.Procedure):
@@ -74,7 +79,10 @@ def default_config() -> ml_collections.ConfigDict:
   """``config.tis``: where TIS-DPO's token weights come from (see the module docstring)."""
   return ml_collections.ConfigDict({
       "weights": "contrastive", "transform": "threshold_and_scale",
-      "plus_checkpoint": "", "minus_checkpoint": ""})
+      "plus_checkpoint": "", "minus_checkpoint": "",
+      # The contrastive models' token log-probs computed once before the policy's training
+      # (as train.reference='cached' does for the reference), not in every step.
+      "cache_weights": False})
 
 
 def validate_config(config) -> None:
@@ -85,6 +93,8 @@ def validate_config(config) -> None:
   if tis.transform not in weights_lib.TRANSFORMS:
     config_lib.fail("tis.transform", f"must be one of {weights_lib.TRANSFORMS}; got "
                     f"{tis.transform!r}")
+  if not isinstance(tis.cache_weights, bool):
+    config_lib.fail("tis.cache_weights", f"must be True or False; got {tis.cache_weights!r}")
   for key in ("plus_checkpoint", "minus_checkpoint"):
     if tis[key] and not files.isdir(tis[key]):
       config_lib.fail(f"tis.{key}", f"{tis[key]!r} is not a directory")
