@@ -11,18 +11,22 @@
 #
 #   bash benchmarks/gpu_suite.sh [OUT]            # from the repository root
 #
-# What it needs beyond a CUDA build of jax, torch and transformers (a GPU image has them):
-# trl, datasets and midpo's own dependencies that are not there. midpo itself runs from this
-# checkout (PYTHONPATH), not installed: its pinned jax is the CPU build, and would replace the
-# GPU one. Missing packages are installed with pip, at the versions setup.py pins, from the
-# package index, or with MIDPO_WHEELS=DIR from the wheels in DIR alone (a machine with no
-# network; fill DIR elsewhere with `pip download --no-deps --only-binary=:all:
-# --python-version 3.12 ...` of the packages this script names as missing).
+# What it needs beyond a CUDA build of jax and torch (a GPU image has them; the script never
+# installs either): trl, datasets and midpo's own dependencies that are not there. midpo itself
+# runs from this checkout (PYTHONPATH), not installed: its pinned jax is the CPU build, and
+# would replace the GPU one. Missing packages go to /tmp/midpo_site (pip --target: no change to
+# the image's environment, PEP 668 or not), at the versions setup.py pins where it pins them,
+# with the installed jax, torch and nvidia-* versions held fixed (a pip constraints file), from
+# the package index, or with MIDPO_WHEELS=DIR from the wheels in DIR alone (a machine with no
+# network: fill DIR elsewhere with `pip download --no-deps --only-binary=:all:
+# --python-version X.Y ...`, X.Y the GPU machine's Python, of the packages this script names
+# as missing and of their own missing dependencies).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:-$ROOT/gpu_suite_out}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_suite.log"
 JSONL="$OUT/gpu_suite.jsonl"
 : > "$JSONL"
@@ -37,16 +41,22 @@ if ! command -v nvidia-smi > /dev/null || ! nvidia-smi -L > /dev/null 2>&1; then
 fi
 nvidia-smi -L | tee "$LOG"
 
-# module name -> pip requirement (the versions setup.py pins; datasets is TRL's).
+# jax (with a GPU) and torch must be there already: a pip install would fetch CPU builds.
+"$PY" -c "import jax, torch" 2>&1 | tee -a "$LOG"
+
+# module name -> pip requirement (the versions setup.py pins; datasets and accelerate are
+# TRL's own requirements, at whatever version pip picks).
 missing=$("$PY" - <<'EOF'
 import importlib.util
-need = {"trl": "trl==1.16.0", "datasets": "datasets", "ml_collections": "ml_collections==1.1.0",
+need = {"trl": "trl==1.16.0", "datasets": "datasets", "accelerate": "accelerate",
+        "ml_collections": "ml_collections==1.1.0",
         "tensorflow_datasets": "tensorflow-datasets==4.9.10",
         "array_record": "array_record==0.8.6", "tensorboardX": "tensorboardX==2.6.5",
-        "importlib_resources": "importlib_resources==7.1.0", "safetensors": "safetensors",
-        "tokenizers": "tokenizers", "transformers": "transformers", "torch": "torch",
-        "flax": "flax", "optax": "optax", "orbax.checkpoint": "orbax-checkpoint",
-        "chex": "chex", "absl": "absl-py", "pandas": "pandas", "jinja2": "Jinja2"}
+        "importlib_resources": "importlib_resources==7.1.0", "safetensors": "safetensors==0.8.0",
+        "tokenizers": "tokenizers==0.23.3", "transformers": "transformers==5.24.0",
+        "flax": "flax==0.12.8", "optax": "optax==0.2.8",
+        "orbax.checkpoint": "orbax-checkpoint==0.12.8", "chex": "chex==0.1.92",
+        "absl": "absl-py==2.5.1", "pandas": "pandas==3.1.1", "jinja2": "Jinja2==3.1.6"}
 def there(module):
   try:
     return importlib.util.find_spec(module) is not None
@@ -56,15 +66,19 @@ print(" ".join(req for mod, req in need.items() if not there(mod)))
 EOF
 )
 if [ -n "$missing" ]; then
-  echo "gpu_suite: installing $missing" | tee -a "$LOG"
+  echo "gpu_suite: installing $missing into /tmp/midpo_site" | tee -a "$LOG"
+  "$PY" -m pip freeze 2>/dev/null \
+    | grep -Ei '^(jax|jaxlib|jax-cuda[0-9a-z-]*|torch|nvidia-[a-z0-9-]*)==' \
+    > /tmp/midpo_constraints.txt || true
   if [ -n "${MIDPO_WHEELS:-}" ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/midpo_site \
       "$MIDPO_WHEELS"/*.whl 2>&1 | tee -a "$LOG"
-    export PYTHONPATH="$PYTHONPATH:/tmp/midpo_site"
   else
     # shellcheck disable=SC2086
-    "$PY" -m pip install -q $missing 2>&1 | tee -a "$LOG"
+    "$PY" -m pip install -q --target /tmp/midpo_site -c /tmp/midpo_constraints.txt $missing \
+      2>&1 | tee -a "$LOG"
   fi
+  export PYTHONPATH="$PYTHONPATH:/tmp/midpo_site"
 fi
 "$PY" -c "import jax; d = jax.devices(); assert d[0].platform == 'gpu', d; print('jax', jax.__version__, d)" \
   2>&1 | tee -a "$LOG"
@@ -73,7 +87,7 @@ fi
 bench() {
   local limit=$1; shift
   echo "== $(date -u +%FT%TZ) vs_trl.py $*" | tee -a "$LOG"
-  timeout "$limit" "$PY" benchmarks/vs_trl.py --device gpu --shape llama3.2-1b \
+  timeout -k 15 "$limit" "$PY" benchmarks/vs_trl.py --device gpu --shape llama3.2-1b \
     --dtype bfloat16 --warmup 3 --steps 10 --repeats 1 --assets_dir /tmp/midpo_gpu_assets \
     --out "$JSONL" "$@" 2>&1 | tee -a "$LOG" || echo "gpu_suite: this call failed or timed out" \
     | tee -a "$LOG"

@@ -87,7 +87,12 @@ def make_assets(root: str, shape: dict, pairs: int, prompt_len: int, response_le
       os.path.exists(os.path.join(ckpt, "model.safetensors")):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    transformers.LlamaForCausalLM(config).save_pretrained(ckpt, safe_serialization=True)
+    # Saved beside, then moved in: a save cut short (a time limit) is never reused.
+    partial = tempfile.mkdtemp(dir=root)
+    transformers.LlamaForCausalLM(config).save_pretrained(partial, safe_serialization=True)
+    for name in os.listdir(partial):
+      os.replace(os.path.join(partial, name), os.path.join(ckpt, name))
+    os.rmdir(partial)
   rng = np.random.default_rng(seed)
   words = lambda n: " ".join(f"w{i}" for i in rng.integers(4, shape["vocab_size"], n))
   n_prompt = lambda: int(rng.integers(1, prompt_len + 1)) if vary_lengths else prompt_len
@@ -121,11 +126,15 @@ def run_trl(ckpt, data, pairs, warmup, steps, device="cpu", dtype="float32", max
   rows = datasets.load_dataset("json", data_files=data, split="train")
   times = []
 
+  sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
+
   class Timer(transformers.TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
+      sync()
       self.t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
+      sync()  # the step's kernels, not only their launch
       times.append(time.perf_counter() - self.t0)
 
   with tempfile.TemporaryDirectory() as out:

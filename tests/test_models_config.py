@@ -115,6 +115,10 @@ def test_attention_auto_is_cudnn_only_on_a_gpu_where_it_applies():
   assert resolve_attention_impl("jax", f32, "cpu") == "jax"
   with pytest.raises(ValueError, match="needs a GPU"):
     resolve_attention_impl("cudnn", bf16, "cpu")
+  with pytest.raises(ValueError, match="bf16 or fp16"):
+    resolve_attention_impl("cudnn", f32, "gpu")
+  odd = get_config("tiny", dtype="bfloat16", head_dim=36)
+  assert resolve_attention_impl("auto", odd, "gpu") == "xla"  # head_dim not a multiple of 8
   with pytest.raises(ValueError, match="supported"):
     resolve_attention_impl("flash", bf16, "gpu")
   with pytest.raises(ValueError, match="attn_logit_softcap"):

@@ -46,6 +46,18 @@ def test_pack_pairs_maps_every_scored_slot_back():
   values = jnp.arange(r * (w - 1), dtype=jnp.float32).reshape(r, w - 1) + 1
   np.testing.assert_array_equal(np.asarray(packing.unpack(values, out["unpack_index"]))[~scored],
                                 0)
+  one = np.ones((1, 2, 6), np.int32)
+  left = one.copy()  # left padding: a pad token would be packed as a real one
+  left[0, 0, 0] = 0
+  one_resp = np.zeros_like(one)
+  one_resp[..., 3:] = 1
+  packing.pack_pairs(one * 5, one, one_resp, width=8, pad_id=0)  # right-padded: fine
+  with pytest.raises(ValueError, match="right-padded"):
+    packing.pack_pairs(one * 5, left, one_resp, width=8, pad_id=0)
+  no_prompt = resp.copy()
+  no_prompt[0, 0, :att[0, 0].sum()] = 1
+  with pytest.raises(ValueError, match="no prompt and no BOS"):
+    packing.pack_pairs(tokens, att, no_prompt, width=16, pad_id=0)
   bad = resp.copy()
   bad[0, 0, -1] = 0
   bad[0, 0, 1:att[0, 0].sum() - 1] = 1

@@ -114,9 +114,14 @@ def pack_pairs(tokens_Bx2xT, attention_Bx2xT, response_Bx2xT, *, width: int, pad
   sequences = []
   for r, (n, start) in enumerate(zip(lengths, starts)):
     index = np.arange(tokens.shape[1])
-    if not np.array_equal(resp[r] > 0, (index >= start) & (index < n)) or n < 2 or start < 1:
-      raise ValueError(f"row {r}: padding-free packing needs [prompt response] rows, the "
-                       "response one non-empty span after a prompt, ending at the last token")
+    if (not np.array_equal(att[r] > 0, index < n)
+        or not np.array_equal(resp[r] > 0, (index >= start) & (index < n)) or n < 2):
+      raise ValueError(f"row {r}: padding-free packing needs right-padded [prompt response] "
+                       "rows, the response one non-empty span ending at the last real token")
+    if start < 1:
+      raise ValueError(f"row {r}: its response starts at the first token (no prompt and no "
+                       "BOS before it); padding-free packing needs a token before the first "
+                       "scored one (set data.add_bos, or train.padding_free=False)")
     sequences.append(tokens[r, :n].tolist())
   p = pack(sequences, starts.tolist(), width=width, pad_id=pad_id, row_multiple=row_multiple)
   t = tokens.shape[1] - 1

@@ -263,21 +263,24 @@ def resolve_attention_impl(name: str, config: ModelConfig, platform: str) -> str
   ``platform`` (``jax.default_backend()``: 'cpu', 'gpu', 'tpu').
 
   'auto' is cuDNN's fused attention on a GPU where it applies (bfloat16 or
-  float16 compute, no per-layer ``layer_types``, no score soft-capping), and
+  float16 compute, ``head_dim`` a multiple of 8 up to 128, no per-layer
+  ``layer_types``, no score soft-capping), and
   XLA's explicit masked attention everywhere else; any other name is returned
   as it is.
 
   Raises:
     ValueError: ``name`` is not 'auto' or one of ``ATTENTION_IMPLS``, or it is
-      'cudnn' off a GPU.
+      'cudnn' where cuDNN's attention does not apply.
   """
   if name not in ("auto",) + ATTENTION_IMPLS:
     raise ValueError(f"attention_impl={name!r}; supported: {('auto',) + ATTENTION_IMPLS}")
-  if name == "cudnn" and platform != "gpu":
-    raise ValueError(f"attention_impl='cudnn' needs a GPU (this backend is {platform!r}); "
-                     "'auto' takes it where it applies")
+  fits = (config.dtype in ("bfloat16", "float16") and config.layer_types is None
+          and config.attn_logit_softcap is None and config.head_dim % 8 == 0
+          and config.head_dim <= 128)
+  if name == "cudnn" and (platform != "gpu" or not fits):
+    raise ValueError(f"attention_impl='cudnn' needs a GPU (this backend is {platform!r}), "
+                     "bf16 or fp16 compute, head_dim a multiple of 8 up to 128, no "
+                     "layer_types and no soft-capping; 'auto' takes it where it applies")
   if name != "auto":
     return name
-  fits = (config.dtype in ("bfloat16", "float16") and config.layer_types is None
-          and config.attn_logit_softcap is None)
   return "cudnn" if platform == "gpu" and fits else "xla"

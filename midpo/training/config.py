@@ -279,7 +279,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
           f"data x fsdp = {batch_shards} batch shards")
   if config.eval.batch_size * process_count % batch_shards:
     fail("eval.batch_size", f"must divide over data x fsdp = {batch_shards} batch shards")
-  if config.train.get("padding_free", False) and process_count > 1:
+  padding_free = config.train.get("padding_free", False)
+  if not isinstance(padding_free, bool):
+    fail("train.padding_free", f"must be True or False; got {padding_free!r}")
+  if padding_free and process_count > 1:
+    # Each process packs its own pairs (row counts differ), its unpack indices are local to
+    # it, and the global batch pads every row array to the longest process's width.
     fail("train.padding_free", f"packs each process's pairs on its own, and the {process_count} "
          "processes' packed row counts would differ: one process only, for now")
   for rule in _RULES:

@@ -152,13 +152,13 @@ def _fused_token_stats(graphdef, policy_params, frozen, inputs, in_mask, targets
 def packed_rows(env, local: dict) -> dict[str, np.ndarray]:
   """``train.padding_free``: a host batch's rows packed (``midpo.data.packing.pack_pairs``)
   into rows of ``data.max_length`` tokens, their count a multiple of the batch shards and of
-  an eighth of the ``2B`` rows (at most 8 shapes, so 8 compilations)."""
+  ``ceil(2B / 8)`` (so at most 8 row counts while the shards divide it: few compilations)."""
   two_b = 2 * len(local["tokens"])
   shards = env.mesh.shape["data"] * env.mesh.shape["fsdp"]
   return packing.pack_pairs(local["tokens"], local["attention_mask"], local["response_mask"],
                             width=int(env.config.data.max_length),
                             pad_id=int(env.tokenizer.pad_id),
-                            row_multiple=int(np.lcm(shards, max(1, two_b // 8))))
+                            row_multiple=int(np.lcm(shards, -(-two_b // 8))))
 
 
 def pair_fields(env, prior: priors.Prior, *, reference: Optional[str] = None) -> tuple[str, ...]:

@@ -74,6 +74,10 @@ def run_preference_round(env: env_lib.Env, prior: priors.Prior, frozen: dict,
   t = config.train
   loss_config = loss_config or config_lib.make_loss_config(config)
   it = env.batches(env.data_config(**pairs), "train", mode="pairs")
+  if t.padding_free and env.model_config.attention_impl != "xla":
+    logging.warning("train.padding_free: packed rows take XLA's masked attention (a [rows, W, W] "
+                    "score array, W = data.max_length = %d), not model.attention_impl=%r",
+                    config.data.max_length, env.model_config.attention_impl)
   # Token log-probs of frozen models computed once: the reference's (ref_logps), and any other
   # frozen model's that a prior's inputs read as <name>_logps (TIS-DPO's cached weights).
   fields = pairs_lib.pair_fields(env, prior)

@@ -157,7 +157,8 @@ class Packer:
     self.env = env
     self.sequences, self.starts = packed_sequences(env, samples, model)
     self.width = pack_width(env, model.conditional)
-    shards = env.process_count * env.mesh.shape["data"] * env.mesh.shape["fsdp"]
+    # The mesh is global: data x fsdp counts every process's devices.
+    shards = env.mesh.shape["data"] * env.mesh.shape["fsdp"]
     self.row_multiple = int(np.lcm(4, shards))
 
   def batch(self, index: np.ndarray) -> dict[str, jax.Array]:

@@ -95,6 +95,9 @@ def validate_config(config) -> None:
                     f"{tis.transform!r}")
   if not isinstance(tis.cache_weights, bool):
     config_lib.fail("tis.cache_weights", f"must be True or False; got {tis.cache_weights!r}")
+  if tis.cache_weights and tis.weights != "contrastive":
+    config_lib.fail("tis.cache_weights", "caches the contrastive models' log-probs; with "
+                    f"tis.weights={tis.weights!r} there are none (set it False)")
   for key in ("plus_checkpoint", "minus_checkpoint"):
     if tis[key] and not files.isdir(tis[key]):
       config_lib.fail(f"tis.{key}", f"{tis[key]!r} is not a directory")
