@@ -14,10 +14,9 @@ import pytest
 
 from midpo.data import packing
 from midpo.training import config as config_lib
-from midpo.training import env as env_lib
 from midpo.training import pairs
 from tests import train_utils as tu
-from tests.test_golden import ALGORITHMS, KEYS, build_step
+from tests.test_golden import ALGORITHMS, KEYS, build_step, world  # noqa: F401 (fixture)
 
 
 def test_pack_pairs_maps_every_scored_slot_back():
@@ -67,14 +66,11 @@ def test_pack_pairs_maps_every_scored_slot_back():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  # Rows of unequal lengths (the synthetic task's), padded to the bucket.
-  config = tu.tiny_config("dpo", **{"data.synthetic.num_train": 64, "train.reference": "online"})
-  env = env_lib.make_env(config, str(tmp_path_factory.mktemp("padding_free")))
-  models = {name: env_lib.init_params(env, seed) for seed, name in
-            enumerate(("reference", "policy", "plus", "minus", "previous"))}
-  local = env.batches(env.data_config(), "train", mode="pairs").first_batches(1)[0]
-  return env, models, local
+def packed_world(world):
+  """test_golden's world (the synthetic task's rows, of unequal lengths, padded to the
+  bucket) with its first batch."""
+  env, models, it = world
+  return env, models, it.first_batches(1)[0]
 
 
 def _step(env, models, local, name, packed):
@@ -98,8 +94,8 @@ CASES = [(name, False) for name in ("dpo", "simpo", "tdpo", "tis_dpo", "sparsepo
 
 
 @pytest.mark.parametrize("name, fused", CASES)
-def test_the_padding_free_step_equals_the_padded_step(world, name, fused):
-  env, models, local = world
+def test_the_padding_free_step_equals_the_padded_step(packed_world, name, fused):
+  env, models, local = packed_world
   assert set(n for n, _ in CASES) <= set(ALGORITHMS)
   env.config.train.fused_lm_head = fused
   try:
@@ -127,8 +123,8 @@ class _Batches:
     return [self.local][:n]
 
 
-def test_the_packed_rows_are_fewer_than_the_padded_ones(world):
-  env, _, local = world
+def test_the_packed_rows_are_fewer_than_the_padded_ones(packed_world):
+  env, _, local = packed_world
   rows = pairs.packed_rows(env, local)
   padded_slots = local["tokens"].shape[0] * 2 * local["tokens"].shape[-1]
   packed_slots = rows["packed_tokens"].size
