@@ -92,6 +92,8 @@ def _run_stages(config, workdir: str) -> dict:
     run_identity.record_restart(workdir, changed)
     files.write_text(os.path.join(workdir, "config.json"),
                               config.to_json_best_effort(indent=1, sort_keys=True))
+    run_identity.record_resolution(
+        workdir, {"model.attention_impl": env.model_config.attention_impl})
     env.writer.write_hparams(metrics_writer.flatten(config.to_dict(), sep="."))
   logging.info("mesh %s over %d devices (%d processes); model %s, %.2fM parameters",
                dict(env.mesh.shape), jax.device_count(), jax.process_count(),

@@ -140,3 +140,39 @@ def test_a_run_resolves_model_attention_impl_for_its_backend():
   config.model.attention_impl = "cudnn"
   with pytest.raises(config_lib.ConfigError, match="model.attention_impl.*needs a GPU"):
     env_lib.make_model_config(config, tok)
+
+
+def test_a_restart_keeps_the_attention_impl_its_run_started_with(tmp_path):
+  """'auto' in a workdir whose run started already means what it resolved to
+  then (resolved.json), or 'xla' for a run whose config.json predates the key,
+  so a restart on another backend computes as the run did; a recorded
+  implementation that cannot run here is a config error naming the workdir."""
+  import json
+
+  from midpo.training import config as config_lib
+  from midpo.training import env as env_lib
+  from midpo.training import run_identity
+  from tests import train_utils as tu
+  config = tu.tiny_config("dpo")
+  tok = env_lib.make_tokenizer(config)
+  new = str(tmp_path / "new")
+  assert run_identity.recorded_resolution(new, "model.attention_impl") is None
+  assert env_lib.make_model_config(config, tok, new).attention_impl == "xla"
+  old = tmp_path / "old"  # a run from before the key existed
+  old.mkdir()
+  saved = run_identity.config_json(config)
+  del saved["model"]["attention_impl"]
+  (old / "config.json").write_text(json.dumps(saved))
+  assert run_identity.recorded_resolution(str(old), "model.attention_impl") == "xla"
+  (old / "config.json").write_text(json.dumps(run_identity.config_json(config)))
+  assert run_identity.recorded_resolution(str(old), "model.attention_impl") is None
+  run_identity.record_resolution(str(old), {"model.attention_impl": "jax"})
+  assert env_lib.make_model_config(config, tok, str(old)).attention_impl == "jax"
+  assert env_lib.make_model_config(config, tok).attention_impl == "xla"  # no workdir
+  config.model.attention_impl = "xla"  # set explicitly: what the config says
+  assert env_lib.make_model_config(config, tok, str(old)).attention_impl == "xla"
+  config.model.attention_impl = "auto"
+  run_identity.record_resolution(str(old), {"model.attention_impl": "cudnn"})
+  with pytest.raises(config_lib.ConfigError, match="needs a GPU.*started with 'auto' resolved "
+                     "to 'cudnn'"):
+    env_lib.make_model_config(config, tok, str(old))

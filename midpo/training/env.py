@@ -32,6 +32,7 @@ from midpo.models import transformer
 from midpo.training import checkpoint as ckpt_lib
 from midpo.training import config as config_lib
 from midpo.training import metrics_writer
+from midpo.training import run_identity
 
 PyTree = Any
 
@@ -261,13 +262,17 @@ def make_tokenizer(config):
   return tokenizer_lib.load_tokenizer(config.tokenizer)
 
 
-def make_model_config(config, tok) -> model_config_lib.ModelConfig:
+def make_model_config(config, tok, workdir: Optional[str] = None
+                      ) -> model_config_lib.ModelConfig:
   """The policy's model configuration: a local HF checkpoint's, or the named
   built-in one with the tokenizer's vocabulary (rounded up to a multiple of 8);
-  ``model.attention_impl`` resolved for this backend.
+  ``model.attention_impl`` resolved for this backend, except that 'auto' in a
+  ``workdir`` whose run started already keeps what it resolved to then
+  (``run_identity.recorded_resolution``), so a restart computes as the run did.
 
   Raises:
-    ConfigError: an unknown model name or attention implementation.
+    ConfigError: an unknown model name or attention implementation, or the
+      workdir's recorded implementation cannot run here.
   """
   overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                    remat=config.model.remat)
@@ -283,11 +288,20 @@ def make_model_config(config, tok) -> model_config_lib.ModelConfig:
     mc = base.replace(vocab_size=pipeline.round_up(tok.vocab_size, 8), bos_token_id=tok.bos_id,
                       eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **overrides)
   tokenizer_lib.check_fits(tok, mc.vocab_size)
+  requested = config.model.attention_impl
+  kept = (run_identity.recorded_resolution(workdir, "model.attention_impl")
+          if requested == "auto" and workdir is not None else None)
   try:
-    impl = model_config_lib.resolve_attention_impl(config.model.attention_impl, mc,
-                                                   jax.default_backend())
+    impl = model_config_lib.resolve_attention_impl(kept or requested, mc, jax.default_backend())
   except ValueError as e:
-    raise config_lib.ConfigError(f"config.model.attention_impl: {e}") from None
+    where = (f" (the run in {workdir} started with 'auto' resolved to {kept!r}, which a "
+             "restart keeps; resume it where that runs, or use another --workdir)"
+             if kept else "")
+    raise config_lib.ConfigError(f"config.model.attention_impl: {e}{where}") from None
+  if kept and kept != model_config_lib.resolve_attention_impl("auto", mc,
+                                                              jax.default_backend()):
+    logging.info("model.attention_impl='auto' keeps %r, what it resolved to when the run in "
+                 "%s started", kept, workdir)
   return mc.replace(attention_impl=impl)
 
 
@@ -297,7 +311,7 @@ def make_env(config, workdir: str) -> Env:
   shape = config_lib.mesh_shape(config, jax.device_count())
   mesh = sharding.make_mesh(**shape)
   tok = make_tokenizer(config)
-  mc = make_model_config(config, tok)
+  mc = make_model_config(config, tok, workdir)
   graphdef = model_graphdef(mc, mesh)
   writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   return Env(config, workdir, mesh, tok, mc, graphdef, writer, SigtermFlag())

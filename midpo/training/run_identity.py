@@ -81,6 +81,36 @@ ADDED_KEYS = {"loss.loss_weights": [], "loss.f_divergence_type": "reverse_kl",
               "eval.mi_packing": False, "tis.cache_weights": False}
 
 
+# Where a run records what its 'auto' values resolved to when it started (a
+# restart on another backend keeps them), and what they were for a run whose
+# ``config.json`` predates the key: 'xla' attention was the only default.
+RESOLVED_FILE = "resolved.json"
+RESOLVED_BEFORE_KEY = {"model.attention_impl": "xla"}
+
+
+def recorded_resolution(workdir: str, key: str) -> Any:
+  """What ``key`` (an 'auto' option, e.g. ``model.attention_impl``) resolved to
+  when the run in ``workdir`` started: its value in ``<workdir>/resolved.json``;
+  for a run whose ``config.json`` lacks the key, ``RESOLVED_BEFORE_KEY``'s value
+  (what every run used before the key existed); None for a new workdir, or a run
+  that recorded nothing (it then resolves as a new run does)."""
+  path = os.path.join(workdir, RESOLVED_FILE)
+  if files.exists(path):
+    recorded = json.loads(files.read_text(path))
+    if key in recorded:
+      return recorded[key]
+  config_path = os.path.join(workdir, "config.json")
+  if key in RESOLVED_BEFORE_KEY and files.exists(config_path):
+    if key not in metrics_writer.flatten(json.loads(files.read_text(config_path))):
+      return RESOLVED_BEFORE_KEY[key]
+  return None
+
+
+def record_resolution(workdir: str, values: dict[str, Any]) -> None:
+  """Writes ``<workdir>/resolved.json``: ``{dotted key: resolved value}``."""
+  files.write_json(os.path.join(workdir, RESOLVED_FILE), dict(sorted(values.items())))
+
+
 # Keys whose spelling changed but not their meaning: these values are the same.
 SAME_VALUES = {"data.files.train_files": ([], ""), "data.files.test_files": ([], "")}
 
