@@ -141,7 +141,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.fused_lm_head = False
   # TRL's padding_free: the preference step's models read the pairs packed into rows of
   # data.max_length tokens (segment ids; midpo.data.packing), not padded to the batch's
-  # longest row. Equal to the padded step to float32 rounding; one process only, for now.
+  # longest row; each batch shard (device) packs its own pairs. Equal to the padded step
+  # to float32 rounding.
   c.train.padding_free = False
   # Alternation of policy and prior updates (for priors with parameters):
   # 'joint' updates both on every batch (as SparsePO does), 'alternate' runs

@@ -65,6 +65,43 @@ def test_pack_pairs_maps_every_scored_slot_back():
     packing.pack_pairs(tokens, att, bad, width=16, pad_id=0)
 
 
+def test_each_shard_packs_its_own_pairs_into_as_many_rows():
+  """pack_pairs(shards=S): every group of B/S pairs is packed into its own R/S rows
+  (the most any group needs, at least min_rows) and maps back only into them;
+  unpack with the same S gives the padded layout's values."""
+  rng = np.random.default_rng(1)
+  b, t, w = 4, 12, 16
+  tokens = rng.integers(3, 50, (b, 2, t)).astype(np.int32)
+  att = np.zeros((b, 2, t), np.int32)
+  resp = np.zeros((b, 2, t), np.int32)
+  for i in range(b):
+    for k in range(2):
+      n = t if i < 2 else 4  # group 0's pairs are long, group 1's short
+      att[i, k, :n] = 1
+      resp[i, k, 2:n] = 1
+  out = packing.pack_pairs(tokens, att, resp, width=w, pad_id=0, shards=2)
+  r = out["packed_tokens"].shape[0]
+  assert r == 8  # group 0 needs 4 rows (4 of 12 tokens in rows of 16), group 1 one
+  per_group = r // 2 * (w - 1)
+  scored = resp[..., 1:] > 0
+  assert np.all(out["unpack_index"][~scored] == per_group)
+  assert np.all(out["unpack_index"][scored] < per_group)
+  # Group 1 (pairs 2, 3) reads only rows 4..7.
+  values = jnp.asarray(out["packed_tokens"][:, 1:], jnp.float32)
+  got = np.asarray(packing.unpack(values, jnp.asarray(out["unpack_index"]), 2))
+  np.testing.assert_array_equal(got[scored], tokens[..., 1:][scored])
+  np.testing.assert_array_equal(got[~scored], 0)
+  assert out["packed_target_mask"][4:].sum() == scored[2:].sum()
+  assert out["packed_segment_ids"][5:].max() == 0  # its other rows are empty
+  wider = packing.pack_pairs(tokens, att, resp, width=w, pad_id=0, shards=2, min_rows=5)
+  assert wider["packed_tokens"].shape[0] == 10
+  got = np.asarray(packing.unpack(jnp.asarray(wider["packed_tokens"][:, 1:], jnp.float32),
+                                  jnp.asarray(wider["unpack_index"]), 2))
+  np.testing.assert_array_equal(got[scored], tokens[..., 1:][scored])
+  with pytest.raises(ValueError, match="4 pairs do not divide into 3 shards"):
+    packing.pack_pairs(tokens, att, resp, width=w, pad_id=0, shards=3)
+
+
 @pytest.fixture(scope="module")
 def packed_world(world):
   """test_golden's world (the synthetic task's rows, of unequal lengths, padded to the
@@ -132,8 +169,11 @@ def test_the_packed_rows_are_fewer_than_the_padded_ones(packed_world):
   assert rows["packed_tokens"].shape[1] == env.config.data.max_length
 
 
-def test_padding_free_is_one_process_only_for_now():
+def test_padding_free_needs_whole_batch_shards_in_every_process():
   config = tu.tiny_config("dpo", **{"train.padding_free": True})
   config_lib.validate(config, num_devices=2, process_count=1)
-  with pytest.raises(config_lib.ConfigError, match="train.padding_free.*one process only"):
+  config_lib.validate(config, num_devices=2, process_count=2)
+  config.mesh.data, config.mesh.tensor = 1, 2
+  with pytest.raises(config_lib.ConfigError,
+                     match="train.padding_free.*1 batch shards must divide over the 2 proc"):
     config_lib.validate(config, num_devices=2, process_count=2)

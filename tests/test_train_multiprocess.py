@@ -70,15 +70,34 @@ def test_two_processes_match_one_process(tmp_path, shared):
   assert steps == list(range(1, 9))
 
 
-def _run_two_processes(workdir, overrides) -> list[str]:
+def test_two_processes_padding_free_match_one_process_padded(tmp_path, shared):
+  """train.padding_free with 2 processes: each packs its own pairs (its batch shard)
+  into as many rows as the other; the losses are the padded one-process run's."""
+  common = {"data.data_dir": shared["data_dir"], "sft.checkpoint": shared["sft"],
+            "stages": ("preference",), "train.steps": 4, "train.warmup_steps": 0,
+            "data.num_shards": 2, "baselines": ()}
+  rc, out1 = tu.run_main("configs/dpo.py", str(tmp_path / "one"), common)
+  assert rc == 0, out1[-3000:]
+  _run_two_processes(tmp_path / "two", {**common, "data.batch_size": 4,
+                                        "train.padding_free": True}, "configs/dpo.py")
+  one = tu.read_metrics(str(tmp_path / "one"), "preference")
+  two = tu.read_metrics(str(tmp_path / "two"), "preference")
+  assert len(one) == len(two) == 4
+  for a, b in zip(one, two):
+    for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+      np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-6,
+                                 err_msg=f"{key} at step {a['step']}")
+  assert one[-1]["loss"] != one[0]["loss"]
+
+
+def _run_two_processes(workdir, overrides, config="configs/joint_prior.py") -> list[str]:
   """``python -m midpo.main`` as 2 processes of one jax.distributed run."""
   port = _free_port()
   procs = []
   for i in range(2):
     env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
            "JAX_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu"}
-    procs.append(tu.run_main("configs/joint_prior.py", str(workdir), overrides, env=env,
-                             wait=False))
+    procs.append(tu.run_main(config, str(workdir), overrides, env=env, wait=False))
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 
 def pack(sequences: Sequence[Sequence[int]], target_starts: Sequence[int], *, width: int,
-         pad_id: int, row_multiple: int = 1) -> dict[str, np.ndarray]:
+         pad_id: int, row_multiple: int = 1, min_rows: int = 0) -> dict[str, np.ndarray]:
   """Packs ``N`` token sequences into ``R`` rows of ``width`` tokens.
 
   Args:
@@ -31,6 +32,8 @@ def pack(sequences: Sequence[Sequence[int]], target_starts: Sequence[int], *, wi
     pad_id: the id written in the unused slots.
     row_multiple: ``R`` is rounded up to a multiple of it (the batch shards,
       and few distinct shapes).
+    min_rows: at least this many rows (empty ones after the used ones; for
+      row counts that agree across processes).
 
   Returns:
     ``tokens`` ``[R, W]`` int32; ``segment_ids`` ``[R, W]`` int32 (1, 2, ...
@@ -64,7 +67,7 @@ def pack(sequences: Sequence[Sequence[int]], target_starts: Sequence[int], *, wi
       free.append(width)
     placed[i] = (row, width - free[row])
     free[row] -= int(lengths[i])
-  rows = -(-max(len(free), 1) // row_multiple) * row_multiple
+  rows = -(-max(len(free), 1, min_rows) // row_multiple) * row_multiple
   tokens = np.full((rows, width), pad_id, np.int32)
   segment_ids = np.zeros((rows, width), np.int32)
   target_mask = np.zeros((rows, width - 1), np.float32)
@@ -88,23 +91,30 @@ def pack(sequences: Sequence[Sequence[int]], target_starts: Sequence[int], *, wi
 
 
 def pack_pairs(tokens_Bx2xT, attention_Bx2xT, response_Bx2xT, *, width: int, pad_id: int,
-               row_multiple: int = 1) -> dict[str, np.ndarray]:
+               row_multiple: int = 1, shards: int = 1, min_rows: int = 0
+               ) -> dict[str, np.ndarray]:
   """Right-padded preference rows ``[prompt response]`` packed padding-free (TRL's
   ``padding_free``), with the map back to the padded layout.
 
   Each of the ``2B`` rows (pair-major) is its real tokens; its scored tokens are
-  the response, which must be the last span of the row.
+  the response, which must be the last span of the row. The ``B`` pairs are cut
+  into ``shards`` consecutive groups (the batch shards of a mesh: every
+  device's pairs), each packed into its own ``R / shards`` rows, the same count
+  for every group (the largest any needs, at least ``min_rows``, a multiple of
+  ``row_multiple``); a group's pairs read only its rows, so the map back
+  (:func:`unpack` with the same ``shards``) needs no data from another device.
 
   Returns:
     ``packed_tokens``, ``packed_segment_ids`` ``[R, W]``; ``packed_target_mask``
-    ``[R, W-1]`` (:func:`pack`); ``unpack_index`` ``[B, 2, T-1]`` int32: for each
-    padded target slot (``response_mask[..., 1:]``) the flat index of its packed
-    slot in ``[R * (W-1)]``, and ``R * (W-1)`` (one past the end: a zero) for the
-    slots that are not scored.
+    ``[R, W-1]`` (:func:`pack`; the groups' rows one after the other);
+    ``unpack_index`` ``[B, 2, T-1]`` int32: for each padded target slot
+    (``response_mask[..., 1:]``) the flat index of its packed slot among its
+    group's ``R / shards * (W-1)``, and that count (one past the end: a zero)
+    for the slots that are not scored.
 
   Raises:
     ValueError: a row's response is not one span ending at its last real token,
-      or a row does not fit ``width``.
+      a row does not fit ``width``, or ``shards`` does not divide ``B``.
   """
   tokens = np.asarray(tokens_Bx2xT).reshape(-1, np.shape(tokens_Bx2xT)[-1])
   att = np.asarray(attention_Bx2xT).reshape(tokens.shape)
@@ -123,24 +133,47 @@ def pack_pairs(tokens_Bx2xT, attention_Bx2xT, response_Bx2xT, *, width: int, pad
                        "BOS before it); padding-free packing needs a token before the first "
                        "scored one (set data.add_bos, or train.padding_free=False)")
     sequences.append(tokens[r, :n].tolist())
-  p = pack(sequences, starts.tolist(), width=width, pad_id=pad_id, row_multiple=row_multiple)
+  num_pairs = len(sequences) // 2
+  if shards < 1 or num_pairs % shards:
+    raise ValueError(f"{num_pairs} pairs do not divide into {shards} shards")
+  per = len(sequences) // shards
+  groups = [slice(g * per, (g + 1) * per) for g in range(shards)]
+
+  def pack_group(group, rows):
+    return pack(sequences[group], starts[group].tolist(), width=width, pad_id=pad_id,
+                row_multiple=row_multiple, min_rows=rows)
+
+  packed = [pack_group(g, min_rows) for g in groups]
+  rows = max(p["tokens"].shape[0] for p in packed)
+  packed = [p if p["tokens"].shape[0] == rows else pack_group(g, rows)
+            for p, g in zip(packed, groups)]
   t = tokens.shape[1] - 1
-  slots = p["tokens"].shape[0] * (width - 1)
+  slots = rows * (width - 1)
   unpack = np.full((len(sequences), t), slots, np.int32)
   for r, (n, start) in enumerate(zip(lengths, starts)):
+    p, i = packed[r // per], r % per
     j = np.arange(start - 1, n - 1)
-    unpack[r, j] = p["sequence_row"][r] * (width - 1) + p["sequence_offset"][r] + j
-  return {"packed_tokens": p["tokens"], "packed_segment_ids": p["segment_ids"],
-          "packed_target_mask": p["target_mask"],
+    unpack[r, j] = p["sequence_row"][i] * (width - 1) + p["sequence_offset"][i] + j
+  joined = {k: np.concatenate([p[k] for p in packed])
+            for k in ("tokens", "segment_ids", "target_mask")}
+  return {"packed_tokens": joined["tokens"], "packed_segment_ids": joined["segment_ids"],
+          "packed_target_mask": joined["target_mask"],
           "unpack_index": unpack.reshape(np.shape(tokens_Bx2xT)[:-1] + (t,))}
 
 
-def unpack(x_RxW, index_BxT):
+def unpack(x_RxW, index_BxT, shards: int = 1):
   """Values of packed target slots ``[R, W-1, ...]`` at the padded layout's slots
-  (``unpack_index``): ``[B, T-1, ...]``, zero where the index is one past the end."""
-  flat = x_RxW.reshape((-1,) + x_RxW.shape[2:])
-  flat = jnp.concatenate([flat, jnp.zeros((1,) + flat.shape[1:], flat.dtype)])
-  return jnp.take(flat, index_BxT, axis=0)
+  (``unpack_index``, made by :func:`pack_pairs` with the same ``shards``):
+  ``[B, T-1, ...]``, zero where the index is one past its group's end. Each
+  group gathers from its own rows only (a batched gather over the groups), so
+  with ``x_RxW`` and ``index_BxT`` sharded alike over the batch every device
+  reads its own rows."""
+  groups = x_RxW.reshape((shards, -1) + x_RxW.shape[2:])
+  groups = jnp.concatenate([groups, jnp.zeros((shards, 1) + groups.shape[2:], groups.dtype)],
+                           axis=1)
+  index = index_BxT.reshape((shards, -1) + index_BxT.shape[1:])
+  out = jax.vmap(lambda g, i: jnp.take(g, i, axis=0))(groups, index)
+  return out.reshape(index_BxT.shape + x_RxW.shape[2:])
 
 
 __all__ = ["pack", "pack_pairs", "unpack"]

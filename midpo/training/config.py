@@ -282,10 +282,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   padding_free = config.train.get("padding_free", False)
   if not isinstance(padding_free, bool):
     fail("train.padding_free", f"must be True or False; got {padding_free!r}")
-  if padding_free and process_count > 1:
-    # Each process packs its own pairs (row counts differ), its unpack indices are local to
-    # it, and the global batch pads every row array to the longest process's width.
-    fail("train.padding_free", f"packs each process's pairs on its own, and the {process_count} "
-         "processes' packed row counts would differ: one process only, for now")
+  if padding_free and batch_shards % process_count:
+    # Each batch shard's pairs are packed into its own rows by the process that reads them.
+    fail("train.padding_free", f"packs each batch shard's pairs on the process that reads "
+         f"them: the mesh's data x fsdp = {batch_shards} batch shards must divide over the "
+         f"{process_count} processes")
   for rule in _RULES:
     rule(config, prior, batch_shards, process_count)

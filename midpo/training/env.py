@@ -162,12 +162,15 @@ class Env:
     """This process's rows -> one global array per key, sharded over the batch.
 
     With several processes, arrays with a length axis (the last; every array
-    of 2 or more axes but the per-response values ``reward`` and ``score``)
-    are first padded to the longest of any process, so that shapes agree.
+    of 2 or more axes but the per-response values ``reward`` and ``score``,
+    and ``train.padding_free``'s ``packed_*`` rows, ``data.max_length`` wide
+    in every process) are first padded to the longest of any process, so that
+    shapes agree.
     """
     if self.process_count > 1:
       timed = {k for k, v in local.items()
-               if np.ndim(v) >= 2 and k not in batches_lib.RESPONSE_VALUE_KEYS}
+               if np.ndim(v) >= 2 and k not in batches_lib.RESPONSE_VALUE_KEYS
+               and not k.startswith("packed_")}
       if timed:
         t = self.max_over_processes(max(np.shape(local[k])[-1] for k in timed))
         local = {k: pad_last(np.asarray(v), t) if k in timed else v for k, v in local.items()}

@@ -10,6 +10,7 @@ pair-major) and split back into the chosen and the rejected ``SequenceStats``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -75,6 +76,7 @@ def make_pair_stats(env, fields, *, prior: Optional[priors.Prior] = None,
   chunk = env.config.train.vocab_chunk
   fused = bool(env.config.train.fused_lm_head)
   providers = inputs_lib.providers_for(env, prior, sorted(fields))
+  shards = batch_shards(env)
 
   def model_token_stats(policy_params, frozen, inputs, in_mask, targets, mask, segment_ids):
     kw = dict(kl_ref_policy=klr, kl_policy_ref=klp, log_sum_sq_probs=sum_sq, vocab_chunk=chunk)
@@ -102,9 +104,12 @@ def make_pair_stats(env, fields, *, prior: Optional[priors.Prior] = None,
       p_tokens, seg = batch["packed_tokens"], batch["packed_segment_ids"][:, :-1]
       ts, hidden = model_token_stats(policy_params, frozen, p_tokens[:, :-1], seg > 0,
                                      p_tokens[:, 1:], batch["packed_target_mask"], seg)
-      index = to_rows(batch["unpack_index"])
-      ts = jax.tree.map(lambda x: packing.unpack(x, index), ts)
-      hidden = None if hidden is None else packing.unpack(hidden, index)
+      # [2B, T-1]. Several processes pad it to their longest T with zeros (as the rows):
+      # every slot that is not scored reads the zero one past its group's end.
+      end = p_tokens.shape[0] // shards * (p_tokens.shape[1] - 1)
+      index = jnp.where(mask > 0, to_rows(batch["unpack_index"])[:, :inputs.shape[1]], end)
+      ts = jax.tree.map(lambda x: packing.unpack(x, index, shards), ts)
+      hidden = None if hidden is None else packing.unpack(hidden, index, shards)
     else:
       ts, hidden = model_token_stats(policy_params, frozen, inputs, in_mask, targets, mask, None)
     ref_logps = None
@@ -149,16 +154,36 @@ def _fused_token_stats(graphdef, policy_params, frozen, inputs, in_mask, targets
   return ts, hidden
 
 
+def batch_shards(env) -> int:
+  """The global batch's shards: the mesh's ``data x fsdp`` (every process's devices)."""
+  return int(env.mesh.shape["data"] * env.mesh.shape["fsdp"])
+
+
 def packed_rows(env, local: dict) -> dict[str, np.ndarray]:
-  """``train.padding_free``: a host batch's rows packed (``midpo.data.packing.pack_pairs``)
-  into rows of ``data.max_length`` tokens, their count a multiple of the batch shards and of
-  ``ceil(2B / 8)`` (so at most 8 row counts while the shards divide it: few compilations)."""
-  two_b = 2 * len(local["tokens"])
-  shards = env.mesh.shape["data"] * env.mesh.shape["fsdp"]
-  return packing.pack_pairs(local["tokens"], local["attention_mask"], local["response_mask"],
-                            width=int(env.config.data.max_length),
-                            pad_id=int(env.tokenizer.pad_id),
-                            row_multiple=int(np.lcm(shards, -(-two_b // 8))))
+  """``train.padding_free``: this process's pairs packed (``midpo.data.packing.pack_pairs``)
+  into rows of ``data.max_length`` tokens, each batch shard's pairs into its own rows (so
+  every device maps its own rows back), as many rows in every shard of every process (the
+  most any needs), a multiple of ``ceil(2b / 8)`` for ``b`` pairs a shard (so at most 8
+  row counts: few compilations).
+
+  Raises:
+    ValueError: a row that cannot be packed (``pack_pairs``), or this process's pairs
+      are not whole batch shards.
+  """
+  num_pairs = len(local["tokens"])
+  local_shards = batch_shards(env) // env.process_count
+  if local_shards < 1 or batch_shards(env) % env.process_count or num_pairs % local_shards:
+    raise ValueError(f"train.padding_free packs each batch shard on its own: the "
+                     f"{batch_shards(env)} shards must divide over {env.process_count} "
+                     f"processes and their {num_pairs} pairs each")
+  pack = functools.partial(
+      packing.pack_pairs, local["tokens"], local["attention_mask"], local["response_mask"],
+      width=int(env.config.data.max_length), pad_id=int(env.tokenizer.pad_id),
+      row_multiple=-(-2 * (num_pairs // local_shards) // 8), shards=local_shards)
+  packed = pack()
+  rows = len(packed["packed_tokens"]) // local_shards
+  most = env.max_over_processes(rows)
+  return packed if most == rows else pack(min_rows=most)
 
 
 def pair_fields(env, prior: priors.Prior, *, reference: Optional[str] = None) -> tuple[str, ...]:
