@@ -9,7 +9,7 @@
 # is OUT/gpu_suite.log. Figures go to BENCHMARKS.md with the date, the card and the versions
 # the JSON lines name.
 #
-#   bash benchmarks/gpu_suite.sh [OUT]            # from the repository root
+#   bash benchmarks/gpu_suite.sh [OUT]            # from the repository root (--help: this)
 #
 # What it needs beyond a CUDA build of jax and torch (a GPU image has them; the script never
 # installs either): trl, datasets and midpo's own dependencies that are not there. midpo itself
@@ -22,6 +22,11 @@
 # --python-version X.Y ...`, X.Y the GPU machine's Python, of the packages this script names
 # as missing and of their own missing dependencies).
 set -euo pipefail
+
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:-$ROOT/gpu_suite_out}"

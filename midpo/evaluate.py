@@ -280,14 +280,15 @@ def format_table(rows: list[dict]) -> str:
                        else ())
   names = {"mutual_information": "MI estimate"}
   head = f"{'model':<14}" + "".join(f"{names.get(k, k):>18}" for k in keys) + \
-      f"{'held-out loss':>15}"
+      f"{'held-out loss':>15}{'accuracy':>10}"
   lines = [head, "-" * len(head)]
   for r in rows:
     cells = "".join(f"{r[k]:>10.3f} +- {r[k + '_se']:<4.2f}" if k in r else f"{'-':>18}"
                     for k in keys)
-    loss = r.get("heldout_loss")
-    lines.append(f"{r['model']:<14}{cells}" + (f"{loss:>15.4f}" if loss is not None else
-                                               f"{'-':>15}"))
+    loss, acc = r.get("heldout_loss"), r.get("implicit_reward_accuracy")
+    lines.append(f"{r['model']:<14}{cells}"
+                 + (f"{loss:>15.4f}" if loss is not None else f"{'-':>15}")
+                 + (f"{acc:>10.3f}" if acc is not None else f"{'-':>10}"))
   return "\n".join(lines)
 
 

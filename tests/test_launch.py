@@ -322,6 +322,15 @@ def test_gpu_suite_stops_without_a_gpu(tmp_path):
   assert (tmp_path / "out" / "gpu_suite.jsonl").read_text() == ""
 
 
+def test_gpu_suite_help_prints_its_header_and_runs_nothing(tmp_path):
+  proc = subprocess.run(["bash", str(GPU_SUITE), "--help"], capture_output=True, text=True,
+                        cwd=tmp_path, timeout=30, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("The GPU measurements of issue #13")
+  assert "bash benchmarks/gpu_suite.sh [OUT]" in proc.stdout and "set -euo" not in proc.stdout
+  assert list(tmp_path.iterdir()) == []  # no output folder made
+
+
 def test_gpu_suite_checks_packages_then_refuses_a_jax_without_a_gpu(tmp_path):
   """With a (fake) nvidia-smi it finds every package of this environment (none to install)
   and stops where jax sees no GPU, before any measurement."""

@@ -74,6 +74,10 @@ def run_preference_round(env: env_lib.Env, prior: priors.Prior, frozen: dict,
   t = config.train
   loss_config = loss_config or config_lib.make_loss_config(config)
   it = env.batches(env.data_config(**pairs), "train", mode="pairs")
+  logging.info("%s: reference %s, padding_free=%s, fused_lm_head=%s, attention %s, "
+               "compute %s over %s parameters, remat %s", stage, t.reference,
+               bool(t.padding_free), bool(t.fused_lm_head), env.model_config.attention_impl,
+               env.model_config.dtype, env.model_config.param_dtype, env.model_config.remat)
   if t.padding_free and env.model_config.attention_impl != "xla":
     logging.warning("train.padding_free: packed rows take XLA's masked attention (a [rows, W, W] "
                     "score array, W = data.max_length = %d), not model.attention_impl=%r",

@@ -47,8 +47,8 @@ def run_sft(env: env_lib.Env) -> PyTree:
   checkpoint's, or trained here on the SFT split (``<workdir>/sft``)."""
   config = env.config
   if config.sft.checkpoint:
-    if "sft" in config.stages:
-      logging.info("sft stage skipped: the reference is config.sft.checkpoint's")
+    logging.info("the reference is config.sft.checkpoint's: %s%s", config.sft.checkpoint,
+                 " (sft stage skipped)" if "sft" in config.stages else "")
     return env_lib.restore_params(env, config.sft.checkpoint)
   if config.model.hf_path:
     if "sft" in config.stages:
