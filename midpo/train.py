@@ -24,6 +24,7 @@ import os
 
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from midpo import algorithms  # noqa: F401  (registers every published algorithm)
 from midpo import files, sampling
@@ -88,12 +89,14 @@ def _run_stages(config, workdir: str) -> dict:
   """``train_and_evaluate``'s work, with the workdir held."""
   env = env_lib.make_env(config, workdir)
   changed = run_identity.check_restart(config, workdir)  # before any work
+  if env.process_count > 1:  # every process has read the workdir's records before they change
+    multihost_utils.sync_global_devices("midpo_read_run_records")
   if env.process_index == 0:
     run_identity.record_restart(workdir, changed)
+    run_identity.record_resolution(  # before config.json: what the run began with
+        workdir, {"model.attention_impl": env.model_config.attention_impl})
     files.write_text(os.path.join(workdir, "config.json"),
                               config.to_json_best_effort(indent=1, sort_keys=True))
-    run_identity.record_resolution(
-        workdir, {"model.attention_impl": env.model_config.attention_impl})
     env.writer.write_hparams(metrics_writer.flatten(config.to_dict(), sep="."))
   logging.info("mesh %s over %d devices (%d processes); model %s, %.2fM parameters",
                dict(env.mesh.shape), jax.device_count(), jax.process_count(),

@@ -6,6 +6,8 @@ with the packed rows added: loss, metrics and the updated parameters agree to
 float32 rounding. Also the map back to the padded layout, and a trainer run.
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,6 +169,49 @@ def test_the_packed_rows_are_fewer_than_the_padded_ones(packed_world):
   packed_slots = rows["packed_tokens"].size
   assert packed_slots < padded_slots
   assert rows["packed_tokens"].shape[1] == env.config.data.max_length
+
+
+def _other_processes(env, rows_elsewhere):
+  """``env`` as one of several processes, another of which needs ``rows_elsewhere``
+  rows per shard (0: it could not pack its pairs); records the collectives."""
+  calls = []
+
+  def over(fn):
+    def agree(n):
+      calls.append(n)
+      return fn(n, rows_elsewhere)
+    return agree
+
+  return types.SimpleNamespace(mesh=env.mesh, process_count=1, config=env.config,
+                               tokenizer=env.tokenizer, max_over_processes=over(max),
+                               min_over_processes=over(min)), calls
+
+
+def test_a_process_packs_into_as_many_rows_as_the_process_that_needs_most(packed_world):
+  """packed_rows with another process that needs more rows: this one pads to its
+  count (re-packed with min_rows), and the map back is unchanged; a process that
+  cannot pack still joins the collectives, and every process then raises."""
+  env, _, local = packed_world
+  own = pairs.packed_rows(env, local)
+  r = own["packed_tokens"].shape[0]
+  fake, calls = _other_processes(env, r + 4)
+  more = pairs.packed_rows(fake, local)
+  assert more["packed_tokens"].shape[0] == r + 4 and calls == [r, r]
+  np.testing.assert_array_equal(more["packed_tokens"][:r], own["packed_tokens"])
+  assert more["packed_segment_ids"][r:].max() == 0
+  scored = local["response_mask"][..., 1:] > 0
+  for rows in (own, more):
+    got = np.asarray(packing.unpack(jnp.asarray(rows["packed_tokens"][:, 1:]),
+                                    jnp.asarray(rows["unpack_index"])))
+    np.testing.assert_array_equal(got[scored], local["tokens"][..., 1:][scored])
+  fake, calls = _other_processes(env, 0)  # the other process failed
+  with pytest.raises(ValueError, match="another process could not pack its pairs"):
+    pairs.packed_rows(fake, local)
+  bad = dict(local, response_mask=np.ones_like(local["response_mask"]))  # no token before
+  fake, calls = _other_processes(env, r)
+  with pytest.raises(ValueError, match="padding-free packing needs"):
+    pairs.packed_rows(fake, bad)
+  assert calls == [0, 0]  # it joined both collectives before raising
 
 
 def test_padding_free_needs_whole_batch_shards_in_every_process():

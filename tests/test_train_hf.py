@@ -42,7 +42,7 @@ def test_train_from_hf_checkpoint_and_export(tmp_path, gcs, monkeypatch):
   train.train_and_evaluate(config, workdir)
   assert sorted(files.listdir(workdir)) == [
       "checkpoints", "config.json", "data_report.json", "hf_export", "hparams.json",
-      "metrics.jsonl", "tensorboard"]
+      "metrics.jsonl", "resolved.json", "tensorboard"]
   assert [r["step"] for r in map(json.loads, files.read_text(f"{workdir}/metrics.jsonl")
                                  .splitlines()) if r["stage"] == "preference"] == [1, 2, 3, 4]
   (data_dir,) = os.listdir(tmp_path / "cache" / "tfds")  # built locally, per workdir

@@ -30,8 +30,8 @@ def pack(sequences: Sequence[Sequence[int]], target_starts: Sequence[int], *, wi
       (1 for ``[bos] response``; the prompt length for ``prompt response``).
     width: tokens per row ``W``.
     pad_id: the id written in the unused slots.
-    row_multiple: ``R`` is rounded up to a multiple of it (the batch shards,
-      and few distinct shapes).
+    row_multiple: ``R`` is rounded up to a multiple of it (few distinct
+      shapes, and so few compilations).
     min_rows: at least this many rows (empty ones after the used ones; for
       row counts that agree across processes).
 

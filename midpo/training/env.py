@@ -271,11 +271,13 @@ def make_model_config(config, tok, workdir: Optional[str] = None
   built-in one with the tokenizer's vocabulary (rounded up to a multiple of 8);
   ``model.attention_impl`` resolved for this backend, except that 'auto' in a
   ``workdir`` whose run started already keeps what it resolved to then
-  (``run_identity.recorded_resolution``), so a restart computes as the run did.
+  (``run_identity.recorded_resolution``), so a restart computes as the run did
+  (where that implementation cannot run, as a GPU run's cuDNN evaluated on a
+  CPU, a warning says so and 'auto' resolves afresh).
 
   Raises:
     ConfigError: an unknown model name or attention implementation, or the
-      workdir's recorded implementation cannot run here.
+      workdir's records are not readable.
   """
   overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                    remat=config.model.remat)
@@ -291,20 +293,24 @@ def make_model_config(config, tok, workdir: Optional[str] = None
     mc = base.replace(vocab_size=pipeline.round_up(tok.vocab_size, 8), bos_token_id=tok.bos_id,
                       eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **overrides)
   tokenizer_lib.check_fits(tok, mc.vocab_size)
-  requested = config.model.attention_impl
+  requested, backend = config.model.attention_impl, jax.default_backend()
   kept = (run_identity.recorded_resolution(workdir, "model.attention_impl")
           if requested == "auto" and workdir is not None else None)
   try:
-    impl = model_config_lib.resolve_attention_impl(kept or requested, mc, jax.default_backend())
+    impl = model_config_lib.resolve_attention_impl(requested, mc, backend)
   except ValueError as e:
-    where = (f" (the run in {workdir} started with 'auto' resolved to {kept!r}, which a "
-             "restart keeps; resume it where that runs, or use another --workdir)"
-             if kept else "")
-    raise config_lib.ConfigError(f"config.model.attention_impl: {e}{where}") from None
-  if kept and kept != model_config_lib.resolve_attention_impl("auto", mc,
-                                                              jax.default_backend()):
-    logging.info("model.attention_impl='auto' keeps %r, what it resolved to when the run in "
-                 "%s started", kept, workdir)
+    raise config_lib.ConfigError(f"config.model.attention_impl: {e}") from None
+  if kept and kept != impl:
+    try:
+      model_config_lib.resolve_attention_impl(kept, mc, backend)
+      logging.info("model.attention_impl='auto' keeps %r, what it resolved to when the run in "
+                   "%s began", kept, workdir)
+      impl = kept
+    except ValueError:
+      logging.warning("model.attention_impl: the run in %s began with 'auto' as %r, which "
+                      "cannot run on this %s backend; %r here, so what this process computes "
+                      "differs from a resume where the run began (in the last digits)",
+                      workdir, kept, backend, impl)
   return mc.replace(attention_impl=impl)
 
 

@@ -167,8 +167,8 @@ def packed_rows(env, local: dict) -> dict[str, np.ndarray]:
   row counts: few compilations).
 
   Raises:
-    ValueError: a row that cannot be packed (``pack_pairs``), or this process's pairs
-      are not whole batch shards.
+    ValueError: a row that cannot be packed (``pack_pairs``), in this process or
+      another, or this process's pairs are not whole batch shards.
   """
   num_pairs = len(local["tokens"])
   local_shards = batch_shards(env) // env.process_count
@@ -180,9 +180,17 @@ def packed_rows(env, local: dict) -> dict[str, np.ndarray]:
       packing.pack_pairs, local["tokens"], local["attention_mask"], local["response_mask"],
       width=int(env.config.data.max_length), pad_id=int(env.tokenizer.pad_id),
       row_multiple=-(-2 * (num_pairs // local_shards) // 8), shards=local_shards)
-  packed = pack()
-  rows = len(packed["packed_tokens"]) // local_shards
+  try:
+    packed = pack()
+    rows = len(packed["packed_tokens"]) // local_shards
+  except ValueError as e:
+    packed, rows = e, 0
+  # Every process joins the collectives, a failed one too (else the others would wait).
   most = env.max_over_processes(rows)
+  if env.min_over_processes(rows) == 0:
+    raise (packed if isinstance(packed, ValueError) else
+           ValueError("train.padding_free: another process could not pack its pairs (its "
+                      "log says why)"))
   return packed if most == rows else pack(min_rows=most)
 
 

@@ -93,17 +93,30 @@ def recorded_resolution(workdir: str, key: str) -> Any:
   when the run in ``workdir`` started: its value in ``<workdir>/resolved.json``;
   for a run whose ``config.json`` lacks the key, ``RESOLVED_BEFORE_KEY``'s value
   (what every run used before the key existed); None for a new workdir, or a run
-  that recorded nothing (it then resolves as a new run does)."""
+  that recorded nothing (it then resolves as a new run does).
+
+  Raises:
+    ConfigError: one of those files is not readable JSON.
+  """
   path = os.path.join(workdir, RESOLVED_FILE)
   if files.exists(path):
-    recorded = json.loads(files.read_text(path))
+    recorded = _read_json(path)
     if key in recorded:
       return recorded[key]
   config_path = os.path.join(workdir, "config.json")
   if key in RESOLVED_BEFORE_KEY and files.exists(config_path):
-    if key not in metrics_writer.flatten(json.loads(files.read_text(config_path))):
+    if key not in metrics_writer.flatten(_read_json(config_path)):
       return RESOLVED_BEFORE_KEY[key]
   return None
+
+
+def _read_json(path: str) -> dict:
+  try:
+    return json.loads(files.read_text(path))
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(
+        f"{path} is not readable JSON ({type(e).__name__}: {e}): it records how the run in "
+        "this workdir began; restore it, or use another workdir") from None
 
 
 def record_resolution(workdir: str, values: dict[str, Any]) -> None:
