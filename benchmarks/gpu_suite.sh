@@ -50,22 +50,33 @@ nvidia-smi -L | tee "$LOG"
 "$PY" -c "import jax, torch" 2>&1 | tee -a "$LOG"
 
 # module name -> pip requirement (the versions setup.py pins; datasets and accelerate are
-# TRL's own requirements, at whatever version pip picks).
+# TRL's own requirements, at whatever version pip picks). flax 0.12.8, setup.py's pin, does not
+# import under jax 0.11 (jax.experimental.hijax changed): with jax 0.11 or newer, flax 0.12.12,
+# which passed midpo's model, generation, fused-head, packing, golden-step, padding-free and
+# every-config tests under jax 0.11.2 on Python 3.12 (CPU). The packages built on jax are
+# imported, not only found: one that an image has but that fails with its jax is installed
+# again, into /tmp/midpo_site, which comes first on the path.
 missing=$("$PY" - <<'EOF'
-import importlib.util
+import importlib, importlib.metadata, importlib.util
+jax_minor = tuple(int(x) for x in importlib.metadata.version("jax").split(".")[:2])
 need = {"trl": "trl==1.16.0", "datasets": "datasets", "accelerate": "accelerate",
         "ml_collections": "ml_collections==1.1.0",
         "tensorflow_datasets": "tensorflow-datasets==4.9.10",
         "array_record": "array_record==0.8.6", "tensorboardX": "tensorboardX==2.6.5",
         "importlib_resources": "importlib_resources==7.1.0", "safetensors": "safetensors==0.8.0",
         "tokenizers": "tokenizers==0.23.3", "transformers": "transformers==5.24.0",
-        "flax": "flax==0.12.8", "optax": "optax==0.2.8",
+        "flax.nnx": "flax==0.12.12" if jax_minor >= (0, 11) else "flax==0.12.8",
+        "optax": "optax==0.2.8",
         "orbax.checkpoint": "orbax-checkpoint==0.12.8", "chex": "chex==0.1.92",
         "absl": "absl-py==2.5.1", "pandas": "pandas==3.1.1", "jinja2": "Jinja2==3.1.6"}
+ON_JAX = ("flax.nnx", "optax", "orbax.checkpoint", "chex")
 def there(module):
   try:
+    if module in ON_JAX:
+      importlib.import_module(module)
+      return True
     return importlib.util.find_spec(module) is not None
-  except ModuleNotFoundError:
+  except Exception:  # not there, or there but broken under this jax
     return False
 print(" ".join(req for mod, req in need.items() if not there(mod)))
 EOF
