@@ -97,6 +97,13 @@ def test_each_shard_packs_its_own_pairs_into_as_many_rows():
   assert out["packed_segment_ids"][5:].max() == 0  # its other rows are empty
   wider = packing.pack_pairs(tokens, att, resp, width=w, pad_id=0, shards=2, min_rows=5)
   assert wider["packed_tokens"].shape[0] == 10
+  # Extending the packed groups afterwards gives the same arrays as packing them wider.
+  padded = packing.pad_pairs(out, 5, shards=2, pad_id=0)
+  assert set(padded) == set(wider)
+  for k in wider:
+    np.testing.assert_array_equal(padded[k], wider[k], err_msg=k)
+  with pytest.raises(ValueError, match="4 packed rows per group do not fit 3"):
+    packing.pad_pairs(out, 3, shards=2, pad_id=0)
   got = np.asarray(packing.unpack(jnp.asarray(wider["packed_tokens"][:, 1:], jnp.float32),
                                   jnp.asarray(wider["unpack_index"]), 2))
   np.testing.assert_array_equal(got[scored], tokens[..., 1:][scored])
@@ -189,7 +196,7 @@ def _other_processes(env, rows_elsewhere):
 
 def test_a_process_packs_into_as_many_rows_as_the_process_that_needs_most(packed_world):
   """packed_rows with another process that needs more rows: this one pads to its
-  count (re-packed with min_rows), and the map back is unchanged; a process that
+  count (empty rows appended: packing.pad_pairs), and the map back is unchanged; a process that
   cannot pack still joins the collectives, and every process then raises."""
   env, _, local = packed_world
   own = pairs.packed_rows(env, local)

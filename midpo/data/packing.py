@@ -139,14 +139,9 @@ def pack_pairs(tokens_Bx2xT, attention_Bx2xT, response_Bx2xT, *, width: int, pad
   per = len(sequences) // shards
   groups = [slice(g * per, (g + 1) * per) for g in range(shards)]
 
-  def pack_group(group, rows):
-    return pack(sequences[group], starts[group].tolist(), width=width, pad_id=pad_id,
-                row_multiple=row_multiple, min_rows=rows)
-
-  packed = [pack_group(g, min_rows) for g in groups]
+  packed = [pack(sequences[g], starts[g].tolist(), width=width, pad_id=pad_id,
+                 row_multiple=row_multiple, min_rows=min_rows) for g in groups]
   rows = max(p["tokens"].shape[0] for p in packed)
-  packed = [p if p["tokens"].shape[0] == rows else pack_group(g, rows)
-            for p, g in zip(packed, groups)]
   t = tokens.shape[1] - 1
   slots = rows * (width - 1)
   unpack = np.full((len(sequences), t), slots, np.int32)
@@ -154,11 +149,41 @@ def pack_pairs(tokens_Bx2xT, attention_Bx2xT, response_Bx2xT, *, width: int, pad
     p, i = packed[r // per], r % per
     j = np.arange(start - 1, n - 1)
     unpack[r, j] = p["sequence_row"][i] * (width - 1) + p["sequence_offset"][i] + j
-  joined = {k: np.concatenate([p[k] for p in packed])
-            for k in ("tokens", "segment_ids", "target_mask")}
-  return {"packed_tokens": joined["tokens"], "packed_segment_ids": joined["segment_ids"],
-          "packed_target_mask": joined["target_mask"],
-          "unpack_index": unpack.reshape(np.shape(tokens_Bx2xT)[:-1] + (t,))}
+  return {f"packed_{k}": np.concatenate([_extend(p[k], rows, fill) for p in packed])
+          for k, fill in _empty_row(pad_id).items()} | {
+              "unpack_index": unpack.reshape(np.shape(tokens_Bx2xT)[:-1] + (t,))}
+
+
+def pad_pairs(packed: dict[str, np.ndarray], rows: int, *, shards: int,
+              pad_id: int) -> dict[str, np.ndarray]:
+  """:func:`pack_pairs`' output with every group's rows extended to ``rows``
+  (empty rows after its own), its ``unpack_index`` pointing at the new end;
+  the same values once unpacked (for row counts agreed across processes,
+  without packing again).
+
+  Raises:
+    ValueError: a group already has more than ``rows`` rows.
+  """
+  have = len(packed["packed_tokens"]) // shards
+  if rows < have:
+    raise ValueError(f"{have} packed rows per group do not fit {rows}")
+  slots = packed["packed_tokens"].shape[1] - 1
+  out = {f"packed_{k}": np.concatenate([_extend(g, rows, fill)
+                                        for g in np.split(packed[f"packed_{k}"], shards)])
+         for k, fill in _empty_row(pad_id).items()}
+  index = packed["unpack_index"]
+  out["unpack_index"] = np.where(index == have * slots, rows * slots, index).astype(index.dtype)
+  return out
+
+
+def _empty_row(pad_id: int) -> dict[str, float]:
+  """What an empty packed row holds, by field."""
+  return {"tokens": pad_id, "segment_ids": 0, "target_mask": 0.0}
+
+
+def _extend(x: np.ndarray, rows: int, fill) -> np.ndarray:
+  """``x`` with rows of ``fill`` appended, to ``rows`` rows."""
+  return np.concatenate([x, np.full((rows - len(x),) + x.shape[1:], fill, x.dtype)])
 
 
 def unpack(x_RxW, index_BxT, shards: int = 1):
@@ -176,4 +201,4 @@ def unpack(x_RxW, index_BxT, shards: int = 1):
   return out.reshape(index_BxT.shape + x_RxW.shape[2:])
 
 
-__all__ = ["pack", "pack_pairs", "unpack"]
+__all__ = ["pack", "pack_pairs", "pad_pairs", "unpack"]

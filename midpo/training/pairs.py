@@ -10,7 +10,6 @@ pair-major) and split back into the chosen and the rejected ``SequenceStats``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -176,12 +175,12 @@ def packed_rows(env, local: dict) -> dict[str, np.ndarray]:
     raise ValueError(f"train.padding_free packs each batch shard on its own: the "
                      f"{batch_shards(env)} shards must divide over {env.process_count} "
                      f"processes and their {num_pairs} pairs each")
-  pack = functools.partial(
-      packing.pack_pairs, local["tokens"], local["attention_mask"], local["response_mask"],
-      width=int(env.config.data.max_length), pad_id=int(env.tokenizer.pad_id),
-      row_multiple=-(-2 * (num_pairs // local_shards) // 8), shards=local_shards)
+  pad_id = int(env.tokenizer.pad_id)
   try:
-    packed = pack()
+    packed = packing.pack_pairs(
+        local["tokens"], local["attention_mask"], local["response_mask"],
+        width=int(env.config.data.max_length), pad_id=pad_id,
+        row_multiple=-(-2 * (num_pairs // local_shards) // 8), shards=local_shards)
     rows = len(packed["packed_tokens"]) // local_shards
   except ValueError as e:
     packed, rows = e, 0
@@ -191,7 +190,7 @@ def packed_rows(env, local: dict) -> dict[str, np.ndarray]:
     raise (packed if isinstance(packed, ValueError) else
            ValueError("train.padding_free: another process could not pack its pairs (its "
                       "log says why)"))
-  return packed if most == rows else pack(min_rows=most)
+  return packing.pad_pairs(packed, most, shards=local_shards, pad_id=pad_id)
 
 
 def pair_fields(env, prior: priors.Prior, *, reference: Optional[str] = None) -> tuple[str, ...]:
