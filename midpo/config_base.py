@@ -89,8 +89,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # 'auto': cuDNN's fused attention on a GPU with bf16/fp16 compute, XLA's masked
   # attention elsewhere; or 'xla', 'jax' (jax.nn.dot_product_attention), 'cudnn'.
   c.model.attention_impl = "auto"
-  # Layers as one lax.scan (True) or unrolled (False); unset: the model's own
-  # (built-in tiny/micro unrolled, checkpoints scanned). MaxText's name.
+  # Layers as one lax.scan (True) or unrolled (False); unset: unrolled on a CPU
+  # (faster there, less memory), else the model's own (built-in tiny/micro
+  # unrolled, checkpoints scanned); resolved.json keeps it. MaxText's name.
   c.model.scan_layers = ml_collections.config_dict.placeholder(bool)
   c.tokenizer = "synthetic"      # synthetic | byte | a directory with tokenizer.json
 

@@ -82,7 +82,7 @@ def prepare_shared(config: ml_collections.ConfigDict, root: str) -> dict:
   os.makedirs(root, exist_ok=True)
   config_lib.validate(config)
   env = env_lib.make_env(config, root)
-  run_identity.record_resolution(root, {"model.attention_impl": env.model_config.attention_impl})
+  run_identity.record_resolution(root, env_lib.resolutions(env.model_config))
   files.write_json(os.path.join(root, "config.json"), run_identity.config_json(config))
   env.sigterm.install()  # SIGTERM and SIGINT: stop at the next check, as a run does
   try:

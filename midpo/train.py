@@ -94,7 +94,7 @@ def _run_stages(config, workdir: str) -> dict:
   if env.process_index == 0:
     run_identity.record_restart(workdir, changed)
     run_identity.record_resolution(  # before config.json: what the run began with
-        workdir, {"model.attention_impl": env.model_config.attention_impl})
+        workdir, env_lib.resolutions(env.model_config))
     files.write_text(os.path.join(workdir, "config.json"),
                               config.to_json_best_effort(indent=1, sort_keys=True))
     env.writer.write_hparams(metrics_writer.flatten(config.to_dict(), sep="."))

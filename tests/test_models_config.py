@@ -180,3 +180,37 @@ def test_a_restart_keeps_the_attention_impl_its_run_started_with(tmp_path, caplo
   (old / "resolved.json").write_text("{not json")
   with pytest.raises(config_lib.ConfigError, match="resolved.json is not readable JSON"):
     env_lib.make_model_config(config, tok, str(old))
+
+
+def test_unset_scan_layers_unrolls_on_a_cpu_and_a_restart_keeps_what_its_run_began_with(tmp_path):
+  """model.scan_layers unset: unrolled on a CPU, the model's own elsewhere; a started run
+  keeps what resolved.json recorded, or the model's own where it recorded nothing (a run
+  from before the resolution); set explicitly, it is what the config says."""
+  import json
+
+  from midpo.training import env as env_lib
+  from midpo.training import run_identity
+  from tests import train_utils as tu
+  assert env_lib.resolve_scan_layers(True, "cpu") is False
+  assert env_lib.resolve_scan_layers(True, "gpu") is True
+  assert env_lib.resolve_scan_layers(True, "tpu") is True
+  assert env_lib.resolve_scan_layers(False, "gpu") is False
+  config = tu.tiny_config("dpo")
+  config.model.name = "smollm2-135m"  # scanned, as checkpoints are
+  config.tokenizer = "byte"
+  tok = env_lib.make_tokenizer(config)
+  assert get_config("smollm2-135m").scan_layers
+  assert env_lib.make_model_config(config, tok).scan_layers is False  # this CPU
+  old = tmp_path / "old"  # a run that began before scan_layers was resolved
+  old.mkdir()
+  (old / "config.json").write_text(json.dumps(run_identity.config_json(config)))
+  run_identity.record_resolution(str(old), {"model.attention_impl": "xla"})
+  assert env_lib.resolve_scan_layers(True, "cpu", str(old)) is True
+  assert env_lib.make_model_config(config, tok, str(old)).scan_layers is True
+  run_identity.record_resolution(str(old), {"model.attention_impl": "xla",
+                                            "model.scan_layers": False})
+  assert env_lib.resolve_scan_layers(True, "gpu", str(old)) is False  # a CPU run's, on a GPU
+  assert env_lib.resolutions(env_lib.make_model_config(config, tok, str(old))) == {
+      "model.attention_impl": "xla", "model.scan_layers": False}
+  config.model.scan_layers = True  # set explicitly: what the config says
+  assert env_lib.make_model_config(config, tok, str(old)).scan_layers is True

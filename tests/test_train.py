@@ -282,9 +282,9 @@ def test_a_workdir_refuses_a_restart_with_another_config(shared, tmp_path, caplo
       train.train_and_evaluate(tu.tiny_config("dpo", **base, **changes), workdir)
   assert len(tu.read_metrics(workdir, "preference")) == rows  # nothing ran
   assert json.load(open(os.path.join(workdir, "config.json")))["prior"]["name"] == "dpo"
-  # What 'auto' attention resolved to is recorded, for restarts elsewhere.
+  # What 'auto' attention and unset scan_layers resolved to is recorded, for restarts elsewhere.
   assert json.load(open(os.path.join(workdir, "resolved.json"))) == {
-      "model.attention_impl": "xla"}
+      "model.attention_impl": "xla", "model.scan_layers": False}
   with caplog.at_level("WARNING"):
     train.train_and_evaluate(tu.tiny_config("dpo", **{**base, "train.steps": 5}), workdir)
   assert "learning-rate schedule recomputed for 5 steps" in caplog.text

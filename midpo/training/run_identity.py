@@ -86,14 +86,21 @@ ADDED_KEYS = {"loss.loss_weights": [], "loss.f_divergence_type": "reverse_kl",
 # ``config.json`` predates the key: 'xla' attention was the only default.
 RESOLVED_FILE = "resolved.json"
 RESOLVED_BEFORE_KEY = {"model.attention_impl": "xla"}
+# Unset options that began to resolve by backend after runs had started: a run that
+# began without recording one (its ``config.json`` exists, its ``resolved.json`` lacks
+# the key) resolved it as this value says. 'model default': the model's own
+# ``scan_layers`` (checkpoints scanned, built-in tiny/micro unrolled).
+MODEL_DEFAULT = "model default"
+RESOLVED_BEFORE_RECORD = {"model.scan_layers": MODEL_DEFAULT}
 
 
 def recorded_resolution(workdir: str, key: str) -> Any:
   """What ``key`` (an 'auto' option, e.g. ``model.attention_impl``) resolved to
   when the run in ``workdir`` started: its value in ``<workdir>/resolved.json``;
   for a run whose ``config.json`` lacks the key, ``RESOLVED_BEFORE_KEY``'s value
-  (what every run used before the key existed); None for a new workdir, or a run
-  that recorded nothing (it then resolves as a new run does).
+  (what every run used before the key existed); for a started run that did not
+  record the key, ``RESOLVED_BEFORE_RECORD``'s value; None for a new workdir, or a
+  run that recorded nothing (it then resolves as a new run does).
 
   Raises:
     ConfigError: one of those files is not readable JSON.
@@ -107,6 +114,8 @@ def recorded_resolution(workdir: str, key: str) -> Any:
   if key in RESOLVED_BEFORE_KEY and files.exists(config_path):
     if key not in metrics_writer.flatten(_read_json(config_path)):
       return RESOLVED_BEFORE_KEY[key]
+  if key in RESOLVED_BEFORE_RECORD and files.exists(config_path):
+    return RESOLVED_BEFORE_RECORD[key]
   return None
 
 
