@@ -43,6 +43,7 @@ from midpo.models.config import ModelConfig  # noqa: E402
 from midpo.models import attention as attention_lib  # noqa: E402
 from midpo.models import transformer  # noqa: E402
 from midpo.models.transformer import Transformer  # noqa: E402
+from midpo.training import env as env_lib  # noqa: E402
 
 
 def _time(fn, args, warmup, steps):
@@ -69,7 +70,9 @@ def main():
   args = parser.parse_args()
 
   config = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=4,
-                       num_heads=4, num_kv_heads=2, head_dim=64, tie_word_embeddings=True)
+                       num_heads=4, num_kv_heads=2, head_dim=64, tie_word_embeddings=True,
+                       # As a run resolves an unset model.scan_layers: unrolled on a CPU.
+                       scan_layers=env_lib.resolve_scan_layers(True, jax.default_backend()))
   model = Transformer(config, rngs=nnx.Rngs(params=0))
   graphdef, params = nnx.split(model)
   rows, t = 2 * args.pairs, args.seq
