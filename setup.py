@@ -44,6 +44,8 @@ GCS_REQUIRES = [
 
 TEST_REQUIRES = GCS_REQUIRES + [
     "pytest==9.2.0",
+    # Two test processes (README's test command): about a quarter off the suite on 2 cores.
+    "pytest-xdist==3.8.0",
     # Parity references only: the library itself never imports them.
     # torch 2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
     "torch==2.13.0",

@@ -10,7 +10,8 @@ import tempfile
 import pytest
 
 # One JAX persistent compilation cache for the session, shared by every
-# ``python -m midpo.main`` a test starts: the tiny runs compile the same
+# ``python -m midpo.main`` a test starts and by pytest-xdist's workers (they
+# inherit this process's environment): the tiny runs compile the same
 # programs again and again (a cache hit loads the same executable).
 _CACHE = tempfile.mkdtemp(prefix="midpo-tests-jax-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
