@@ -111,10 +111,9 @@ def main():
         print(json.dumps(row), flush=True)
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("compile_s", "step_s", "temp_mb")}
            for k, v in rows.items()}
-    print(f"# {shape}: unrolled / scanned: step time {med['unrolled']['step_s'] / med['scanned']['step_s']:.2f}x, "
-          f"compile {med['unrolled']['compile_s'] / med['scanned']['compile_s']:.2f}x, "
-          f"temporaries {med['unrolled']['temp_mb'] / med['scanned']['temp_mb']:.2f}x",
-          flush=True)
+    ratio = {f: med["unrolled"][f] / med["scanned"][f] for f in ("step_s", "compile_s", "temp_mb")}
+    print(f"# {shape}: unrolled / scanned: step time {ratio['step_s']:.2f}x, compile "
+          f"{ratio['compile_s']:.2f}x, temporaries {ratio['temp_mb']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -220,8 +220,9 @@ def _print_layer_parts(config, graphdef, params, inputs, att, probe, args, peak)
     sec = layers * _time(fn, fargs, args.warmup, args.steps)
     if "joined" not in name:
       total += sec
-    rate = "" if flops is None else (
-        f"  {layers * flops / sec / 1e9:6.1f} GFLOP/s  ({100 * layers * flops / sec / 1e9 / peak:4.1f}% of {peak:.0f})")
+    gflops = None if flops is None else layers * flops / sec / 1e9
+    rate = "" if gflops is None else (
+        f"  {gflops:6.1f} GFLOP/s  ({100 * gflops / peak:4.1f}% of {peak:.0f})")
     print(f"{name:38s} {sec:7.3f} s{rate}")
   print(f"{'  sum of the parts (joined excluded)':38s} {total:7.3f} s")
 

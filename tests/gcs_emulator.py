@@ -58,7 +58,8 @@ def _move(request, response, storage, *args, **kwargs):
 def _exact_multipart_media(read_data, decode_raw_data):
   """``server._read_data`` with a multipart upload's file bytes taken verbatim from the
   body: the part after the metadata part, between its blank line and the line break before
-  the closing boundary (RFC 2046's CRLF, or the bare LF gcsfs writes). ``decode_raw_data`` is wrapped to keep the body it gives."""
+  the closing delimiter (RFC 2046's CRLF, or the bare LF gcsfs writes); the file's bytes may
+  hold the boundary itself. ``decode_raw_data`` is wrapped to keep the body it gives."""
   def keep(raw, handler):
     handler._midpo_body = decode_raw_data(raw, handler)  # pylint: disable=protected-access
     return handler._midpo_body  # pylint: disable=protected-access
@@ -71,14 +72,17 @@ def _exact_multipart_media(read_data, decode_raw_data):
         or not body):
       return data
     boundary = content_type.split("boundary=", 1)[1].split(";")[0].strip().strip('"')
-    part = body.split(b"--" + boundary.encode())[2]
-    newline = b"\r\n" if part.startswith(b"\r\n") else b"\n"  # gcsfs writes bare LFs
-    head, _, media = part.partition(newline * 2)
-    if b"content-transfer-encoding" in head.lower():
+    delimiter = b"--" + boundary.encode()
+    newline = b"\r\n" if body.startswith(delimiter + b"\r\n") else b"\n"  # gcsfs: bare LFs
+    second = body.find(newline + delimiter + newline)  # the media part's delimiter line
+    end = body.rfind(newline + delimiter + b"--")  # the closing delimiter, after the media
+    if second < 0 or end <= second:
+      return data
+    start = second + len(newline + delimiter + newline)
+    head, blank, _ = body[start:end].partition(newline * 2)
+    if not blank or b"content-transfer-encoding" in head.lower():
       return data  # encoded parts (base64) survive the email parser
-    if not media.endswith(newline):
-      raise ValueError(f"multipart upload: no line break before the closing boundary in {body!r}")
-    return {**data, "content": media[:-len(newline)]}
+    return {**data, "content": body[start + len(head) + len(blank):end]}
 
   return keep, wrapped
 
@@ -101,7 +105,8 @@ def start():
     move = (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.+)/moveTo/o/"
             r"(?P<dest_object_id>.+)$")
     server_lib.HANDLERS = ((move, {"POST": _move}),) + tuple(server_lib.HANDLERS)
-    server_lib._decode_raw_data, server_lib._read_data = _exact_multipart_media(  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    server_lib._decode_raw_data, server_lib._read_data = _exact_multipart_media(
         server_lib._read_data, server_lib._decode_raw_data)  # pylint: disable=protected-access
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

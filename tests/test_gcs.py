@@ -32,10 +32,12 @@ def _upload(local_dir, url):
 
 
 def test_any_bytes_go_to_a_bucket_and_back_unchanged(gcs, tmp_path):
-  """Small files go up as one multipart request: their bytes, line breaks and a final
-  '\r' included, come back as they were (the emulator's own parser dropped a final '\r';
-  tests/gcs_emulator.py)."""
-  for i, data in enumerate([b"ab\r", b"ab\r\n", b"a\r\n\r\nb", b"\n", b"\r", bytes(range(256))]):
+  """Small files go up as one multipart request: their bytes, line breaks, a final CR and
+  the request's own boundary included, come back as they were (the emulator's own parser
+  dropped a final CR; tests/gcs_emulator.py)."""
+  payloads = [b"ab\r", b"ab\r\n", b"a\r\n\r\nb", b"\n", b"\r", b"", bytes(range(256)),
+              b"x\n--==0==\ny\n--==0==--\n\r"]  # the last holds gcsfs's boundary
+  for i, data in enumerate(payloads):
     local, back = tmp_path / f"f{i}", tmp_path / f"b{i}"
     local.write_bytes(data)
     files.copy(str(local), f"gs://{gcs}/bytes/f{i}")

@@ -610,15 +610,15 @@ def test_resume_after_sigterm_is_bitwise_identical(shared, tmp_path, config_file
   if "dpo" in config_file:
     killed = f"gs://{request.getfixturevalue('gcs')}/resume"
   if "joint" in config_file:
-    # SIGTERM during the first round's fit: out within 5 s (the fit checks
-    # for it between its steps), its step's state saved; resumed below.
+    # SIGTERM during the first round's fit: out before the fit's end (it checks
+    # for the signal between its steps), its step's state saved; resumed below.
     proc = tu.run_main(config_file, str(killed), overrides, wait=False)
-    lines = tu.lines_until(proc, "prior round 0 (step 0): sampling")
-    time.sleep(1.5)  # into the fit
+    lines = tu.lines_until(proc, "prior round 0 (step 0): 16 samples drawn in")
+    time.sleep(0.5)  # into the fit
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
     out = "".join(lines) + proc.communicate(timeout=60)[0]
-    assert time.time() - sent < 5.0, out[-3000:]
+    assert time.time() - sent < 10.0, out[-3000:]  # a loaded machine: the save takes seconds
     assert proc.returncode == 143, out[-3000:]
     assert "during step 1's prior round 0's fit" in out, out[-3000:]
     assert "MLE steps in" not in out  # the round did not run to its end

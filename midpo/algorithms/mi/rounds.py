@@ -260,6 +260,8 @@ class MaximumLikelihood(recipes.PriorUpdate):
     # Copies: the steps donate their inputs, and a stop signal mid-round
     # leaves the state before the round to be checkpointed.
     params, opt = jax.tree.map(jnp.copy, (state["prior"], state["prior_opt"]))
+    logging.info("prior round %d (step %d): %d samples drawn in %.1f s; fitting", round_in_stage,
+                 step_index, n, t_sampled - t0)
     for j in range(steps):
       env_lib.check_stop(env, f"prior round {round_in_stage}'s fit ({j} of {steps} steps)")
       params, opt, _ = self.mle_step(params, opt, get_batch(order[j * bsz:(j + 1) * bsz]))
