@@ -25,6 +25,15 @@ jax.monitoring.register_event_listener(
     if name == "/jax/compilation_cache/cache_hits" else None)
 
 
+@pytest.fixture(autouse=True)
+def fresh_compilation_caches():
+  """Each test starts with JAX's in-memory caches empty: a test that ran earlier in
+  this process (which one depends on the order, and on how ``-n 2`` shares the tests
+  out) may have compiled the same functions at the same shapes, and the first call
+  here would then compile nothing."""
+  jax.clear_caches()
+
+
 def compiles(fn, *args, **kwargs):
   """``(result, number of executables compiled or loaded from the persistent
   cache during the call)``."""
