@@ -325,20 +325,20 @@ def resolve_scan_layers(model_default: bool, backend: str,
   this was recorded).
 
   Unrolled, XLA:CPU runs vs_trl.py's 4-layer step 1.09x to 1.10x faster than as
-  one ``lax.scan``, with about 11% less peak RSS,
-  and equal to float32 rounding (``tests/test_models_core.py``); BENCHMARKS.md.
+  one ``lax.scan``, with about 11% less peak RSS, equal to float32 rounding
+  (``tests/test_models_core.py``); BENCHMARKS.md.
   """
+  fresh = model_default and backend != "cpu"
   kept = (run_identity.recorded_resolution(workdir, "model.scan_layers")
           if workdir is not None else None)
-  if kept == run_identity.MODEL_DEFAULT:
-    if model_default != (model_default and backend != "cpu"):
-      logging.info("model.scan_layers unset: the run in %s recorded no layout when it began (it "
-                   "began before layouts were recorded), so it keeps the model's own (scanned)",
-                   workdir)
-    return model_default
-  if kept is not None:
+  if kept is None:
+    return fresh
+  if kept != run_identity.MODEL_DEFAULT:
     return bool(kept)
-  return model_default and backend != "cpu"
+  if model_default != fresh:
+    logging.info("model.scan_layers unset: the run in %s began before layouts were recorded, "
+                 "so it keeps the model's own (scanned)", workdir)
+  return model_default
 
 
 def resolutions(mc: model_config_lib.ModelConfig) -> dict:
